@@ -1,1 +1,249 @@
+//! The Kafka side shared by `ticket-producer` and `ticket-processor`: the connection flags
+//! (each with an environment variable), the librdkafka configuration they make, and the
+//! checks run at start so that a wrong address or a missing topic is a clear error, not a hang.
 
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::metadata::Metadata;
+
+#[derive(clap::Args, Clone)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, comma-separated host:port.
+    #[arg(long = "brokers", env = "KAFKA_BROKERS", default_value = "localhost:19092")]
+    pub brokers: String,
+
+    /// The topic tickets are published to and consumed from.
+    #[arg(long = "topic", env = "TICKETS_TOPIC", default_value = "client_tickets")]
+    pub topic: String,
+
+    /// How to talk to the brokers.
+    #[arg(long, env = "KAFKA_SECURITY_PROTOCOL", default_value = "plaintext",
+          value_parser = ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"])]
+    pub security_protocol: String,
+
+    /// SASL mechanism, used with a sasl_* security protocol (Redpanda's default is SCRAM-SHA-256).
+    #[arg(long, env = "KAFKA_SASL_MECHANISM", default_value = "SCRAM-SHA-256",
+          value_parser = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])]
+    pub sasl_mechanism: String,
+
+    /// SASL user name (required with a sasl_* security protocol).
+    #[arg(long, env = "KAFKA_USERNAME")]
+    pub username: Option<String>,
+
+    /// SASL password (required with a sasl_* security protocol). Never logged.
+    #[arg(long, env = "KAFKA_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+
+    /// Any other librdkafka property as key=value; repeat the flag, or separate with commas
+    /// in the environment variable (e.g. KAFKA_OPTIONS=compression.type=lz4,linger.ms=20).
+    #[arg(long = "kafka-option", env = "KAFKA_OPTIONS", value_delimiter = ',')]
+    pub options: Vec<KeyValue>,
+
+    /// How long to wait for the brokers at start before giving up with an error.
+    #[arg(long, env = "KAFKA_CONNECT_TIMEOUT_SECS", default_value_t = 20)]
+    pub connect_timeout_secs: u64,
+}
+
+/// Keeps the password out of logs and panic messages.
+impl fmt::Debug for KafkaArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaArgs")
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("security_protocol", &self.security_protocol)
+            .field("sasl_mechanism", &self.sasl_mechanism)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+/// A `key=value` librdkafka property.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: String,
+}
+
+impl FromStr for KeyValue {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok(KeyValue {
+                key: k.trim().to_string(),
+                value: v.trim().to_string(),
+            }),
+            _ => Err(format!("expected key=value (a librdkafka property), got {s:?}")),
+        }
+    }
+}
+
+impl KafkaArgs {
+    /// Checks the combination of settings; the message says which variable to fix.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.brokers.trim().is_empty() {
+            bail!("KAFKA_BROKERS is empty: set it to host:port of at least one broker");
+        }
+        if self.topic.trim().is_empty() {
+            bail!("TICKETS_TOPIC is empty: set it to the topic name");
+        }
+        let sasl = self.security_protocol.starts_with("sasl");
+        match (sasl, &self.username, &self.password) {
+            (true, Some(_), Some(_)) | (false, None, None) => {}
+            (true, _, _) => bail!(
+                "KAFKA_SECURITY_PROTOCOL={} needs KAFKA_USERNAME and KAFKA_PASSWORD",
+                self.security_protocol
+            ),
+            (false, _, _) => bail!(
+                "KAFKA_USERNAME/KAFKA_PASSWORD are set but KAFKA_SECURITY_PROTOCOL={} does not use them: set it to sasl_plaintext or sasl_ssl",
+                self.security_protocol
+            ),
+        }
+        Ok(())
+    }
+
+    /// The librdkafka configuration every client of ours starts from.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("security.protocol", &self.security_protocol)
+            .set("client.dns.lookup", "use_all_dns_ips");
+        if self.security_protocol.starts_with("sasl") {
+            c.set("sasl.mechanism", &self.sasl_mechanism);
+            if let (Some(u), Some(p)) = (&self.username, &self.password) {
+                c.set("sasl.username", u).set("sasl.password", p);
+            }
+        }
+        for kv in &self.options {
+            c.set(&kv.key, &kv.value);
+        }
+        c
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.connect_timeout_secs)
+    }
+
+    /// Fetches the cluster's metadata, failing with a clear message if the brokers do not answer.
+    pub fn check_brokers(&self) -> anyhow::Result<Metadata> {
+        let consumer: BaseConsumer = self
+            .client_config()
+            .create()
+            .context("invalid Kafka client settings (check KAFKA_OPTIONS)")?;
+        consumer
+            .fetch_metadata(None, self.connect_timeout())
+            .with_context(|| {
+                format!(
+                    "cannot reach Kafka at {} within {} s (check KAFKA_BROKERS, that the broker is up, and KAFKA_SECURITY_PROTOCOL/credentials)",
+                    self.brokers, self.connect_timeout_secs
+                )
+            })
+    }
+
+    /// The number of partitions of `topic`, or `None` if it does not exist.
+    pub fn partitions_of(&self, topic: &str) -> anyhow::Result<Option<usize>> {
+        let md = self.check_brokers()?;
+        Ok(md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map(|t| t.partitions().len()))
+    }
+
+    /// Creates `topic` unless it exists. Returns whether it was created.
+    pub async fn ensure_topic(&self, topic: &str, partitions: i32, replication: i32) -> anyhow::Result<bool> {
+        if self.partitions_of(topic)?.is_some() {
+            return Ok(false);
+        }
+        let admin: AdminClient<DefaultClientContext> = self.client_config().create()?;
+        let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+        let opts = AdminOptions::new().operation_timeout(Some(self.connect_timeout()));
+        let results = admin
+            .create_topics([&new], &opts)
+            .await
+            .with_context(|| format!("creating topic {topic:?} on {}", self.brokers))?;
+        for r in results {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => bail!(
+                    "cannot create topic {name:?} with {partitions} partitions and replication {replication}: {code} (create it yourself or fix TOPIC_PARTITIONS/TOPIC_REPLICATION)"
+                ),
+            }
+        }
+        // Creation is asynchronous on the broker side: wait until the metadata shows it.
+        let deadline = std::time::Instant::now() + self.connect_timeout();
+        while self.partitions_of(topic)?.is_none() {
+            if std::time::Instant::now() > deadline {
+                bail!("topic {topic:?} was created but never appeared in the metadata of {}", self.brokers);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        tracing::info!(topic, partitions, replication, "Created topic.");
+        Ok(true)
+    }
+}
+
+/// Logs to stderr as text, or as JSON lines with `LOG_FORMAT=json`; `RUST_LOG` filters.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+    }
+
+    fn parse(args: &[&str]) -> KafkaArgs {
+        Cli::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
+            .expect("parses")
+            .kafka
+    }
+
+    #[test]
+    fn sasl_needs_credentials_and_credentials_need_sasl() {
+        let e = parse(&["--security-protocol", "sasl_plaintext"]).validate().unwrap_err();
+        assert!(e.to_string().contains("needs KAFKA_USERNAME and KAFKA_PASSWORD"), "{e}");
+        let e = parse(&["--username", "u", "--password", "p"]).validate().unwrap_err();
+        assert!(e.to_string().contains("set it to sasl_plaintext"), "{e}");
+        parse(&["--security-protocol", "sasl_ssl", "--username", "u", "--password", "p"])
+            .validate()
+            .expect("valid");
+    }
+
+    #[test]
+    fn the_password_never_shows_in_debug_output() {
+        let a = parse(&["--security-protocol", "sasl_ssl", "--username", "u", "--password", "hunter2"]);
+        assert!(!format!("{a:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn extra_properties_are_passed_through() {
+        let a = parse(&["--kafka-option", "linger.ms=20", "--kafka-option", "compression.type=lz4"]);
+        let c = a.client_config();
+        assert_eq!(c.get("linger.ms"), Some("20"));
+        assert_eq!(c.get("compression.type"), Some("lz4"));
+        assert!(Cli::try_parse_from(["x", "--kafka-option", "novalue"]).is_err());
+    }
+}
