@@ -1,1 +1,182 @@
+//! `ticket-processor`: consumes tickets, adds `support_team`, aggregates with DataFusion and
+//! writes JSON Lines to S3 exactly once.
+//!
+//! - [`stream`]: the Kafka consumer loop (continuous, or `--drain`);
+//! - [`sink`]: the exactly-once protocol for one partition's batch;
+//! - [`s3`]: the S3 adapter;
+//! - [`enrich`] and [`aggregate`]: bytes to output lines, counts with DataFusion;
+//! - [`file`]: `process-file`, the same processing on a local JSON Lines file;
+//! - [`http`] and [`metrics`]: health and Prometheus metrics.
 
+pub mod aggregate;
+pub mod enrich;
+pub mod file;
+pub mod http;
+pub mod metrics;
+pub mod s3;
+pub mod sink;
+pub mod stream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use ticket_core::Routing;
+use ticket_core::batch::BatchPolicy;
+use ticket_core::keys::Layout;
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "ticket-processor",
+    version,
+    about = "Consume support tickets, route them to teams, aggregate with DataFusion, write JSON Lines to S3 exactly once.",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Process a JSON Lines file into the S3 layout under a local directory (no services needed).
+    ProcessFile(FileArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RoutingArgs {
+    /// JSON file replacing the request type -> team mapping:
+    /// {"teams": {"technical": "Tech Support", ...}, "default_team": "General Support"}.
+    #[arg(long, env = "ROUTING_FILE")]
+    pub routing_file: Option<PathBuf>,
+}
+
+impl RoutingArgs {
+    pub fn load(&self) -> anyhow::Result<Routing> {
+        let Some(path) = &self.routing_file else { return Ok(Routing::default()) };
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read ROUTING_FILE {}", path.display()))?;
+        Routing::from_json(&text).with_context(|| format!("ROUTING_FILE {}", path.display()))
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct FileArgs {
+    /// JSON Lines input, one ticket per line.
+    pub input: PathBuf,
+    /// Directory to write tickets_with_team/, counts_by_request_type/ and dead_letters/ into.
+    #[arg(long)]
+    pub output_dir: PathBuf,
+    #[command(flatten)]
+    pub routing: RoutingArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub kafka: ticket_kafka::KafkaArgs,
+
+    #[command(flatten)]
+    pub s3: s3::S3Args,
+
+    #[command(flatten)]
+    pub routing: RoutingArgs,
+
+    /// Kafka consumer group; instances with the same group share the partitions.
+    #[arg(long, env = "CONSUMER_GROUP", default_value = "ticket-processor")]
+    pub group: String,
+
+    /// Topic that invalid messages are sent to, with the reason in the error.message header.
+    #[arg(long, env = "DLQ_TOPIC", default_value = "client_tickets_dlq")]
+    pub dlq_topic: String,
+
+    /// Write a partition's batch once it holds this many messages.
+    #[arg(long, env = "BATCH_MAX_RECORDS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_max_records: u64,
+
+    /// Write a partition's batch once its output reaches this many bytes.
+    #[arg(long, env = "BATCH_MAX_BYTES", default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_max_bytes: u64,
+
+    /// Write a partition's batch once its oldest message has waited this many milliseconds.
+    #[arg(long, env = "BATCH_MAX_AGE_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_max_age_ms: u64,
+
+    /// Process everything up to the end of the topic as of start, write it, commit, exit 0.
+    #[arg(long, env = "DRAIN", default_value_t = false)]
+    pub drain: bool,
+
+    /// Address for /health/live, /health/ready and /metrics.
+    #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:9090")]
+    pub http_addr: SocketAddr,
+
+    /// On SIGTERM/SIGINT, how long to keep trying to write buffered batches before leaving
+    /// them to the next run.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS", default_value_t = 20)]
+    pub shutdown_timeout_secs: u64,
+}
+
+/// Runs the streaming processor until `shutdown` fires (or the drain ends).
+pub async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    args.kafka.validate()?;
+    if args.dlq_topic == args.kafka.topic {
+        bail!("DLQ_TOPIC must differ from TICKETS_TOPIC (both are {:?})", args.dlq_topic);
+    }
+    let routing = args.routing.load()?;
+    let metrics = metrics::Metrics::new();
+    let health = Arc::new(http::Health::default());
+    let http_stop = CancellationToken::new();
+    let bound = http::serve(args.http_addr, health.clone(), metrics.clone(), http_stop.clone()).await?;
+    tracing::info!(%bound, "Serving /health/live, /health/ready and /metrics.");
+
+    let store = s3::Store::connect(&args.s3).await?;
+    let layout = Layout::new(&args.s3.prefix, &args.kafka.topic);
+    store.check_writable(layout.prefix()).await?;
+    let kafka = args.kafka.clone();
+    tokio::task::spawn_blocking(move || kafka.check_brokers()).await??;
+
+    let settings = stream::Settings {
+        kafka: args.kafka,
+        group: args.group,
+        dlq_topic: args.dlq_topic,
+        policy: BatchPolicy {
+            max_records: args.batch_max_records as usize,
+            max_bytes: args.batch_max_bytes as usize,
+            max_age: Duration::from_millis(args.batch_max_age_ms),
+        },
+        routing,
+        layout,
+        drain: args.drain,
+        shutdown_timeout: Duration::from_secs(args.shutdown_timeout_secs),
+    };
+    let result = stream::run(settings, store, metrics, health, shutdown).await;
+    http_stop.cancel();
+    result
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+pub async fn cancel_on_signal(token: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+            (Ok(mut int), Ok(mut term)) => {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+    tracing::info!("Stopping: signal received.");
+    token.cancel();
+}

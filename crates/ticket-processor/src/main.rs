@@ -1,0 +1,47 @@
+use clap::Parser;
+use ticket_processor::{Cli, Command};
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    // A missing .env is normal (Docker, CI); a malformed one is not silently ignored.
+    if let Err(e) = dotenvy::dotenv()
+        && !e.not_found()
+    {
+        eprintln!("error: cannot read .env: {e}");
+        return std::process::ExitCode::from(2);
+    }
+    let cli = Cli::parse();
+    ticket_kafka::init_logging();
+    let result = match cli.command {
+        Some(Command::ProcessFile(args)) => process_file(args).await,
+        None => {
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            tokio::spawn(ticket_processor::cancel_on_signal(shutdown.clone()));
+            ticket_processor::run(cli.run, shutdown).await
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn process_file(args: ticket_processor::FileArgs) -> anyhow::Result<()> {
+    let routing = args.routing.load()?;
+    let start = std::time::Instant::now();
+    let aggregator = ticket_processor::aggregate::Aggregator::default();
+    let r = ticket_processor::file::process_file(&args.input, &args.output_dir, &routing, &aggregator).await?;
+    println!(
+        "{} lines: {} valid, {} invalid (see {}/dead_letters) in {:.2} s",
+        r.lines,
+        r.valid,
+        r.invalid,
+        args.output_dir.display(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

