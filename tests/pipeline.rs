@@ -29,7 +29,11 @@ async fn assert_exactly_once(s3: &S3, expected_ids: &[String]) -> usize {
         let id = l["ticket_id"].as_str().expect("ticket_id").to_string();
         *seen.entry(id).or_insert(0) += 1;
         let rt = l["request_type"].as_str().expect("request_type");
-        assert_eq!(l["support_team"].as_str(), Some(routing.team_for(rt)), "wrong team in {l}");
+        assert_eq!(
+            l["support_team"].as_str(),
+            Some(routing.team_for(rt)),
+            "wrong team in {l}"
+        );
         for f in ticket_core::ticket::FIELDS {
             assert!(l.get(f).is_some(), "field {f} missing in {l}");
         }
@@ -38,24 +42,50 @@ async fn assert_exactly_once(s3: &S3, expected_ids: &[String]) -> usize {
     assert!(dupes.is_empty(), "duplicated tickets: {dupes:?}");
     let expected: BTreeSet<&String> = expected_ids.iter().collect();
     let got: BTreeSet<&String> = seen.keys().collect();
-    assert_eq!(got.len(), expected.len(), "ticket count in S3 differs from the topic");
+    assert_eq!(
+        got.len(),
+        expected.len(),
+        "ticket count in S3 differs from the topic"
+    );
     assert_eq!(got, expected, "tickets in S3 differ from the topic");
 
     let mut by_type: BTreeMap<String, u64> = BTreeMap::new();
     for l in &lines {
-        *by_type.entry(l["request_type"].as_str().expect("rt").to_string()).or_default() += 1;
+        *by_type
+            .entry(l["request_type"].as_str().expect("rt").to_string())
+            .or_default() += 1;
     }
-    let counts = String::from_utf8(s3.get("counts_by_request_type/latest.jsonl").await.expect("latest.jsonl")).expect("utf8");
+    let counts = String::from_utf8(
+        s3.get("counts_by_request_type/latest.jsonl")
+            .await
+            .expect("latest.jsonl"),
+    )
+    .expect("utf8");
     let reported: BTreeMap<String, u64> = counts
         .lines()
         .map(|l| {
             let v: Value = serde_json::from_str(l).expect("json");
-            let by_priority: u64 = v["by_priority"].as_object().expect("by_priority").values().map(|n| n.as_u64().expect("n")).sum();
-            assert_eq!(Some(by_priority), v["count"].as_u64(), "priority breakdown does not add up: {l}");
-            (v["request_type"].as_str().expect("rt").to_string(), v["count"].as_u64().expect("count"))
+            let by_priority: u64 = v["by_priority"]
+                .as_object()
+                .expect("by_priority")
+                .values()
+                .map(|n| n.as_u64().expect("n"))
+                .sum();
+            assert_eq!(
+                Some(by_priority),
+                v["count"].as_u64(),
+                "priority breakdown does not add up: {l}"
+            );
+            (
+                v["request_type"].as_str().expect("rt").to_string(),
+                v["count"].as_u64().expect("count"),
+            )
         })
         .collect();
-    assert_eq!(reported, by_type, "latest.jsonl disagrees with tickets_with_team/");
+    assert_eq!(
+        reported, by_type,
+        "latest.jsonl disagrees with tickets_with_team/"
+    );
     lines.len()
 }
 
@@ -92,9 +122,16 @@ async fn default_run_lands_every_ticket_once_and_reruns_add_nothing() {
     run_ok("ticket-producer", &env, &[]).await;
     run_ok("ticket-processor", &env, &["--drain"]).await;
     let ids = topic_ids(&broker, &topic);
-    assert_eq!(ids.iter().collect::<BTreeSet<_>>().len(), 200, "ticket ids collided across runs");
+    assert_eq!(
+        ids.iter().collect::<BTreeSet<_>>().len(),
+        200,
+        "ticket ids collided across runs"
+    );
     assert_eq!(assert_exactly_once(&s3, &ids).await, 200);
-    assert!(s3.keys("_staging/").await.is_empty(), "staging objects left behind");
+    assert!(
+        s3.keys("_staging/").await.is_empty(),
+        "staging objects left behind"
+    );
 }
 
 fn valid_ticket(id: &str, request_type: &str) -> String {
@@ -106,10 +143,16 @@ fn valid_ticket(id: &str, request_type: &str) -> String {
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.expect("write");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
     let mut buf = String::new();
     s.read_to_string(&mut buf).await.expect("read");
-    let status = buf.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     (status, buf)
 }
 
@@ -120,26 +163,56 @@ async fn malformed_messages_go_to_the_dead_letter_topic_with_their_reason() {
     let topic = unique("tickets");
     let mut env = env(&broker, &s3, &topic);
     env.push(("BATCH_MAX_AGE_MS".into(), "500".into()));
-    run_ok("ticket-producer", &env, &["--count", "0", "--partitions", "1"]).await;
+    run_ok(
+        "ticket-producer",
+        &env,
+        &["--count", "0", "--partitions", "1"],
+    )
+    .await;
 
-    let valid = [valid_ticket("OK-1", "billing"), valid_ticket("OK-2", "refund"), valid_ticket("OK-3", "technical")];
+    let valid = [
+        valid_ticket("OK-1", "billing"),
+        valid_ticket("OK-2", "refund"),
+        valid_ticket("OK-3", "technical"),
+    ];
     let truncated = valid_ticket("BAD-T", "billing");
     let truncated = &truncated[..50];
     let wrong_type = valid_ticket("BAD-C", "billing").replace("4242", "\"4242\"");
     let bad_priority = valid_ticket("BAD-P", "billing").replace("medium", "urgent");
-    let bad_time = valid_ticket("BAD-D", "billing").replace("2025-10-20T03:00:23.010952", "last tuesday");
+    let bad_time =
+        valid_ticket("BAD-D", "billing").replace("2025-10-20T03:00:23.010952", "last tuesday");
     let missing = valid_ticket("BAD-M", "billing").replace(r#","request_type":"billing""#, "");
     let bad: Vec<(&str, Vec<u8>, &str)> = vec![
         ("empty", b"".to_vec(), "empty message"),
         ("utf8", vec![b'{', 0xc3, 0x28, b'}'], "not valid UTF-8"),
-        ("truncated", truncated.as_bytes().to_vec(), "malformed or truncated JSON"),
+        (
+            "truncated",
+            truncated.as_bytes().to_vec(),
+            "malformed or truncated JSON",
+        ),
         ("array", b"[1,2,3]".to_vec(), "expected a JSON object"),
-        ("client", wrong_type.into_bytes(), "field `client_id` must be an integer"),
-        ("priority", bad_priority.into_bytes(), "field `priority` must be one of"),
-        ("time", bad_time.into_bytes(), "field `created_at` must be an RFC 3339 timestamp"),
-        ("missing", missing.into_bytes(), "missing field `request_type`"),
+        (
+            "client",
+            wrong_type.into_bytes(),
+            "field `client_id` must be an integer",
+        ),
+        (
+            "priority",
+            bad_priority.into_bytes(),
+            "field `priority` must be one of",
+        ),
+        (
+            "time",
+            bad_time.into_bytes(),
+            "field `created_at` must be an RFC 3339 timestamp",
+        ),
+        (
+            "missing",
+            missing.into_bytes(),
+            "missing field `request_type`",
+        ),
     ];
-    let mut messages: Vec<(Option<&[u8]>, Option<&[u8]>)> = Vec::new();
+    let mut messages: Vec<RawMessage> = Vec::new();
     messages.push((Some(b"OK-1"), Some(valid[0].as_bytes())));
     for (k, v, _) in &bad {
         messages.push((Some(k.as_bytes()), Some(v.as_slice())));
@@ -150,17 +223,31 @@ async fn malformed_messages_go_to_the_dead_letter_topic_with_their_reason() {
     broker.publish(&topic, &messages).await;
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut processor = Running::spawn("ticket-processor", &env, &[], dir.path().join("processor.log"));
+    let mut processor = Running::spawn(
+        "ticket-processor",
+        &env,
+        &[],
+        dir.path().join("processor.log"),
+    );
     let addr = processor.http_addr().await;
 
-    let lines = eventually(Duration::from_secs(60), "the valid tickets in S3", || async {
-        let l = s3.json_lines("tickets_with_team/").await;
-        (l.len() >= 3).then_some(l)
-    })
+    let lines = eventually(
+        Duration::from_secs(60),
+        "the valid tickets in S3",
+        || async {
+            let l = s3.json_lines("tickets_with_team/").await;
+            (l.len() >= 3).then_some(l)
+        },
+    )
     .await;
     let teams: BTreeMap<String, String> = lines
         .iter()
-        .map(|l| (l["ticket_id"].as_str().expect("id").into(), l["support_team"].as_str().expect("team").into()))
+        .map(|l| {
+            (
+                l["ticket_id"].as_str().expect("id").into(),
+                l["support_team"].as_str().expect("team").into(),
+            )
+        })
         .collect();
     assert_eq!(
         teams,
@@ -173,38 +260,70 @@ async fn malformed_messages_go_to_the_dead_letter_topic_with_their_reason() {
 
     let dead = eventually(Duration::from_secs(30), "dead letters", || async {
         let d = broker.read_all(&format!("{topic}_dlq"));
-        (d.len() >= bad.len() + 1).then_some(d)
+        (d.len() > bad.len()).then_some(d)
     })
     .await;
-    assert_eq!(dead.len(), bad.len() + 1, "each invalid message once in the DLQ");
+    assert_eq!(
+        dead.len(),
+        bad.len() + 1,
+        "each invalid message once in the DLQ"
+    );
     let source = broker.read_all(&topic);
     for d in &dead {
         let offset: i64 = d.headers["source.offset"].parse().expect("offset header");
-        let original = source.iter().find(|r| r.offset == offset).expect("source message");
+        let original = source
+            .iter()
+            .find(|r| r.offset == offset)
+            .expect("source message");
         assert_eq!(d.key, original.key, "original key kept");
-        assert_eq!(d.value.clone().unwrap_or_default(), original.value.clone().unwrap_or_default(), "original bytes kept");
+        assert_eq!(
+            d.value.clone().unwrap_or_default(),
+            original.value.clone().unwrap_or_default(),
+            "original bytes kept"
+        );
         assert_eq!(d.headers["source.topic"], topic);
         assert_eq!(d.headers["source.partition"], "0");
         let key = String::from_utf8(d.key.clone().expect("key")).expect("utf8");
         let reason = &d.headers["error.message"];
-        let expected = bad.iter().find(|(k, _, _)| *k == key).map_or("empty message", |(_, _, r)| *r);
-        assert!(reason.contains(expected), "{key}: reason {reason:?} lacks {expected:?}");
+        let expected = bad
+            .iter()
+            .find(|(k, _, _)| *k == key)
+            .map_or("empty message", |(_, _, r)| *r);
+        assert!(
+            reason.contains(expected),
+            "{key}: reason {reason:?} lacks {expected:?}"
+        );
     }
 
     let (status, _) = http_get(addr, "/health/ready").await;
     assert_eq!(status, 200);
     let (status, _) = http_get(addr, "/health/live").await;
     assert_eq!(status, 200);
-    let (_, metrics) = eventually(Duration::from_secs(20), "metrics to show the batch", || async {
-        let (s, body) = http_get(addr, "/metrics").await;
-        body.contains("ticket_processor_tickets_written_total 3").then_some((s, body))
-    })
+    let (_, metrics) = eventually(
+        Duration::from_secs(20),
+        "metrics to show the batch",
+        || async {
+            let (s, body) = http_get(addr, "/metrics").await;
+            body.contains("ticket_processor_tickets_written_total 3")
+                .then_some((s, body))
+        },
+    )
     .await;
-    assert!(metrics.contains("ticket_processor_dead_lettered_total 9"), "{metrics}");
-    assert!(metrics.contains("ticket_processor_messages_in_total 12"), "{metrics}");
+    assert!(
+        metrics.contains("ticket_processor_dead_lettered_total 9"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ticket_processor_messages_in_total 12"),
+        "{metrics}"
+    );
 
     processor.signal(nix::sys::signal::Signal::SIGTERM);
-    assert!(processor.wait(Duration::from_secs(30)).await, "SIGTERM should exit 0; log:\n{}", processor.log());
+    assert!(
+        processor.wait(Duration::from_secs(30)).await,
+        "SIGTERM should exit 0; log:\n{}",
+        processor.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,7 +333,12 @@ async fn process_file_agrees_with_the_streaming_path() {
     let topic = unique("tickets");
     let env = env(&broker, &s3, &topic);
     run_ok("ticket-producer", &env, &["--count", "700", "--seed", "11"]).await;
-    run_ok("ticket-processor", &env, &["--drain", "--batch-max-records", "64"]).await;
+    run_ok(
+        "ticket-processor",
+        &env,
+        &["--drain", "--batch-max-records", "64"],
+    )
+    .await;
 
     let dir = tempfile::tempdir().expect("tempdir");
     let input = dir.path().join("tickets.jsonl");
@@ -226,13 +350,26 @@ async fn process_file_agrees_with_the_streaming_path() {
     text.push_str("{\"ticket_id\": 42}\n");
     std::fs::write(&input, text).expect("write input");
     let out_dir = dir.path().join("out");
-    let out = run_ok("ticket-processor", &env, &["process-file", input.to_str().expect("path"), "--output-dir", out_dir.to_str().expect("path")]).await;
+    let out = run_ok(
+        "ticket-processor",
+        &env,
+        &[
+            "process-file",
+            input.to_str().expect("path"),
+            "--output-dir",
+            out_dir.to_str().expect("path"),
+        ],
+    )
+    .await;
     assert!(out.contains("701 lines: 700 valid, 1 invalid"), "{out}");
 
     let mut from_file: Vec<Value> = Vec::new();
     for e in std::fs::read_dir(out_dir.join("tickets_with_team")).expect("dir") {
         let body = std::fs::read_to_string(e.expect("entry").path()).expect("read");
-        from_file.extend(body.lines().map(|l| serde_json::from_str::<Value>(l).expect("json")));
+        from_file.extend(
+            body.lines()
+                .map(|l| serde_json::from_str::<Value>(l).expect("json")),
+        );
     }
     let mut from_s3 = s3.json_lines("tickets_with_team/").await;
     let key = |v: &Value| v["ticket_id"].as_str().unwrap_or_default().to_string();
@@ -240,8 +377,17 @@ async fn process_file_agrees_with_the_streaming_path() {
     from_s3.sort_by_key(key);
     assert_eq!(from_file.len(), 700);
     assert_eq!(from_file, from_s3, "file and streaming outputs differ");
-    let file_counts = std::fs::read(out_dir.join("counts_by_request_type/latest.jsonl")).expect("counts");
-    assert_eq!(Some(file_counts), s3.get("counts_by_request_type/latest.jsonl").await, "counts differ");
-    let dead = std::fs::read_to_string(out_dir.join("dead_letters/part-00000.jsonl")).expect("dead letters");
-    assert!(dead.contains("\"line\":701") && dead.contains("missing field `client_id`") || dead.contains("client_id"), "{dead}");
+    let file_counts =
+        std::fs::read(out_dir.join("counts_by_request_type/latest.jsonl")).expect("counts");
+    assert_eq!(
+        Some(file_counts),
+        s3.get("counts_by_request_type/latest.jsonl").await,
+        "counts differ"
+    );
+    let dead = std::fs::read_to_string(out_dir.join("dead_letters/part-00000.jsonl"))
+        .expect("dead letters");
+    assert!(
+        dead.contains("\"line\":701") && dead.contains("field `ticket_id` must be a string"),
+        "{dead}"
+    );
 }

@@ -8,7 +8,7 @@
 //! - [`Proxy`]: a TCP relay in front of a service, to cut it off and bring it back.
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -41,10 +41,16 @@ fn free_port() -> u16 {
 async fn wait_for_port(addr: SocketAddr, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < deadline, "{what} did not start listening on {addr}");
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not start listening on {addr}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A message as bytes: (key, value), either possibly absent.
+pub type RawMessage<'a> = (Option<&'a [u8]>, Option<&'a [u8]>);
 
 /// A Kafka-protocol broker for one test.
 pub struct Broker {
@@ -81,7 +87,10 @@ impl Broker {
     /// The external broker from `KAFKA_BROKERS`, or a fresh Tansu process.
     pub async fn start() -> Broker {
         if let Ok(b) = std::env::var("KAFKA_BROKERS") {
-            return Broker { bootstrap: b, process: None };
+            return Broker {
+                bootstrap: b,
+                process: None,
+            };
         }
         let port = free_port();
         Broker::tansu_on(port, None).await
@@ -104,7 +113,10 @@ impl Broker {
             .expect("tansu starts");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         wait_for_port(addr, "tansu").await;
-        Broker { bootstrap: format!("127.0.0.1:{adv}"), process: Some(process) }
+        Broker {
+            bootstrap: format!("127.0.0.1:{adv}"),
+            process: Some(process),
+        }
     }
 
     pub fn config(&self) -> ClientConfig {
@@ -114,7 +126,7 @@ impl Broker {
     }
 
     /// Publishes raw messages (key, value) to `topic`, waiting for every delivery.
-    pub async fn publish(&self, topic: &str, messages: &[(Option<&[u8]>, Option<&[u8]>)]) {
+    pub async fn publish(&self, topic: &str, messages: &[RawMessage<'_>]) {
         let p: FutureProducer = self.config().set("acks", "all").create().expect("producer");
         for (k, v) in messages {
             let mut r: FutureRecord<[u8], [u8]> = FutureRecord::to(topic);
@@ -128,34 +140,47 @@ impl Broker {
         }
     }
 
-    /// Every message of `topic` from the beginning: (key, value, headers).
+    /// Every message of `topic` from the beginning: (key, value, headers). Reads to the end
+    /// of each partition as librdkafka reports it (end-of-partition events), not by end
+    /// offsets, which some brokers (Tansu 0.6) under-report.
     pub fn read_all(&self, topic: &str) -> Vec<Record> {
-        let c: BaseConsumer = self.config().set("group.id", unique("reader")).set("enable.partition.eof", "false").create().expect("consumer");
-        let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
-        let mut ends = HashMap::new();
+        let c: BaseConsumer = self
+            .config()
+            .set("group.id", unique("reader"))
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .expect("consumer");
+        let md = c
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .expect("metadata");
         let mut tpl = TopicPartitionList::new();
-        for p in md.topics()[0].partitions() {
-            let (low, high) = c.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).expect("watermarks");
-            if high > low {
-                ends.insert(p.id(), high);
-                tpl.add_partition_offset(topic, p.id(), Offset::Offset(low)).expect("tpl");
-            }
-        }
-        let mut out = Vec::new();
-        if ends.is_empty() {
-            return out;
+        let partitions: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
+        for p in &partitions {
+            tpl.add_partition_offset(topic, *p, Offset::Beginning)
+                .expect("tpl");
         }
         c.assign(&tpl).expect("assign");
-        let mut done: HashMap<i32, bool> = HashMap::new();
+        let mut out = Vec::new();
+        let mut at_end = std::collections::BTreeSet::new();
         let deadline = Instant::now() + Duration::from_secs(60);
-        while done.len() < ends.len() {
+        while at_end.len() < partitions.len() {
             assert!(Instant::now() < deadline, "timed out reading {topic}");
-            let Some(m) = c.poll(Duration::from_millis(200)) else { continue };
-            let m = m.expect("message");
+            let m = match c.poll(Duration::from_millis(200)) {
+                None => continue,
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                    at_end.insert(p);
+                    continue;
+                }
+                Some(m) => m.expect("message"),
+            };
             let mut headers = BTreeMap::new();
             if let Some(h) = m.headers() {
                 for h in h.iter() {
-                    headers.insert(h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).to_string());
+                    headers.insert(
+                        h.key.to_string(),
+                        String::from_utf8_lossy(h.value.unwrap_or_default()).to_string(),
+                    );
                 }
             }
             out.push(Record {
@@ -165,9 +190,6 @@ impl Broker {
                 value: m.payload().map(<[u8]>::to_vec),
                 headers,
             });
-            if m.offset() + 1 >= ends[&m.partition()] {
-                done.insert(m.partition(), true);
-            }
         }
         out
     }
@@ -208,8 +230,21 @@ impl S3 {
             let ak = std::env::var("AWS_ACCESS_KEY_ID").unwrap_or_else(|_| "minioadmin".into());
             let sk = std::env::var("AWS_SECRET_ACCESS_KEY").unwrap_or_else(|_| "minioadmin".into());
             let client = client(&endpoint, &ak, &sk).await;
-            client.create_bucket().bucket(&bucket).send().await.expect("create bucket");
-            return S3 { endpoint, bucket, access_key: ak, secret_key: sk, client, _dir: None, server: None };
+            client
+                .create_bucket()
+                .bucket(&bucket)
+                .send()
+                .await
+                .expect("create bucket");
+            return S3 {
+                endpoint,
+                bucket,
+                access_key: ak,
+                secret_key: sk,
+                client,
+                _dir: None,
+                server: None,
+            };
         }
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir(dir.path().join(&bucket)).expect("bucket dir");
@@ -221,11 +256,17 @@ impl S3 {
         let addr = listener.local_addr().expect("addr");
         let server = tokio::spawn(async move {
             loop {
-                let Ok((socket, _)) = listener.accept().await else { continue };
+                let Ok((socket, _)) = listener.accept().await else {
+                    continue;
+                };
                 let service = service.clone();
                 tokio::spawn(async move {
-                    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-                    let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(socket), service).await;
+                    let builder = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    );
+                    let _ = builder
+                        .serve_connection(hyper_util::rt::TokioIo::new(socket), service)
+                        .await;
                 });
             }
         });
@@ -244,17 +285,41 @@ impl S3 {
 
     pub async fn keys(&self, prefix: &str) -> Vec<String> {
         let mut keys = Vec::new();
-        let mut pages = self.client.list_objects_v2().bucket(&self.bucket).prefix(prefix).into_paginator().send();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
         while let Some(page) = pages.next().await {
             let page = page.expect("list");
-            keys.extend(page.contents().iter().filter_map(|o| o.key().map(str::to_string)));
+            keys.extend(
+                page.contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(str::to_string)),
+            );
         }
         keys
     }
 
     pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
-        let out = self.client.get_object().bucket(&self.bucket).key(key).send().await.ok()?;
-        Some(out.body.collect().await.expect("body").into_bytes().to_vec())
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .ok()?;
+        Some(
+            out.body
+                .collect()
+                .await
+                .expect("body")
+                .into_bytes()
+                .to_vec(),
+        )
     }
 
     /// Every line of every object under `prefix`, parsed.
@@ -263,7 +328,9 @@ impl S3 {
         for key in self.keys(prefix).await {
             let body = self.get(&key).await.expect("object");
             for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-                out.push(serde_json::from_slice(line).unwrap_or_else(|e| panic!("{key}: bad line: {e}")));
+                out.push(
+                    serde_json::from_slice(line).unwrap_or_else(|e| panic!("{key}: bad line: {e}")),
+                );
             }
         }
         out
@@ -287,7 +354,11 @@ pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable");
     let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
     let path = dir.join(name);
-    assert!(path.is_file(), "{} not built: run the tests with `cargo test --workspace`", path.display());
+    assert!(
+        path.is_file(),
+        "{} not built: run the tests with `cargo test --workspace`",
+        path.display()
+    );
     path
 }
 
@@ -302,7 +373,10 @@ pub fn env(broker: &Broker, s3: &S3, topic: &str) -> Vec<(String, String)> {
         ("AWS_SECRET_ACCESS_KEY", s3.secret_key.as_str()),
         ("AWS_REGION", "us-east-1"),
         ("AWS_EC2_METADATA_DISABLED", "true"),
-        ("KAFKA_OPTIONS", "session.timeout.ms=6000,heartbeat.interval.ms=500"),
+        (
+            "KAFKA_OPTIONS",
+            "session.timeout.ms=6000,heartbeat.interval.ms=500",
+        ),
         ("HTTP_ADDR", "127.0.0.1:0"),
         ("RUST_LOG", "info,rdkafka=warn"),
     ]
@@ -328,7 +402,10 @@ pub fn command(name: &str, env: &[(String, String)]) -> Command {
 pub async fn run(name: &str, env: &[(String, String)], args: &[&str]) -> (bool, String, String) {
     let mut c = command(name, env);
     c.args(args);
-    let out = tokio::task::spawn_blocking(move || c.output()).await.expect("join").expect("runs");
+    let out = tokio::task::spawn_blocking(move || c.output())
+        .await
+        .expect("join")
+        .expect("runs");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).to_string(),
@@ -353,7 +430,10 @@ impl Running {
         let file = std::fs::File::create(&log).expect("log file");
         let mut c = command(name, env);
         c.args(args).stdout(Stdio::null()).stderr(file);
-        Running { child: c.spawn().expect("spawn"), log }
+        Running {
+            child: c.spawn().expect("spawn"),
+            log,
+        }
     }
 
     pub fn pid(&self) -> nix::unistd::Pid {
@@ -375,7 +455,11 @@ impl Running {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return status.success();
             }
-            assert!(Instant::now() < deadline, "process did not exit within {timeout:?}; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "process did not exit within {timeout:?}; log:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -386,10 +470,20 @@ impl Running {
         loop {
             let log = self.log();
             if let Some(line) = log.lines().find(|l| l.contains("Serving /health/live")) {
-                let addr = line.split("bound=").nth(1).and_then(|s| s.split_whitespace().next()).expect("bound= in log");
-                return addr.trim_end_matches(|c: char| !c.is_ascii_digit()).parse().expect("socket addr");
+                let addr = line
+                    .split("bound=")
+                    .last()
+                    .and_then(|s| s.split_whitespace().next())
+                    .expect("bound= in log");
+                return addr
+                    .trim_end_matches(|c: char| !c.is_ascii_digit())
+                    .parse()
+                    .expect("socket addr");
             }
-            assert!(Instant::now() < deadline, "processor never served HTTP; log:\n{log}");
+            assert!(
+                Instant::now() < deadline,
+                "processor never served HTTP; log:\n{log}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -413,7 +507,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -439,7 +536,9 @@ impl Proxy {
     }
 
     pub async fn on_port(port: u16, target: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind proxy port");
+        let listener = TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind proxy port");
         Proxy::with_listener(listener, target)
     }
 
@@ -451,14 +550,18 @@ impl Proxy {
         let (d, e) = (down.clone(), epoch.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { continue };
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
                 if d.load(Ordering::SeqCst) {
                     drop(inbound);
                     continue;
                 }
                 let mut cut = e.subscribe();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(target).await else { return };
+                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
                         _ = cut.changed() => {}
@@ -466,7 +569,12 @@ impl Proxy {
                 });
             }
         });
-        Proxy { port, down, epoch, task }
+        Proxy {
+            port,
+            down,
+            epoch,
+            task,
+        }
     }
 
     /// Cuts every open connection and refuses new ones until [`Proxy::up`].

@@ -37,7 +37,11 @@ pub struct RequestTypeCount {
 
 impl Counts {
     pub fn add(&mut self, row: &CountRow) {
-        let key = (row.request_type.clone(), row.priority.clone(), row.support_team.clone());
+        let key = (
+            row.request_type.clone(),
+            row.priority.clone(),
+            row.support_team.clone(),
+        );
         *self.0.entry(key).or_default() += row.count;
     }
 
@@ -117,8 +121,14 @@ mod tests {
 
     #[test]
     fn totals_merge_and_fold_into_one_line_per_request_type() {
-        let mut a = Counts::from_rows(&[row("billing", "high", "Billing Team", 2), row("other", "low", "General Support", 1)]);
-        let b = Counts::from_rows(&[row("billing", "low", "Billing Team", 3), row("billing", "high", "Billing Team", 1)]);
+        let mut a = Counts::from_rows(&[
+            row("billing", "high", "Billing Team", 2),
+            row("other", "low", "General Support", 1),
+        ]);
+        let b = Counts::from_rows(&[
+            row("billing", "low", "Billing Team", 3),
+            row("billing", "high", "Billing Team", 1),
+        ]);
         a.merge(&b);
         assert_eq!(a.total(), 7);
         let text = String::from_utf8(a.to_jsonl(&Routing::default())).expect("utf8");

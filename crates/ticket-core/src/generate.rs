@@ -39,7 +39,9 @@ impl<R: Rng> Generator<R> {
         let span = (self.now - start).num_microseconds().unwrap_or(0).max(1);
         let created_at = start + chrono::Duration::microseconds(self.rng.random_range(0..span));
         let request_type = *REQUEST_TYPES.choose(&mut self.rng).unwrap_or(&"other");
-        let priority = *Priority::ALL.choose(&mut self.rng).unwrap_or(&Priority::Low);
+        let priority = *Priority::ALL
+            .choose(&mut self.rng)
+            .unwrap_or(&Priority::Low);
         Ticket {
             ticket_id: format!("TICKET-{}-{seq:06}", self.run_id),
             client_id: self.rng.random_range(1000..=9999),
@@ -59,7 +61,9 @@ impl<R: Rng> Generator<R> {
             "support" => SUPPORT,
             _ => OTHER,
         };
-        let template = *templates.choose(&mut self.rng).unwrap_or(&"Please help with my {p}.");
+        let template = *templates
+            .choose(&mut self.rng)
+            .unwrap_or(&"Please help with my {p}.");
         template.replace("{p}", product).replace("{w}", when)
     }
 }
@@ -116,7 +120,10 @@ mod tests {
     use rand::rngs::StdRng;
 
     fn generator(seed: u64, run: &str) -> Generator<StdRng> {
-        let now = Utc.with_ymd_and_hms(2026, 6, 1, 0, 0, 0).single().expect("date");
+        let now = Utc
+            .with_ymd_and_hms(2026, 6, 1, 0, 0, 0)
+            .single()
+            .expect("date");
         Generator::new(StdRng::seed_from_u64(seed), now, run)
     }
 
@@ -135,10 +142,17 @@ mod tests {
 
     #[test]
     fn a_seed_reproduces_the_content_and_runs_never_share_an_id() {
-        let a: Vec<Ticket> = (0..50).scan(generator(7, "a"), |g, _| Some(g.next_ticket())).collect();
-        let b: Vec<Ticket> = (0..50).scan(generator(7, "b"), |g, _| Some(g.next_ticket())).collect();
+        let a: Vec<Ticket> = (0..50)
+            .scan(generator(7, "a"), |g, _| Some(g.next_ticket()))
+            .collect();
+        let b: Vec<Ticket> = (0..50)
+            .scan(generator(7, "b"), |g, _| Some(g.next_ticket()))
+            .collect();
         for (x, y) in a.iter().zip(&b) {
-            assert_eq!((&x.request, x.client_id, x.created_at), (&y.request, y.client_id, y.created_at));
+            assert_eq!(
+                (&x.request, x.client_id, x.created_at),
+                (&y.request, y.client_id, y.created_at)
+            );
             assert_ne!(x.ticket_id, y.ticket_id);
         }
     }
@@ -148,7 +162,10 @@ mod tests {
         let mut g = generator(3, "r");
         let tickets: Vec<Ticket> = (0..400).map(|_| g.next_ticket()).collect();
         for rt in REQUEST_TYPES {
-            assert!(tickets.iter().any(|t| t.request_type == rt), "{rt} never drawn");
+            assert!(
+                tickets.iter().any(|t| t.request_type == rt),
+                "{rt} never drawn"
+            );
         }
         for p in Priority::ALL {
             assert!(tickets.iter().any(|t| t.priority == p), "{p:?} never drawn");

@@ -59,12 +59,18 @@ impl Layout {
     }
 
     pub fn staging_prefix(&self, partition: i32) -> String {
-        format!("{}_staging/topic={}/partition={partition}/", self.prefix, self.topic)
+        format!(
+            "{}_staging/topic={}/partition={partition}/",
+            self.prefix, self.topic
+        )
     }
 
     /// A unique name per attempt: two owners of a partition never write the same staging key.
     pub fn staging_key(&self, partition: i32, first: i64, attempt: &str) -> String {
-        format!("{}{first:020}-{attempt}.jsonl", self.staging_prefix(partition))
+        format!(
+            "{}{first:020}-{attempt}.jsonl",
+            self.staging_prefix(partition)
+        )
     }
 
     /// The partition a checkpoint key belongs to, if it is one of this layout's.
@@ -89,10 +95,16 @@ mod tests {
             "prod/tickets_with_team/topic=client_tickets/partition=2/00000000000000000100-00000000000000000199.jsonl"
         );
         assert_eq!(l.counts_key(), "prod/counts_by_request_type/latest.jsonl");
-        assert_eq!(l.checkpoint_key(2), "prod/_checkpoints/topic=client_tickets/partition=2.json");
+        assert_eq!(
+            l.checkpoint_key(2),
+            "prod/_checkpoints/topic=client_tickets/partition=2.json"
+        );
         assert_eq!(l.partition_of_checkpoint(&l.checkpoint_key(11)), Some(11));
         assert_eq!(l.partition_of_checkpoint("prod/other.json"), None);
-        assert_eq!(Layout::new("", "t").counts_key(), "counts_by_request_type/latest.jsonl");
+        assert_eq!(
+            Layout::new("", "t").counts_key(),
+            "counts_by_request_type/latest.jsonl"
+        );
         assert_eq!(Layout::new("a/b/", "t").prefix(), "a/b/");
     }
 

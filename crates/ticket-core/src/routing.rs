@@ -22,7 +22,9 @@ struct RoutingFile {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoutingError {
-    #[error("routing file is not valid JSON of the form {{\"teams\": {{\"<request_type>\": \"<team>\"}}, \"default_team\": \"<team>\"}}: {0}")]
+    #[error(
+        "routing file is not valid JSON of the form {{\"teams\": {{\"<request_type>\": \"<team>\"}}, \"default_team\": \"<team>\"}}: {0}"
+    )]
     Format(#[from] serde_json::Error),
     #[error("routing file gives an empty team name for {0:?}")]
     EmptyTeam(String),
@@ -36,7 +38,10 @@ impl Default for Routing {
             ("support", "Customer Service"),
         ];
         Routing {
-            teams: teams.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            teams: teams
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             default_team: "General Support".to_string(),
         }
     }
@@ -80,8 +85,10 @@ mod tests {
 
     #[test]
     fn a_file_replaces_the_mapping() {
-        let r = Routing::from_json(r#"{"teams": {"billing": "Finance", "sales": "Sales"}, "default_team": "Triage"}"#)
-            .expect("valid file");
+        let r = Routing::from_json(
+            r#"{"teams": {"billing": "Finance", "sales": "Sales"}, "default_team": "Triage"}"#,
+        )
+        .expect("valid file");
         assert_eq!(r.team_for("billing"), "Finance");
         assert_eq!(r.team_for("sales"), "Sales");
         assert_eq!(r.team_for("technical"), "Triage");
@@ -89,9 +96,13 @@ mod tests {
 
     #[test]
     fn a_bad_file_says_what_is_wrong() {
-        let e = Routing::from_json(r#"{"teams": {"billing": ""}, "default_team": "T"}"#).unwrap_err();
+        let e =
+            Routing::from_json(r#"{"teams": {"billing": ""}, "default_team": "T"}"#).unwrap_err();
         assert!(e.to_string().contains("\"billing\""), "{e}");
         let e = Routing::from_json(r#"{"team": {}}"#).unwrap_err();
-        assert!(e.to_string().contains("routing file is not valid JSON"), "{e}");
+        assert!(
+            e.to_string().contains("routing file is not valid JSON"),
+            "{e}"
+        );
     }
 }

@@ -26,7 +26,10 @@ pub enum Invalid {
     #[error("missing field `{0}`")]
     Missing(&'static str),
     #[error("field `{field}` {problem}")]
-    Field { field: &'static str, problem: String },
+    Field {
+        field: &'static str,
+        problem: String,
+    },
 }
 
 /// Decodes and validates one message value.
@@ -153,7 +156,10 @@ mod tests {
         assert_eq!(t.ticket_id, "TICKET-1");
         assert_eq!(t.client_id, 1234);
         assert_eq!(t.priority, Priority::High);
-        assert_eq!(t.created_at.to_rfc3339(), "2025-10-20T03:00:23.010952+00:00");
+        assert_eq!(
+            t.created_at.to_rfc3339(),
+            "2025-10-20T03:00:23.010952+00:00"
+        );
     }
 
     #[test]
@@ -175,11 +181,19 @@ mod tests {
             (b"".to_vec(), "empty message"),
             (b"  \n".to_vec(), "empty message"),
             (vec![b'{', 0xff, b'}'], "not valid UTF-8"),
-            (VALID.as_bytes()[..40].to_vec(), "malformed or truncated JSON"),
-            (b"[1,2]".to_vec(), "expected a JSON object, found an array"),
-            (b"\"hello\"".to_vec(), "expected a JSON object, found a string"),
             (
-                VALID.replace("\"priority\":\"high\"", "\"priority\":\"urgent\"").into_bytes(),
+                VALID.as_bytes()[..40].to_vec(),
+                "malformed or truncated JSON",
+            ),
+            (b"[1,2]".to_vec(), "expected a JSON object, found an array"),
+            (
+                b"\"hello\"".to_vec(),
+                "expected a JSON object, found a string",
+            ),
+            (
+                VALID
+                    .replace("\"priority\":\"high\"", "\"priority\":\"urgent\"")
+                    .into_bytes(),
                 "field `priority` must be one of",
             ),
             (
@@ -195,15 +209,21 @@ mod tests {
                 "field `ticket_id` must be a non-empty string",
             ),
             (
-                VALID.replace("2025-10-20T03:00:23.010952", "yesterday").into_bytes(),
+                VALID
+                    .replace("2025-10-20T03:00:23.010952", "yesterday")
+                    .into_bytes(),
                 "field `created_at` must be an RFC 3339 timestamp",
             ),
             (
-                VALID.replace(",\"request_type\":\"billing\"", "").into_bytes(),
+                VALID
+                    .replace(",\"request_type\":\"billing\"", "")
+                    .into_bytes(),
                 "missing field `request_type`",
             ),
             (
-                VALID.replace("\"My invoice is wrong\"", "null").into_bytes(),
+                VALID
+                    .replace("\"My invoice is wrong\"", "null")
+                    .into_bytes(),
                 "field `request` must be a string, found null",
             ),
         ];

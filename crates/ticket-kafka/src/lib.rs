@@ -17,11 +17,19 @@ use rdkafka::metadata::Metadata;
 #[derive(clap::Args, Clone)]
 pub struct KafkaArgs {
     /// Kafka bootstrap servers, comma-separated host:port.
-    #[arg(long = "brokers", env = "KAFKA_BROKERS", default_value = "localhost:19092")]
+    #[arg(
+        long = "brokers",
+        env = "KAFKA_BROKERS",
+        default_value = "localhost:19092"
+    )]
     pub brokers: String,
 
     /// The topic tickets are published to and consumed from.
-    #[arg(long = "topic", env = "TICKETS_TOPIC", default_value = "client_tickets")]
+    #[arg(
+        long = "topic",
+        env = "TICKETS_TOPIC",
+        default_value = "client_tickets"
+    )]
     pub topic: String,
 
     /// How to talk to the brokers.
@@ -45,7 +53,7 @@ pub struct KafkaArgs {
     /// Any other librdkafka property as key=value; repeat the flag, or separate with commas
     /// in the environment variable (e.g. KAFKA_OPTIONS=compression.type=lz4,linger.ms=20).
     #[arg(long = "kafka-option", env = "KAFKA_OPTIONS", value_delimiter = ',')]
-    pub options: Vec<KeyValue>,
+    pub options: Vec<String>,
 
     /// How long to wait for the brokers at start before giving up with an error.
     #[arg(long, env = "KAFKA_CONNECT_TIMEOUT_SECS", default_value_t = 20)]
@@ -82,7 +90,9 @@ impl FromStr for KeyValue {
                 key: k.trim().to_string(),
                 value: v.trim().to_string(),
             }),
-            _ => Err(format!("expected key=value (a librdkafka property), got {s:?}")),
+            _ => Err(format!(
+                "expected key=value (a librdkafka property), got {s:?}"
+            )),
         }
     }
 }
@@ -90,6 +100,10 @@ impl FromStr for KeyValue {
 impl KafkaArgs {
     /// Checks the combination of settings; the message says which variable to fix.
     pub fn validate(&self) -> anyhow::Result<()> {
+        for o in self.options.iter().filter(|o| !o.trim().is_empty()) {
+            o.parse::<KeyValue>()
+                .map_err(|e| anyhow::anyhow!("KAFKA_OPTIONS: {e}"))?;
+        }
         if self.brokers.trim().is_empty() {
             bail!("KAFKA_BROKERS is empty: set it to host:port of at least one broker");
         }
@@ -97,7 +111,7 @@ impl KafkaArgs {
             bail!("TICKETS_TOPIC is empty: set it to the topic name");
         }
         let sasl = self.security_protocol.starts_with("sasl");
-        match (sasl, &self.username, &self.password) {
+        match (sasl, non_empty(&self.username), non_empty(&self.password)) {
             (true, Some(_), Some(_)) | (false, None, None) => {}
             (true, _, _) => bail!(
                 "KAFKA_SECURITY_PROTOCOL={} needs KAFKA_USERNAME and KAFKA_PASSWORD",
@@ -119,12 +133,16 @@ impl KafkaArgs {
             .set("client.dns.lookup", "use_all_dns_ips");
         if self.security_protocol.starts_with("sasl") {
             c.set("sasl.mechanism", &self.sasl_mechanism);
-            if let (Some(u), Some(p)) = (&self.username, &self.password) {
+            if let (Some(u), Some(p)) = (non_empty(&self.username), non_empty(&self.password)) {
                 c.set("sasl.username", u).set("sasl.password", p);
             }
         }
-        for kv in &self.options {
-            c.set(&kv.key, &kv.value);
+        for kv in self
+            .options
+            .iter()
+            .filter_map(|o| o.parse::<KeyValue>().ok())
+        {
+            c.set(kv.key, kv.value);
         }
         c
     }
@@ -160,7 +178,12 @@ impl KafkaArgs {
     }
 
     /// Creates `topic` unless it exists. Returns whether it was created.
-    pub async fn ensure_topic(&self, topic: &str, partitions: i32, replication: i32) -> anyhow::Result<bool> {
+    pub async fn ensure_topic(
+        &self,
+        topic: &str,
+        partitions: i32,
+        replication: i32,
+    ) -> anyhow::Result<bool> {
         if self.partitions_of(topic)?.is_some() {
             return Ok(false);
         }
@@ -183,7 +206,10 @@ impl KafkaArgs {
         let deadline = std::time::Instant::now() + self.connect_timeout();
         while self.partitions_of(topic)?.is_none() {
             if std::time::Instant::now() > deadline {
-                bail!("topic {topic:?} was created but never appeared in the metadata of {}", self.brokers);
+                bail!(
+                    "topic {topic:?} was created but never appeared in the metadata of {}",
+                    self.brokers
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -192,11 +218,20 @@ impl KafkaArgs {
     }
 }
 
+/// An empty environment variable (as docker compose passes an unset `${VAR}`) means unset.
+pub fn non_empty(v: &Option<String>) -> Option<&str> {
+    v.as_deref().filter(|s| !s.trim().is_empty())
+}
+
 /// Logs to stderr as text, or as JSON lines with `LOG_FORMAT=json`; `RUST_LOG` filters.
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
     if std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json") {
         builder.json().init();
     } else {
@@ -223,27 +258,57 @@ mod tests {
 
     #[test]
     fn sasl_needs_credentials_and_credentials_need_sasl() {
-        let e = parse(&["--security-protocol", "sasl_plaintext"]).validate().unwrap_err();
-        assert!(e.to_string().contains("needs KAFKA_USERNAME and KAFKA_PASSWORD"), "{e}");
-        let e = parse(&["--username", "u", "--password", "p"]).validate().unwrap_err();
-        assert!(e.to_string().contains("set it to sasl_plaintext"), "{e}");
-        parse(&["--security-protocol", "sasl_ssl", "--username", "u", "--password", "p"])
+        let e = parse(&["--security-protocol", "sasl_plaintext"])
             .validate()
-            .expect("valid");
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("needs KAFKA_USERNAME and KAFKA_PASSWORD"),
+            "{e}"
+        );
+        let e = parse(&["--username", "u", "--password", "p"])
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("set it to sasl_plaintext"), "{e}");
+        parse(&[
+            "--security-protocol",
+            "sasl_ssl",
+            "--username",
+            "u",
+            "--password",
+            "p",
+        ])
+        .validate()
+        .expect("valid");
     }
 
     #[test]
     fn the_password_never_shows_in_debug_output() {
-        let a = parse(&["--security-protocol", "sasl_ssl", "--username", "u", "--password", "hunter2"]);
+        let a = parse(&[
+            "--security-protocol",
+            "sasl_ssl",
+            "--username",
+            "u",
+            "--password",
+            "hunter2",
+        ]);
         assert!(!format!("{a:?}").contains("hunter2"));
     }
 
     #[test]
     fn extra_properties_are_passed_through() {
-        let a = parse(&["--kafka-option", "linger.ms=20", "--kafka-option", "compression.type=lz4"]);
+        let a = parse(&[
+            "--kafka-option",
+            "linger.ms=20",
+            "--kafka-option",
+            "compression.type=lz4",
+        ]);
         let c = a.client_config();
         assert_eq!(c.get("linger.ms"), Some("20"));
         assert_eq!(c.get("compression.type"), Some("lz4"));
-        assert!(Cli::try_parse_from(["x", "--kafka-option", "novalue"]).is_err());
+        assert!(parse(&["--kafka-option", "novalue"]).validate().is_err());
+        parse(&["--kafka-option", ""])
+            .validate()
+            .expect("an empty KAFKA_OPTIONS is no option");
     }
 }

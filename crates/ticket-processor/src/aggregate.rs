@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use datafusion::arrow::array::{Array, ArrayRef, Int64Array, RecordBatch, StringArray, StringBuilder};
+use datafusion::arrow::array::{
+    Array, ArrayRef, Int64Array, RecordBatch, StringArray, StringBuilder,
+};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::functions_aggregate::expr_fn::count;
@@ -70,7 +72,9 @@ pub struct Aggregator {
 
 impl Default for Aggregator {
     fn default() -> Self {
-        Aggregator { ctx: SessionContext::new() }
+        Aggregator {
+            ctx: SessionContext::new(),
+        }
     }
 }
 
@@ -98,11 +102,17 @@ impl Aggregator {
         for batch in result {
             let text = |i: usize| -> anyhow::Result<StringArray> {
                 let a = cast(batch.column(i), &DataType::Utf8)?;
-                Ok(a.as_any().downcast_ref::<StringArray>().context("string column")?.clone())
+                Ok(a.as_any()
+                    .downcast_ref::<StringArray>()
+                    .context("string column")?
+                    .clone())
             };
             let (rt, pr, team) = (text(0)?, text(1)?, text(2)?);
             let n = cast(batch.column(3), &DataType::Int64)?;
-            let n = n.as_any().downcast_ref::<Int64Array>().context("count column")?;
+            let n = n
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .context("count column")?;
             for i in 0..batch.num_rows() {
                 counts.add(&CountRow {
                     request_type: rt.value(i).to_string(),
@@ -123,21 +133,38 @@ mod tests {
     #[tokio::test]
     async fn counts_group_by_type_priority_and_team() {
         let mut c = Columns::default();
-        for (rt, p, t) in [("billing", "high", "Billing Team"), ("billing", "high", "Billing Team"), ("other", "low", "General Support")] {
+        for (rt, p, t) in [
+            ("billing", "high", "Billing Team"),
+            ("billing", "high", "Billing Team"),
+            ("other", "low", "General Support"),
+        ] {
             c.push(rt, p, t);
         }
         let mut c2 = Columns::default();
         c2.push("billing", "low", "Billing Team");
-        let counts = Aggregator::default().count(vec![c.finish(), c2.finish()]).await.expect("counts");
+        let counts = Aggregator::default()
+            .count(vec![c.finish(), c2.finish()])
+            .await
+            .expect("counts");
         let rows = counts.rows();
         assert_eq!(counts.total(), 4);
         assert_eq!(rows.len(), 3);
-        assert_eq!((rows[0].request_type.as_str(), rows[0].priority.as_str(), rows[0].count), ("billing", "high", 2));
+        assert_eq!(
+            (
+                rows[0].request_type.as_str(),
+                rows[0].priority.as_str(),
+                rows[0].count
+            ),
+            ("billing", "high", 2)
+        );
     }
 
     #[tokio::test]
     async fn nothing_to_count_is_zero() {
-        let counts = Aggregator::default().count(vec![Columns::default().finish()]).await.expect("counts");
+        let counts = Aggregator::default()
+            .count(vec![Columns::default().finish()])
+            .await
+            .expect("counts");
         assert_eq!(counts.total(), 0);
     }
 }

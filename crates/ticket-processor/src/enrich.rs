@@ -22,7 +22,8 @@ impl BatchBuilder {
         // Writing a struct of strings and numbers into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut self.body, &ticket.with_team(team));
         self.body.push(b'\n');
-        self.columns.push(&ticket.request_type, ticket.priority.as_str(), team);
+        self.columns
+            .push(&ticket.request_type, ticket.priority.as_str(), team);
         self.valid += 1;
         Ok(())
     }

@@ -42,9 +42,17 @@ struct Chunk {
 }
 
 /// Processes `input` into `out_dir`, replacing what an earlier run wrote there.
-pub async fn process_file(input: &Path, out_dir: &Path, routing: &Routing, aggregator: &Aggregator) -> anyhow::Result<FileReport> {
+pub async fn process_file(
+    input: &Path,
+    out_dir: &Path,
+    routing: &Routing,
+    aggregator: &Aggregator,
+) -> anyhow::Result<FileReport> {
     let data = std::fs::read(input).with_context(|| format!("cannot read {}", input.display()))?;
-    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 16);
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 16);
     let ranges = split_lines(&data, workers);
 
     // Decoding, routing and serializing are CPU work: one thread per chunk of lines.
@@ -56,7 +64,10 @@ pub async fn process_file(input: &Path, out_dir: &Path, routing: &Routing, aggre
                 s.spawn(move || process_chunk(data, first_line, routing))
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
     });
 
     let tickets_dir = out_dir.join("tickets_with_team");
@@ -67,7 +78,12 @@ pub async fn process_file(input: &Path, out_dir: &Path, routing: &Routing, aggre
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
 
-    let mut report = FileReport { lines: 0, valid: 0, invalid: 0, counts: Counts::default() };
+    let mut report = FileReport {
+        lines: 0,
+        valid: 0,
+        invalid: 0,
+        counts: Counts::default(),
+    };
     let mut columns = Vec::new();
     let mut dead_all = Vec::new();
     for (i, chunk) in chunks.into_iter().enumerate() {
@@ -75,7 +91,10 @@ pub async fn process_file(input: &Path, out_dir: &Path, routing: &Routing, aggre
         report.valid += chunk.builder.valid;
         report.invalid += chunk.invalid;
         if chunk.builder.valid > 0 {
-            write(&tickets_dir.join(format!("part-{i:05}.jsonl")), &chunk.builder.body)?;
+            write(
+                &tickets_dir.join(format!("part-{i:05}.jsonl")),
+                &chunk.builder.body,
+            )?;
         }
         dead_all.extend_from_slice(&chunk.dead);
         columns.push(chunk.builder.columns.finish());
@@ -84,12 +103,20 @@ pub async fn process_file(input: &Path, out_dir: &Path, routing: &Routing, aggre
         write(&dead_dir.join("part-00000.jsonl"), &dead_all)?;
     }
     report.counts = aggregator.count(columns).await?;
-    write(&counts_dir.join("latest.jsonl"), &report.counts.to_jsonl(routing))?;
+    write(
+        &counts_dir.join("latest.jsonl"),
+        &report.counts.to_jsonl(routing),
+    )?;
     Ok(report)
 }
 
 fn process_chunk(data: &[u8], first_line: u64, routing: &Routing) -> Chunk {
-    let mut chunk = Chunk { builder: BatchBuilder::default(), dead: Vec::new(), lines: 0, invalid: 0 };
+    let mut chunk = Chunk {
+        builder: BatchBuilder::default(),
+        dead: Vec::new(),
+        lines: 0,
+        invalid: 0,
+    };
     for (i, line) in data.split(|b| *b == b'\n').enumerate() {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.iter().all(u8::is_ascii_whitespace) {
@@ -98,7 +125,11 @@ fn process_chunk(data: &[u8], first_line: u64, routing: &Routing) -> Chunk {
         chunk.lines += 1;
         if let Err(reason) = chunk.builder.push(routing, line) {
             chunk.invalid += 1;
-            let dl = DeadLetter { line: first_line + i as u64, error: reason.to_string(), raw: String::from_utf8_lossy(line) };
+            let dl = DeadLetter {
+                line: first_line + i as u64,
+                error: reason.to_string(),
+                raw: String::from_utf8_lossy(line),
+            };
             let _ = serde_json::to_writer(&mut chunk.dead, &dl);
             chunk.dead.push(b'\n');
         }
@@ -115,9 +146,16 @@ fn split_lines(data: &[u8], n: usize) -> Vec<(usize, usize, u64)> {
         if start >= data.len() {
             break;
         }
-        let mut end = if k == n { data.len() } else { (data.len() * k / n).max(start) };
+        let mut end = if k == n {
+            data.len()
+        } else {
+            (data.len() * k / n).max(start)
+        };
         if end < data.len() {
-            end = data[end..].iter().position(|b| *b == b'\n').map_or(data.len(), |p| end + p + 1);
+            end = data[end..]
+                .iter()
+                .position(|b| *b == b'\n')
+                .map_or(data.len(), |p| end + p + 1);
         }
         ranges.push((start, end, line));
         line += data[start..end].iter().filter(|b| **b == b'\n').count() as u64;
@@ -132,10 +170,13 @@ fn write(path: &PathBuf, bytes: &[u8]) -> anyhow::Result<()> {
 
 /// Removes the `.jsonl` files a previous run left, so a rerun replaces rather than adds.
 fn clear_jsonl(dir: &Path) -> anyhow::Result<()> {
-    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
     for e in entries.flatten() {
         if e.path().extension().is_some_and(|x| x == "jsonl") {
-            std::fs::remove_file(e.path()).with_context(|| format!("cannot remove {}", e.path().display()))?;
+            std::fs::remove_file(e.path())
+                .with_context(|| format!("cannot remove {}", e.path().display()))?;
         }
     }
     Ok(())
@@ -150,10 +191,16 @@ mod tests {
         let data = b"a\nbb\nccc\ndddd\ne";
         for n in 1..6 {
             let ranges = split_lines(data, n);
-            let joined: Vec<u8> = ranges.iter().flat_map(|&(s, e, _)| data[s..e].to_vec()).collect();
+            let joined: Vec<u8> = ranges
+                .iter()
+                .flat_map(|&(s, e, _)| data[s..e].to_vec())
+                .collect();
             assert_eq!(joined, data.to_vec(), "n={n}");
             for &(s, _, line) in &ranges {
-                assert_eq!(line, 1 + data[..s].iter().filter(|b| **b == b'\n').count() as u64);
+                assert_eq!(
+                    line,
+                    1 + data[..s].iter().filter(|b| **b == b'\n').count() as u64
+                );
             }
         }
     }
@@ -163,10 +210,16 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let input = dir.path().join("in.jsonl");
         let good = r#"{"ticket_id":"T-1","client_id":5000,"created_at":"2025-03-01T10:00:00","request":"Help","request_type":"billing","priority":"low"}"#;
-        std::fs::write(&input, format!("{good}\nnot json\n\n{}\n", good.replace("T-1", "T-2"))).expect("write");
+        std::fs::write(
+            &input,
+            format!("{good}\nnot json\n\n{}\n", good.replace("T-1", "T-2")),
+        )
+        .expect("write");
         let out = dir.path().join("out");
         for _ in 0..2 {
-            let r = process_file(&input, &out, &Routing::default(), &Aggregator::default()).await.expect("runs");
+            let r = process_file(&input, &out, &Routing::default(), &Aggregator::default())
+                .await
+                .expect("runs");
             assert_eq!((r.lines, r.valid, r.invalid), (3, 2, 1));
         }
         let tickets: String = std::fs::read_dir(out.join("tickets_with_team"))
@@ -175,9 +228,17 @@ mod tests {
             .collect();
         assert_eq!(tickets.lines().count(), 2);
         assert!(tickets.contains("\"support_team\":\"Billing Team\""));
-        let dead = std::fs::read_to_string(out.join("dead_letters/part-00000.jsonl")).expect("dead letters");
-        assert!(dead.contains("\"line\":2") && dead.contains("malformed or truncated JSON"), "{dead}");
-        let counts = std::fs::read_to_string(out.join("counts_by_request_type/latest.jsonl")).expect("counts");
-        assert!(counts.starts_with("{\"request_type\":\"billing\",\"count\":2,"), "{counts}");
+        let dead = std::fs::read_to_string(out.join("dead_letters/part-00000.jsonl"))
+            .expect("dead letters");
+        assert!(
+            dead.contains("\"line\":2") && dead.contains("malformed or truncated JSON"),
+            "{dead}"
+        );
+        let counts = std::fs::read_to_string(out.join("counts_by_request_type/latest.jsonl"))
+            .expect("counts");
+        assert!(
+            counts.starts_with("{\"request_type\":\"billing\",\"count\":2,"),
+            "{counts}"
+        );
     }
 }

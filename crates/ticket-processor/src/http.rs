@@ -26,7 +26,10 @@ pub struct Health {
 const STUCK_AFTER: Duration = Duration::from_secs(120);
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl Health {
@@ -56,15 +59,20 @@ struct AppState {
 }
 
 /// Binds `addr` and serves until `shutdown` fires. Returns the bound address.
-pub async fn serve(addr: SocketAddr, health: Arc<Health>, metrics: Metrics, shutdown: CancellationToken) -> anyhow::Result<SocketAddr> {
+pub async fn serve(
+    addr: SocketAddr,
+    health: Arc<Health>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> anyhow::Result<SocketAddr> {
     let app = Router::new()
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/metrics", get(render))
         .with_state(AppState { health, metrics });
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} for health and metrics (set HTTP_ADDR to a free address)"))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen on {addr} for health and metrics (set HTTP_ADDR to a free address)")
+    })?;
     let bound = listener.local_addr()?;
     tokio::spawn(async move {
         let _ = axum::serve(listener, app)
@@ -78,7 +86,10 @@ async fn live(State(s): State<AppState>) -> impl IntoResponse {
     if s.health.is_live() {
         (StatusCode::OK, "live\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "stuck: the processing loop has not turned for 2 minutes\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stuck: the processing loop has not turned for 2 minutes\n",
+        )
     }
 }
 
@@ -92,7 +103,10 @@ async fn ready(State(s): State<AppState>) -> impl IntoResponse {
 
 async fn render(State(s): State<AppState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         s.metrics.render(),
     )
 }

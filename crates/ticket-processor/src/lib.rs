@@ -46,6 +46,38 @@ pub struct Cli {
 pub enum Command {
     /// Process a JSON Lines file into the S3 layout under a local directory (no services needed).
     ProcessFile(FileArgs),
+    /// Exit 0 if the processor on this host answers ready at HTTP_ADDR (the image's HEALTHCHECK;
+    /// needs no curl or shell in the image).
+    HealthCheck {
+        /// Address the processor serves health on; an unspecified IP (0.0.0.0) means this host.
+        #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:9090")]
+        http_addr: SocketAddr,
+    },
+}
+
+/// GETs `/health/ready` from the processor at `addr`; Ok if it answers 200.
+pub async fn health_check(mut addr: SocketAddr) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(b"GET /health/ready HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).await?;
+        anyhow::Ok(reply)
+    };
+    let reply = tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .with_context(|| format!("no answer from {addr} within 5 s"))?
+        .with_context(|| format!("cannot reach the processor's health endpoint at {addr}"))?;
+    if reply.starts_with("HTTP/1.0 200") || reply.starts_with("HTTP/1.1 200") {
+        Ok(())
+    } else {
+        bail!("not ready: {}", reply.lines().next().unwrap_or_default())
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -58,8 +90,11 @@ pub struct RoutingArgs {
 
 impl RoutingArgs {
     pub fn load(&self) -> anyhow::Result<Routing> {
-        let Some(path) = &self.routing_file else { return Ok(Routing::default()) };
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read ROUTING_FILE {}", path.display()))?;
+        let Some(path) = &self.routing_file else {
+            return Ok(Routing::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read ROUTING_FILE {}", path.display()))?;
         Routing::from_json(&text).with_context(|| format!("ROUTING_FILE {}", path.display()))
     }
 }
@@ -124,13 +159,22 @@ pub struct RunArgs {
 pub async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     args.kafka.validate()?;
     if args.dlq_topic == args.kafka.topic {
-        bail!("DLQ_TOPIC must differ from TICKETS_TOPIC (both are {:?})", args.dlq_topic);
+        bail!(
+            "DLQ_TOPIC must differ from TICKETS_TOPIC (both are {:?})",
+            args.dlq_topic
+        );
     }
     let routing = args.routing.load()?;
     let metrics = metrics::Metrics::new();
     let health = Arc::new(http::Health::default());
     let http_stop = CancellationToken::new();
-    let bound = http::serve(args.http_addr, health.clone(), metrics.clone(), http_stop.clone()).await?;
+    let bound = http::serve(
+        args.http_addr,
+        health.clone(),
+        metrics.clone(),
+        http_stop.clone(),
+    )
+    .await?;
     tracing::info!(%bound, "Serving /health/live, /health/ready and /metrics.");
 
     let store = s3::Store::connect(&args.s3).await?;
@@ -163,7 +207,10 @@ pub async fn cancel_on_signal(token: CancellationToken) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
             (Ok(mut int), Ok(mut term)) => {
                 tokio::select! {
                     _ = int.recv() => {}

@@ -14,6 +14,7 @@ async fn main() -> std::process::ExitCode {
     ticket_kafka::init_logging();
     let result = match cli.command {
         Some(Command::ProcessFile(args)) => process_file(args).await,
+        Some(Command::HealthCheck { http_addr }) => ticket_processor::health_check(http_addr).await,
         None => {
             let shutdown = tokio_util::sync::CancellationToken::new();
             tokio::spawn(ticket_processor::cancel_on_signal(shutdown.clone()));
@@ -34,7 +35,9 @@ async fn process_file(args: ticket_processor::FileArgs) -> anyhow::Result<()> {
     let routing = args.routing.load()?;
     let start = std::time::Instant::now();
     let aggregator = ticket_processor::aggregate::Aggregator::default();
-    let r = ticket_processor::file::process_file(&args.input, &args.output_dir, &routing, &aggregator).await?;
+    let r =
+        ticket_processor::file::process_file(&args.input, &args.output_dir, &routing, &aggregator)
+            .await?;
     println!(
         "{} lines: {} valid, {} invalid (see {}/dead_letters) in {:.2} s",
         r.lines,

@@ -45,15 +45,51 @@ impl Metrics {
             assigned_partitions: Gauge::default(),
             registry: Arc::new(Registry::default()),
         };
-        registry.register("messages_in", "Messages consumed from the tickets topic", m.tickets_in.clone());
-        registry.register("tickets_written", "Valid tickets committed to S3", m.tickets_written.clone());
-        registry.register("dead_lettered", "Invalid messages sent to the dead-letter topic", m.dead_lettered.clone());
-        registry.register("batches_written", "Micro-batches committed to S3", m.batches_written.clone());
-        registry.register("s3_errors", "Failed S3 requests (each is retried)", m.s3_errors.clone());
-        registry.register("fenced", "Batches dropped because another owner took the partition", m.fenced.clone());
-        registry.register("batch_write_seconds", "Time to commit one micro-batch to S3", m.batch_seconds.clone());
-        registry.register("consumer_lag", "Messages not yet processed on the assigned partitions", m.consumer_lag.clone());
-        registry.register("assigned_partitions", "Partitions this instance owns", m.assigned_partitions.clone());
+        registry.register(
+            "messages_in",
+            "Messages consumed from the tickets topic",
+            m.tickets_in.clone(),
+        );
+        registry.register(
+            "tickets_written",
+            "Valid tickets committed to S3",
+            m.tickets_written.clone(),
+        );
+        registry.register(
+            "dead_lettered",
+            "Invalid messages sent to the dead-letter topic",
+            m.dead_lettered.clone(),
+        );
+        registry.register(
+            "batches_written",
+            "Micro-batches committed to S3",
+            m.batches_written.clone(),
+        );
+        registry.register(
+            "s3_errors",
+            "Failed S3 requests (each is retried)",
+            m.s3_errors.clone(),
+        );
+        registry.register(
+            "fenced",
+            "Batches dropped because another owner took the partition",
+            m.fenced.clone(),
+        );
+        registry.register(
+            "batch_write_seconds",
+            "Time to commit one micro-batch to S3",
+            m.batch_seconds.clone(),
+        );
+        registry.register(
+            "consumer_lag",
+            "Messages not yet processed on the assigned partitions",
+            m.consumer_lag.clone(),
+        );
+        registry.register(
+            "assigned_partitions",
+            "Partitions this instance owns",
+            m.assigned_partitions.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
             ..m

@@ -39,7 +39,12 @@ pub enum StoreError {
     Conflict { key: String },
     /// Anything else (network, throttling, server, permissions): retried by the caller.
     #[error("{op} s3://{bucket}/{key} failed: {message}")]
-    Other { op: &'static str, bucket: String, key: String, message: String },
+    Other {
+        op: &'static str,
+        bucket: String,
+        key: String,
+        message: String,
+    },
 }
 
 /// Which version of an object a write expects to replace.
@@ -66,7 +71,8 @@ impl Store {
         if args.bucket.trim().is_empty() {
             bail!("S3_BUCKET_NAME is empty: set it to the bucket the results go to");
         }
-        if let Some(ep) = &args.endpoint
+        let endpoint = ticket_kafka::non_empty(&args.endpoint);
+        if let Some(ep) = endpoint
             && !(ep.starts_with("http://") || ep.starts_with("https://"))
         {
             bail!("S3_ENDPOINT must be a URL such as http://minio:9000, got {ep:?}");
@@ -82,13 +88,15 @@ impl Store {
             .load()
             .await;
         let mut conf = aws_sdk_s3::config::Builder::from(&shared);
-        if let Some(ep) = &args.endpoint {
+        if let Some(ep) = endpoint {
             conf = conf.endpoint_url(ep).force_path_style(true);
         }
         Ok(Store {
             client: Client::from_conf(conf.build()),
             bucket: args.bucket.clone(),
-            endpoint: args.endpoint.clone().unwrap_or_else(|| format!("AWS S3 ({})", args.region)),
+            endpoint: endpoint
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("AWS S3 ({})", args.region)),
         })
     }
 
@@ -104,37 +112,64 @@ impl Store {
             let status = e.raw_response().map(|r| r.status().as_u16());
             match status {
                 Some(404) => bail!("{where_} does not exist (create it, or set S3_BUCKET_NAME)"),
-                Some(301 | 400) => bail!("{where_} is in another region (set AWS_REGION to the bucket's region)"),
+                Some(301 | 400) => {
+                    bail!("{where_} is in another region (set AWS_REGION to the bucket's region)")
+                }
                 Some(401 | 403) => bail!(
                     "{where_} refused our credentials (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the role's permissions)"
                 ),
-                _ => bail!("cannot reach {where_}: {} (check S3_ENDPOINT and that the server is up)", describe(&e)),
+                _ => bail!(
+                    "cannot reach {where_}: {} (check S3_ENDPOINT and that the server is up)",
+                    describe(&e)
+                ),
             }
         }
         let probe = format!("{prefix}_checkpoints/.write-check-{}", uuid::Uuid::new_v4());
         self.put(&probe, b"ok".to_vec(), Expect::Any)
             .await
-            .with_context(|| format!("{where_} is not writable (grant s3:PutObject on {prefix}*)"))?;
-        self.delete(&probe)
-            .await
-            .with_context(|| format!("{where_}: cannot delete (grant s3:DeleteObject on {prefix}*)"))?;
+            .with_context(|| {
+                format!("{where_} is not writable (grant s3:PutObject on {prefix}*)")
+            })?;
+        self.delete(&probe).await.with_context(|| {
+            format!("{where_}: cannot delete (grant s3:DeleteObject on {prefix}*)")
+        })?;
         Ok(())
     }
 
     /// The object's bytes and ETag, or `None` if it does not exist.
     pub async fn get(&self, key: &str) -> Result<Option<(Vec<u8>, String)>, StoreError> {
-        let out = match self.client.get_object().bucket(&self.bucket).key(key).send().await {
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
             Ok(out) => out,
-            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => return Ok(None),
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => {
+                return Ok(None);
+            }
             Err(e) => return Err(self.other("GET", key, describe(&e))),
         };
         let etag = out.e_tag().unwrap_or_default().to_string();
-        let body = out.body.collect().await.map_err(|e| self.other("GET", key, e.to_string()))?;
+        let body = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| self.other("GET", key, e.to_string()))?;
         Ok(Some((body.into_bytes().to_vec(), etag)))
     }
 
     pub async fn exists(&self, key: &str) -> Result<bool, StoreError> {
-        match self.client.head_object().bucket(&self.bucket).key(key).send().await {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
             Ok(_) => Ok(true),
             Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(false),
             Err(e) => Err(self.other("HEAD", key, describe(&e))),
@@ -142,13 +177,22 @@ impl Store {
     }
 
     /// Writes an object, conditionally; returns its new ETag.
-    pub async fn put(&self, key: &str, body: Vec<u8>, expect: Expect) -> Result<String, StoreError> {
+    pub async fn put(
+        &self,
+        key: &str,
+        body: Vec<u8>,
+        expect: Expect,
+    ) -> Result<String, StoreError> {
         let mut req = self
             .client
             .put_object()
             .bucket(&self.bucket)
             .key(key)
-            .content_type(if key.ends_with(".json") { "application/json" } else { "application/x-ndjson" })
+            .content_type(if key.ends_with(".json") {
+                "application/json"
+            } else {
+                "application/x-ndjson"
+            })
             .body(ByteStream::from(body));
         req = match expect {
             Expect::Any => req,
@@ -157,8 +201,13 @@ impl Store {
         };
         match req.send().await {
             Ok(out) => Ok(out.e_tag().unwrap_or_default().to_string()),
-            Err(e) if e.raw_response().is_some_and(|r| matches!(r.status().as_u16(), 409 | 412)) => {
-                Err(StoreError::Conflict { key: key.to_string() })
+            Err(e)
+                if e.raw_response()
+                    .is_some_and(|r| matches!(r.status().as_u16(), 409 | 412)) =>
+            {
+                Err(StoreError::Conflict {
+                    key: key.to_string(),
+                })
             }
             Err(e) => Err(self.other("PUT", key, describe(&e))),
         }
@@ -187,7 +236,11 @@ impl Store {
             .send();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| self.other("LIST", prefix, describe(&e)))?;
-            keys.extend(page.contents().iter().filter_map(|o| o.key().map(str::to_string)));
+            keys.extend(
+                page.contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(str::to_string)),
+            );
         }
         Ok(keys)
     }
@@ -213,8 +266,17 @@ fn describe<E: std::error::Error + 'static, R: std::fmt::Debug>(e: &SdkError<E, 
             msg
         }
         SdkError::DispatchFailure(d) => {
-            let kind = if d.is_timeout() { "timeout" } else if d.is_io() { "connection failed" } else { "dispatch failure" };
-            format!("{kind}: {:?}", d.as_connector_error().map(|c| c.to_string()))
+            let kind = if d.is_timeout() {
+                "timeout"
+            } else if d.is_io() {
+                "connection failed"
+            } else {
+                "dispatch failure"
+            };
+            format!(
+                "{kind}: {:?}",
+                d.as_connector_error().map(|c| c.to_string())
+            )
         }
         SdkError::TimeoutError(_) => "timed out".to_string(),
         other => {

@@ -97,7 +97,12 @@ impl Retrier {
     }
 
     /// Like [`Retrier::run`], but a lost conditional write means the partition was fenced.
-    async fn run_conditional<T, F, Fut>(&self, what: &str, partition: i32, mut op: F) -> Result<T, SinkError>
+    async fn run_conditional<T, F, Fut>(
+        &self,
+        what: &str,
+        partition: i32,
+        mut op: F,
+    ) -> Result<T, SinkError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
@@ -136,7 +141,12 @@ pub struct PartitionSink {
 
 impl PartitionSink {
     /// Loads the partition's checkpoint and finishes a batch a previous owner left pending.
-    pub async fn load(store: &Store, layout: &Layout, partition: i32, retry: &Retrier) -> Result<PartitionSink, SinkError> {
+    pub async fn load(
+        store: &Store,
+        layout: &Layout,
+        partition: i32,
+        retry: &Retrier,
+    ) -> Result<PartitionSink, SinkError> {
         let key = layout.checkpoint_key(partition);
         let found = retry.run("load checkpoint", || store.get(&key)).await?;
         let (checkpoint, etag) = match found {
@@ -154,12 +164,26 @@ impl PartitionSink {
         if let Some(p) = &checkpoint.pending {
             finish_pending(store, p, retry).await?;
         }
-        tracing::debug!(partition, next_offset = checkpoint.next_offset, "Loaded checkpoint.");
-        Ok(PartitionSink { partition, checkpoint, etag })
+        tracing::debug!(
+            partition,
+            next_offset = checkpoint.next_offset,
+            "Loaded checkpoint."
+        );
+        Ok(PartitionSink {
+            partition,
+            checkpoint,
+            etag,
+        })
     }
 
     /// Makes `batch` part of the results, exactly once. On `Ok`, its offsets may be committed.
-    pub async fn commit(&mut self, store: &Store, layout: &Layout, batch: Batch, retry: &Retrier) -> Result<(), SinkError> {
+    pub async fn commit(
+        &mut self,
+        store: &Store,
+        layout: &Layout,
+        batch: Batch,
+        retry: &Retrier,
+    ) -> Result<(), SinkError> {
         let mut next = self.checkpoint.clone();
         next.next_offset = batch.last + 1;
         next.tickets += batch.valid;
@@ -177,7 +201,9 @@ impl PartitionSink {
                 final_key: layout.tickets_key(self.partition, batch.first, batch.last),
             };
             retry
-                .run("write staging object", || store.put(&pending.staging_key, batch.body.clone(), Expect::Any))
+                .run("write staging object", || {
+                    store.put(&pending.staging_key, batch.body.clone(), Expect::Any)
+                })
                 .await?;
             next.pending = Some(pending.clone());
             staged = Some(pending);
@@ -190,7 +216,9 @@ impl PartitionSink {
         let key = layout.checkpoint_key(self.partition);
         let body = next.to_json();
         let etag = retry
-            .run_conditional("write checkpoint", self.partition, || store.put(&key, body.clone(), expect.clone()))
+            .run_conditional("write checkpoint", self.partition, || {
+                store.put(&key, body.clone(), expect.clone())
+            })
             .await;
         let etag = match etag {
             Ok(etag) => etag,
@@ -207,9 +235,13 @@ impl PartitionSink {
 
         if let Some(p) = staged {
             retry
-                .run("write tickets object", || store.put(&p.final_key, batch.body.clone(), Expect::Any))
+                .run("write tickets object", || {
+                    store.put(&p.final_key, batch.body.clone(), Expect::Any)
+                })
                 .await?;
-            retry.run("delete staging object", || store.delete(&p.staging_key)).await?;
+            retry
+                .run("delete staging object", || store.delete(&p.staging_key))
+                .await?;
         }
         Ok(())
     }
@@ -217,10 +249,17 @@ impl PartitionSink {
 
 /// Completes a batch whose checkpoint is durable: the final object gets the staged bytes.
 async fn finish_pending(store: &Store, p: &Pending, retry: &Retrier) -> Result<(), SinkError> {
-    if retry.run("check tickets object", || store.exists(&p.final_key)).await? {
-        return retry.run("delete staging object", || store.delete(&p.staging_key)).await;
+    if retry
+        .run("check tickets object", || store.exists(&p.final_key))
+        .await?
+    {
+        return retry
+            .run("delete staging object", || store.delete(&p.staging_key))
+            .await;
     }
-    let staged = retry.run("read staging object", || store.get(&p.staging_key)).await?;
+    let staged = retry
+        .run("read staging object", || store.get(&p.staging_key))
+        .await?;
     let Some((body, _)) = staged else {
         return Err(SinkError::Fatal(anyhow!(
             "checkpoint says {} is pending from {}, but neither object exists: was the bucket edited by hand?",
@@ -229,19 +268,35 @@ async fn finish_pending(store: &Store, p: &Pending, retry: &Retrier) -> Result<(
         )));
     };
     tracing::info!(key = %p.final_key, "Finishing a batch a previous run left pending.");
-    retry.run("write tickets object", || store.put(&p.final_key, body.clone(), Expect::Any)).await?;
-    retry.run("delete staging object", || store.delete(&p.staging_key)).await?;
+    retry
+        .run("write tickets object", || {
+            store.put(&p.final_key, body.clone(), Expect::Any)
+        })
+        .await?;
+    retry
+        .run("delete staging object", || store.delete(&p.staging_key))
+        .await?;
     Ok(())
 }
 
 /// Sums every partition's checkpoint: the totals over everything under `tickets_with_team/`.
-pub async fn total_counts(store: &Store, layout: &Layout, retry: &Retrier) -> Result<Counts, SinkError> {
+pub async fn total_counts(
+    store: &Store,
+    layout: &Layout,
+    retry: &Retrier,
+) -> Result<Counts, SinkError> {
     let prefix = layout.checkpoints_prefix();
-    let keys = retry.run("list checkpoints", || store.list(&prefix)).await?;
+    let keys = retry
+        .run("list checkpoints", || store.list(&prefix))
+        .await?;
     let mut total = Counts::default();
-    for key in keys.iter().filter(|k| layout.partition_of_checkpoint(k).is_some()) {
+    for key in keys
+        .iter()
+        .filter(|k| layout.partition_of_checkpoint(k).is_some())
+    {
         if let Some((bytes, _)) = retry.run("read checkpoint", || store.get(key)).await? {
-            let cp = Checkpoint::from_json(&bytes).map_err(|e| anyhow!("checkpoint {key} is not valid: {e}"))?;
+            let cp = Checkpoint::from_json(&bytes)
+                .map_err(|e| anyhow!("checkpoint {key} is not valid: {e}"))?;
             total.merge(&cp.counts());
         }
     }

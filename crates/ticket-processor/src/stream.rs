@@ -60,7 +60,11 @@ impl ClientContext for Ctx {
 }
 
 impl ConsumerContext for Ctx {
-    fn post_rebalance(&self, _base: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(
+        &self,
+        _base: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
                 let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
@@ -110,10 +114,17 @@ struct Processor {
 }
 
 /// Runs until `shutdown` fires (or, with `drain`, until the topic's end as of start).
-pub async fn run(settings: Settings, store: Store, metrics: Metrics, health: Arc<Health>, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    settings: Settings,
+    store: Store,
+    metrics: Metrics,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let topic = settings.kafka.topic.clone();
     let kafka = settings.kafka.clone();
-    let partitions = tokio::task::spawn_blocking(move || kafka.partitions_of(&kafka.topic)).await??;
+    let partitions =
+        tokio::task::spawn_blocking(move || kafka.partitions_of(&kafka.topic)).await??;
     let Some(partitions) = partitions else {
         bail!(
             "topic {topic:?} does not exist on {} (start ticket-producer, which creates it, or set TICKETS_TOPIC)",
@@ -122,8 +133,10 @@ pub async fn run(settings: Settings, store: Store, metrics: Metrics, health: Arc
     };
     let kafka = settings.kafka.clone();
     let dlq_topic = settings.dlq_topic.clone();
-    tokio::task::spawn_blocking(move || futures::executor::block_on(kafka.ensure_topic(&dlq_topic, partitions as i32, 1)))
-        .await??;
+    tokio::task::spawn_blocking(move || {
+        futures::executor::block_on(kafka.ensure_topic(&dlq_topic, partitions as i32, 1))
+    })
+    .await??;
 
     let context = Ctx {
         revoked: Mutex::new(Vec::new()),
@@ -140,6 +153,11 @@ pub async fn run(settings: Settings, store: Store, metrics: Metrics, health: Arc
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("statistics.interval.ms", "5000")
+        // --drain stops at the first end-of-partition at or past the end offset seen at start.
+        .set(
+            "enable.partition.eof",
+            if settings.drain { "true" } else { "false" },
+        )
         .create_with_context(context)
         .context("creating the Kafka consumer (check KAFKA_OPTIONS)")?;
     let dlq: FutureProducer = settings
@@ -174,30 +192,42 @@ pub async fn run(settings: Settings, store: Store, metrics: Metrics, health: Arc
     if p.settings.drain {
         targets = p.assign_all(partitions as i32).await?;
     } else {
-        p.consumer.subscribe(&[&topic]).context("subscribing to the tickets topic")?;
+        p.consumer
+            .subscribe(&[&topic])
+            .context("subscribing to the tickets topic")?;
     }
     health.set_ready(true);
     tracing::info!(topic, group = %p.settings.group, drain = p.settings.drain, "Processing.");
 
-    let result = p.main_loop(&shutdown, &targets, &health).await;
-    health.set_ready(false);
-
-    // Graceful stop: write what is buffered, within a bounded time, then commit and leave.
+    // A stop request bounds how long S3 retries may go on: then buffered batches are abandoned
+    // (they are processed again on restart) rather than the stop hanging on an outage.
     let timer = {
-        let abort = abort.clone();
+        let (abort, shutdown) = (abort.clone(), shutdown.clone());
         let t = p.settings.shutdown_timeout;
         tokio::spawn(async move {
+            shutdown.cancelled().await;
             tokio::time::sleep(t).await;
             abort.cancel();
         })
     };
-    let flushed = if result.is_ok() { p.flush_all().await } else { Ok(()) };
+    let result = p.main_loop(&shutdown, &targets, &health).await;
+    health.set_ready(false);
+
+    // Graceful stop: write what is buffered, then commit and leave.
+    let flushed = if result.is_ok() {
+        p.flush_all().await
+    } else {
+        Ok(())
+    };
     if flushed.is_ok() && result.is_ok() {
         p.refresh_counts(true).await.ok();
     }
     timer.abort();
     if let Err(e) = p.consumer.commit_consumer_state(CommitMode::Sync)
-        && !matches!(e, rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset))
+        && !matches!(
+            e,
+            rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)
+        )
     {
         tracing::debug!(error = %e, "Final offset commit.");
     }
@@ -205,7 +235,9 @@ pub async fn run(settings: Settings, store: Store, metrics: Metrics, health: Arc
     result?;
     match flushed {
         Err(SinkError::Aborted) => {
-            tracing::warn!("Stopped before buffered batches could be written; they will be processed again on restart.");
+            tracing::warn!(
+                "Stopped before buffered batches could be written; they will be processed again on restart."
+            );
             Ok(())
         }
         other => other.map_err(anyhow::Error::from),
@@ -213,11 +245,17 @@ pub async fn run(settings: Settings, store: Store, metrics: Metrics, health: Arc
 }
 
 impl Processor {
-    async fn main_loop(&mut self, shutdown: &CancellationToken, targets: &BTreeMap<i32, i64>, health: &Health) -> anyhow::Result<()> {
+    async fn main_loop(
+        &mut self,
+        shutdown: &CancellationToken,
+        targets: &BTreeMap<i32, i64>,
+        health: &Health,
+    ) -> anyhow::Result<()> {
+        let mut at_end = std::collections::BTreeSet::new();
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if self.settings.drain && self.drained(targets) {
+            if self.settings.drain && targets.keys().all(|p| at_end.contains(p)) {
                 tracing::info!("Reached the end of the topic as of start.");
                 return Ok(());
             }
@@ -233,6 +271,15 @@ impl Processor {
                         self.take_revocations();
                         self.handle(partition, offset, key, &payload).await?;
                     }
+                    Err(rdkafka::error::KafkaError::PartitionEOF(p)) => {
+                        // Some brokers under-report end offsets, so the end is confirmed by
+                        // reaching it, and only counts once past the end offset seen at start.
+                        if let (Some(o), Some(end)) = (self.parts.get(&p), targets.get(&p))
+                            && o.expected >= *end
+                        {
+                            at_end.insert(p);
+                        }
+                    }
                     Err(e) => tracing::warn!(error = %e, "Kafka error (librdkafka retries by itself)."),
                 },
                 _ = tick.tick() => {
@@ -247,13 +294,6 @@ impl Processor {
         }
     }
 
-    fn drained(&self, targets: &BTreeMap<i32, i64>) -> bool {
-        targets.iter().all(|(p, end)| match self.parts.get(p) {
-            Some(o) => o.expected >= *end && o.building.is_none(),
-            None => false,
-        })
-    }
-
     /// Drain mode: own every partition, starting where S3 says each one stopped.
     async fn assign_all(&mut self, partitions: i32) -> anyhow::Result<BTreeMap<i32, i64>> {
         let mut tpl = TopicPartitionList::new();
@@ -263,22 +303,46 @@ impl Processor {
             let sink = self.load(partition).await?;
             let next = sink.checkpoint.next_offset;
             let (_, high) = tokio::task::block_in_place(|| {
-                self.consumer.fetch_watermarks(&topic, partition, self.settings.kafka.connect_timeout())
+                self.consumer.fetch_watermarks(
+                    &topic,
+                    partition,
+                    self.settings.kafka.connect_timeout(),
+                )
             })
             .with_context(|| format!("reading the end offset of {topic}/{partition}"))?;
             targets.insert(partition, high);
-            tpl.add_partition_offset(&topic, partition, if next > 0 { Offset::Offset(next) } else { Offset::Beginning })?;
-            self.parts.insert(partition, Owned { sink, expected: next, building: None });
+            tpl.add_partition_offset(
+                &topic,
+                partition,
+                if next > 0 {
+                    Offset::Offset(next)
+                } else {
+                    Offset::Beginning
+                },
+            )?;
+            self.parts.insert(
+                partition,
+                Owned {
+                    sink,
+                    expected: next,
+                    building: None,
+                },
+            );
         }
         tracing::info!(end_offsets = ?targets, "Draining up to these offsets.");
-        self.consumer.assign(&tpl).context("assigning the partitions")?;
+        self.consumer
+            .assign(&tpl)
+            .context("assigning the partitions")?;
         Ok(targets)
     }
 
     async fn load(&self, partition: i32) -> anyhow::Result<PartitionSink> {
-        match PartitionSink::load(&self.store, &self.settings.layout, partition, &self.retry).await {
+        match PartitionSink::load(&self.store, &self.settings.layout, partition, &self.retry).await
+        {
             Ok(s) => Ok(s),
-            Err(SinkError::Aborted) => bail!("stopped while loading the checkpoint of partition {partition}"),
+            Err(SinkError::Aborted) => {
+                bail!("stopped while loading the checkpoint of partition {partition}")
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -294,26 +358,55 @@ impl Processor {
             if let Some(o) = self.parts.remove(&partition)
                 && let Some(b) = o.building
             {
-                tracing::info!(partition, first = b.first, last = b.last, "Dropping the unwritten batch of a revoked partition.");
+                tracing::info!(
+                    partition,
+                    first = b.first,
+                    last = b.last,
+                    "Dropping the unwritten batch of a revoked partition."
+                );
             }
         }
-        self.metrics.assigned_partitions.set(self.parts.len() as i64);
+        self.metrics
+            .assigned_partitions
+            .set(self.parts.len() as i64);
     }
 
-    async fn handle(&mut self, partition: i32, offset: i64, key: Option<Vec<u8>>, payload: &[u8]) -> anyhow::Result<()> {
+    async fn handle(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        key: Option<Vec<u8>>,
+        payload: &[u8],
+    ) -> anyhow::Result<()> {
         self.metrics.tickets_in.inc();
         if !self.parts.contains_key(&partition) {
             let sink = self.load(partition).await?;
             let next = sink.checkpoint.next_offset;
-            self.parts.insert(partition, Owned { sink, expected: offset.max(next), building: None });
-            self.metrics.assigned_partitions.set(self.parts.len() as i64);
+            self.parts.insert(
+                partition,
+                Owned {
+                    sink,
+                    expected: offset.max(next),
+                    building: None,
+                },
+            );
+            self.metrics
+                .assigned_partitions
+                .set(self.parts.len() as i64);
             if offset < next {
-                tracing::info!(partition, from = offset, to = next, "Skipping offsets already written to S3.");
+                tracing::info!(
+                    partition,
+                    from = offset,
+                    to = next,
+                    "Skipping offsets already written to S3."
+                );
                 self.seek(partition, next);
                 return Ok(());
             }
         }
-        let Some(owned) = self.parts.get_mut(&partition) else { return Ok(()) };
+        let Some(owned) = self.parts.get_mut(&partition) else {
+            return Ok(());
+        };
         if offset < owned.expected {
             return Ok(()); // fetched before a seek: already handled
         }
@@ -328,12 +421,32 @@ impl Processor {
         b.last = offset;
         if let Err(reason) = b.builder.push(&self.settings.routing, payload) {
             let reason = reason.to_string();
-            tracing::debug!(partition, offset, reason, "Invalid ticket sent to the dead-letter topic.");
-            let fut = send_dead_letter(&self.dlq, &self.settings.dlq_topic, &self.settings.kafka.topic, partition, offset, key.as_deref(), payload, &reason).await;
+            tracing::debug!(
+                partition,
+                offset,
+                reason,
+                "Invalid ticket sent to the dead-letter topic."
+            );
+            let fut = send_dead_letter(
+                &self.dlq,
+                &self.settings.dlq_topic,
+                &self.settings.kafka.topic,
+                partition,
+                offset,
+                key.as_deref(),
+                payload,
+                &reason,
+            )
+            .await;
             b.dead_letters.push(fut);
         }
         let records = (b.last - b.first + 1) as usize;
-        if self.settings.policy.due(records, b.builder.body.len(), b.started.elapsed()).is_some() {
+        if self
+            .settings
+            .policy
+            .due(records, b.builder.body.len(), b.started.elapsed())
+            .is_some()
+        {
             self.flush(partition).await?;
         }
         Ok(())
@@ -341,7 +454,12 @@ impl Processor {
 
     fn seek(&mut self, partition: i32, offset: i64) {
         let topic = self.settings.kafka.topic.clone();
-        if let Err(e) = self.consumer.seek(&topic, partition, Offset::Offset(offset), Duration::from_secs(10)) {
+        if let Err(e) = self.consumer.seek(
+            &topic,
+            partition,
+            Offset::Offset(offset),
+            Duration::from_secs(10),
+        ) {
             // Not assigned any more, most likely: whoever owns it resumes from the checkpoint.
             tracing::warn!(partition, offset, error = %e, "Seek failed; forgetting the partition.");
             self.parts.remove(&partition);
@@ -355,7 +473,10 @@ impl Processor {
             .filter_map(|(p, o)| {
                 let b = o.building.as_ref()?;
                 let records = (b.last - b.first + 1) as usize;
-                self.settings.policy.due(records, b.builder.body.len(), b.started.elapsed()).map(|_| *p)
+                self.settings
+                    .policy
+                    .due(records, b.builder.body.len(), b.started.elapsed())
+                    .map(|_| *p)
             })
             .collect();
         for p in due {
@@ -377,8 +498,12 @@ impl Processor {
 
     /// Writes a partition's batch and commits its offsets; on a lost race, resumes from S3.
     async fn flush(&mut self, partition: i32) -> anyhow::Result<()> {
-        let Some(owned) = self.parts.get_mut(&partition) else { return Ok(()) };
-        let Some(b) = owned.building.take() else { return Ok(()) };
+        let Some(owned) = self.parts.get_mut(&partition) else {
+            return Ok(());
+        };
+        let Some(b) = owned.building.take() else {
+            return Ok(());
+        };
         let started = Instant::now();
 
         // Dead letters must be durable before the batch's offsets count as done.
@@ -393,14 +518,22 @@ impl Processor {
                         Ok(Err((e, _))) => e.to_string(),
                         _ => "producer closed".to_string(),
                     };
-                    tracing::error!(partition, first = b.first, error, "Could not write to the dead-letter topic; the batch will be processed again.");
+                    tracing::error!(
+                        partition,
+                        first = b.first,
+                        error,
+                        "Could not write to the dead-letter topic; the batch will be processed again."
+                    );
                     owned.expected = b.first;
                     self.seek(partition, b.first);
                     return Ok(());
                 }
             }
         }
-        let counts = self.aggregator.count(vec![b.builder.columns.finish()]).await?;
+        let counts = self
+            .aggregator
+            .count(vec![b.builder.columns.finish()])
+            .await?;
         let batch = Batch {
             first: b.first,
             last: b.last,
@@ -410,25 +543,48 @@ impl Processor {
             counts,
         };
         let valid = batch.valid;
-        match owned.sink.commit(&self.store, &self.settings.layout, batch, &self.retry).await {
+        match owned
+            .sink
+            .commit(&self.store, &self.settings.layout, batch, &self.retry)
+            .await
+        {
             Ok(()) => {
                 let mut tpl = TopicPartitionList::new();
-                tpl.add_partition_offset(&self.settings.kafka.topic, partition, Offset::Offset(b.last + 1))?;
+                tpl.add_partition_offset(
+                    &self.settings.kafka.topic,
+                    partition,
+                    Offset::Offset(b.last + 1),
+                )?;
                 if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
                     tracing::warn!(partition, error = %e, "Offset commit failed; S3 checkpoint still protects against duplicates.");
                 }
                 self.metrics.tickets_written.inc_by(valid);
                 self.metrics.batches_written.inc();
-                self.metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
+                self.metrics
+                    .batch_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 self.counts_dirty = true;
-                tracing::debug!(partition, first = b.first, last = b.last, valid, dead, "Batch written.");
+                tracing::debug!(
+                    partition,
+                    first = b.first,
+                    last = b.last,
+                    valid,
+                    dead,
+                    "Batch written."
+                );
                 Ok(())
             }
             Err(SinkError::Fenced(_)) => {
                 self.metrics.fenced.inc();
                 let sink = self.load(partition).await?;
                 let next = sink.checkpoint.next_offset;
-                tracing::warn!(partition, first = b.first, last = b.last, resume_at = next, "Another writer committed this partition first; dropped our batch and resuming from its checkpoint.");
+                tracing::warn!(
+                    partition,
+                    first = b.first,
+                    last = b.last,
+                    resume_at = next,
+                    "Another writer committed this partition first; dropped our batch and resuming from its checkpoint."
+                );
                 if let Some(o) = self.parts.get_mut(&partition) {
                     o.sink = sink;
                     o.expected = next;
@@ -453,9 +609,16 @@ impl Processor {
             let total = total_counts(&self.store, layout, &self.retry).await?;
             let body = total.to_jsonl(&self.settings.routing);
             let key = layout.counts_key();
-            let current = self.retry.run("read counts", || self.store.get(&key)).await?;
+            let current = self
+                .retry
+                .run("read counts", || self.store.get(&key))
+                .await?;
             if current.is_none_or(|(b, _)| b != body) {
-                self.retry.run("write counts", || self.store.put(&key, body.clone(), Expect::Any)).await?;
+                self.retry
+                    .run("write counts", || {
+                        self.store.put(&key, body.clone(), Expect::Any)
+                    })
+                    .await?;
             }
             Ok(())
         }
@@ -481,11 +644,25 @@ async fn send_dead_letter(
 ) -> DeliveryFuture {
     let (p, o) = (partition.to_string(), offset.to_string());
     let headers = OwnedHeaders::new()
-        .insert(Header { key: "error.message", value: Some(reason) })
-        .insert(Header { key: "source.topic", value: Some(source_topic) })
-        .insert(Header { key: "source.partition", value: Some(&p) })
-        .insert(Header { key: "source.offset", value: Some(&o) });
-    let mut record = FutureRecord::to(dlq_topic).payload(payload).headers(headers);
+        .insert(Header {
+            key: "error.message",
+            value: Some(reason),
+        })
+        .insert(Header {
+            key: "source.topic",
+            value: Some(source_topic),
+        })
+        .insert(Header {
+            key: "source.partition",
+            value: Some(&p),
+        })
+        .insert(Header {
+            key: "source.offset",
+            value: Some(&o),
+        });
+    let mut record = FutureRecord::to(dlq_topic)
+        .payload(payload)
+        .headers(headers);
     if let Some(k) = key {
         record = record.key(k);
     }

@@ -19,7 +19,11 @@ use ticket_kafka::KafkaArgs;
 use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Parser, Debug, Clone)]
-#[command(name = "ticket-producer", version, about = "Publish generated support tickets to Kafka/Redpanda.")]
+#[command(
+    name = "ticket-producer",
+    version,
+    about = "Publish generated support tickets to Kafka/Redpanda."
+)]
 pub struct Args {
     #[command(flatten)]
     pub kafka: KafkaArgs,
@@ -83,7 +87,10 @@ const MAX_IN_FLIGHT: usize = 200_000;
 pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<Report> {
     args.kafka.validate()?;
     if !(args.rate.is_finite() && args.rate >= 0.0) {
-        bail!("TICKET_RATE must be a number >= 0 (0 = as fast as possible), got {}", args.rate);
+        bail!(
+            "TICKET_RATE must be a number >= 0 (0 = as fast as possible), got {}",
+            args.rate
+        );
     }
     let topic = args.kafka.topic.clone();
     let kafka = args.kafka.clone();
@@ -112,12 +119,21 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<Repo
     let mut generator = Generator::new(rng, chrono::Utc::now(), run_id);
 
     let start = Instant::now();
-    let mut report = Report { sent: 0, delivered: 0, failed: 0, elapsed: Duration::ZERO };
+    let mut report = Report {
+        sent: 0,
+        delivered: 0,
+        failed: 0,
+        elapsed: Duration::ZERO,
+    };
     let mut first_error: Option<String> = None;
     let mut in_flight = FuturesUnordered::new();
     let mut next_progress = start + Duration::from_secs(args.progress_interval_secs.max(1));
 
-    let mut settle = |result: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>, report: &mut Report| {
+    let mut settle = |result: Result<
+        rdkafka::producer::future_producer::OwnedDeliveryResult,
+        futures::channel::oneshot::Canceled,
+    >,
+                      report: &mut Report| {
         match result {
             Ok(Ok(_)) => report.delivered += 1,
             Ok(Err((e, _))) => {
@@ -126,7 +142,8 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<Repo
             }
             Err(_) => {
                 report.failed += 1;
-                first_error.get_or_insert_with(|| "producer closed before the delivery report".into());
+                first_error
+                    .get_or_insert_with(|| "producer closed before the delivery report".into());
             }
         }
     };
@@ -146,7 +163,9 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<Repo
         }
         let ticket = generator.next_ticket();
         let payload = ticket.to_json();
-        let mut record = FutureRecord::to(&args.kafka.topic).key(&ticket.ticket_id).payload(&payload);
+        let mut record = FutureRecord::to(&args.kafka.topic)
+            .key(&ticket.ticket_id)
+            .payload(&payload);
         loop {
             match producer.send_result(record) {
                 Ok(delivery) => {
@@ -173,8 +192,13 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<Repo
         if Instant::now() >= next_progress {
             next_progress += Duration::from_secs(args.progress_interval_secs.max(1));
             let secs = start.elapsed().as_secs_f64();
-            tracing::info!(sent = report.sent, delivered = report.delivered, failed = report.failed,
-                rate = format!("{:.0}", report.sent as f64 / secs), "Progress.");
+            tracing::info!(
+                sent = report.sent,
+                delivered = report.delivered,
+                failed = report.failed,
+                rate = format!("{:.0}", report.sent as f64 / secs),
+                "Progress."
+            );
         }
     }
 
@@ -185,7 +209,12 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<Repo
     }
     let _ = producer.flush(Duration::from_secs(30));
     report.elapsed = start.elapsed();
-    tracing::info!(sent = report.sent, delivered = report.delivered, failed = report.failed, "Done.");
+    tracing::info!(
+        sent = report.sent,
+        delivered = report.delivered,
+        failed = report.failed,
+        "Done."
+    );
     if report.failed > 0 {
         bail!(
             "{} of {} tickets were not delivered to {:?} at {}: {} ({report})",
@@ -204,14 +233,15 @@ pub async fn cancel_on_signal(token: CancellationToken) {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                token.cancel();
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    token.cancel();
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
