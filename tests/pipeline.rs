@@ -4,90 +4,11 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+
 use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
-use ticket_core::Routing;
-
-/// Ticket ids in a topic, from the messages' keys.
-fn topic_ids(broker: &Broker, topic: &str) -> Vec<String> {
-    broker
-        .read_all(topic)
-        .into_iter()
-        .map(|r| String::from_utf8(r.key.expect("key")).expect("utf8 key"))
-        .collect()
-}
-
-/// Checks the S3 results against the topic: every valid ticket exactly once, the right team,
-/// and totals that equal the tickets written. Returns the number of tickets.
-async fn assert_exactly_once(s3: &S3, expected_ids: &[String]) -> usize {
-    let lines = s3.json_lines("tickets_with_team/").await;
-    let mut seen = BTreeMap::new();
-    let routing = Routing::default();
-    for l in &lines {
-        let id = l["ticket_id"].as_str().expect("ticket_id").to_string();
-        *seen.entry(id).or_insert(0) += 1;
-        let rt = l["request_type"].as_str().expect("request_type");
-        assert_eq!(
-            l["support_team"].as_str(),
-            Some(routing.team_for(rt)),
-            "wrong team in {l}"
-        );
-        for f in ticket_core::ticket::FIELDS {
-            assert!(l.get(f).is_some(), "field {f} missing in {l}");
-        }
-    }
-    let dupes: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(dupes.is_empty(), "duplicated tickets: {dupes:?}");
-    let expected: BTreeSet<&String> = expected_ids.iter().collect();
-    let got: BTreeSet<&String> = seen.keys().collect();
-    assert_eq!(
-        got.len(),
-        expected.len(),
-        "ticket count in S3 differs from the topic"
-    );
-    assert_eq!(got, expected, "tickets in S3 differ from the topic");
-
-    let mut by_type: BTreeMap<String, u64> = BTreeMap::new();
-    for l in &lines {
-        *by_type
-            .entry(l["request_type"].as_str().expect("rt").to_string())
-            .or_default() += 1;
-    }
-    let counts = String::from_utf8(
-        s3.get("counts_by_request_type/latest.jsonl")
-            .await
-            .expect("latest.jsonl"),
-    )
-    .expect("utf8");
-    let reported: BTreeMap<String, u64> = counts
-        .lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).expect("json");
-            let by_priority: u64 = v["by_priority"]
-                .as_object()
-                .expect("by_priority")
-                .values()
-                .map(|n| n.as_u64().expect("n"))
-                .sum();
-            assert_eq!(
-                Some(by_priority),
-                v["count"].as_u64(),
-                "priority breakdown does not add up: {l}"
-            );
-            (
-                v["request_type"].as_str().expect("rt").to_string(),
-                v["count"].as_u64().expect("count"),
-            )
-        })
-        .collect();
-    assert_eq!(
-        reported, by_type,
-        "latest.jsonl disagrees with tickets_with_team/"
-    );
-    lines.len()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_run_lands_every_ticket_once_and_reruns_add_nothing() {

@@ -215,6 +215,7 @@ impl PartitionSink {
         };
         let key = layout.checkpoint_key(self.partition);
         let body = next.to_json();
+        failpoint("before-checkpoint").await;
         let etag = retry
             .run_conditional("write checkpoint", self.partition, || {
                 store.put(&key, body.clone(), expect.clone())
@@ -232,6 +233,7 @@ impl PartitionSink {
         };
         self.etag = Some(etag);
         self.checkpoint = next;
+        failpoint("after-checkpoint").await;
 
         if let Some(p) = staged {
             retry
@@ -239,11 +241,41 @@ impl PartitionSink {
                     store.put(&p.final_key, batch.body.clone(), Expect::Any)
                 })
                 .await?;
+            failpoint("after-final").await;
             retry
                 .run("delete staging object", || store.delete(&p.staging_key))
                 .await?;
         }
         Ok(())
+    }
+}
+
+/// Fault injection for the reliability tests, off unless `TICKET_PROCESSOR_FAILPOINT` is set
+/// to `<point>:<action>:<n>`: at the n-th time the commit protocol reaches `<point>`
+/// (`before-checkpoint`, `after-staging`, `after-checkpoint`, `after-final`), `abort` crashes
+/// the process (as a SIGKILL would) or `pause-<ms>` stalls it (as a GC pause or a frozen VM
+/// would, long enough to lose the partition).
+async fn failpoint(point: &str) {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SPEC: OnceLock<Option<(String, String, u64)>> = OnceLock::new();
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    let spec = SPEC.get_or_init(|| {
+        let v = std::env::var("TICKET_PROCESSOR_FAILPOINT").ok()?;
+        let mut parts = v.splitn(3, ':');
+        let (p, a, n) = (parts.next()?, parts.next()?, parts.next()?.parse().ok()?);
+        Some((p.to_string(), a.to_string(), n))
+    });
+    let Some((p, action, n)) = spec else { return };
+    if p != point || HITS.fetch_add(1, Ordering::SeqCst) + 1 != *n {
+        return;
+    }
+    tracing::warn!(point, action, "Failpoint reached.");
+    if action == "abort" {
+        std::process::abort();
+    }
+    if let Some(ms) = action.strip_prefix("pause-").and_then(|ms| ms.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 }
 
