@@ -307,23 +307,24 @@ impl S3 {
         keys
     }
 
+    /// The object's bytes, or `None` if it does not exist. s3s-fs keeps an object's checksum
+    /// beside it, so a read racing an overwrite can fail its checksum: such reads are retried.
     pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-            .ok()?;
-        Some(
-            out.body
-                .collect()
+        for _ in 0..20 {
+            let out = self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
                 .await
-                .expect("body")
-                .into_bytes()
-                .to_vec(),
-        )
+                .ok()?;
+            if let Ok(body) = out.body.collect().await {
+                return Some(body.into_bytes().to_vec());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("cannot read {key} consistently")
     }
 
     /// Every line of every object under `prefix`, parsed.

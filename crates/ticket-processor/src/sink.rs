@@ -137,6 +137,9 @@ pub struct PartitionSink {
     pub checkpoint: Checkpoint,
     /// ETag of the checkpoint as we loaded or last wrote it; `None` when there is none yet.
     etag: Option<String>,
+    /// Staging objects found at load for offsets not yet committed (a crash before the commit
+    /// point left them): deleted once a commit covers their offsets.
+    leftovers: Vec<(i64, String)>,
 }
 
 impl PartitionSink {
@@ -169,11 +172,47 @@ impl PartitionSink {
             next_offset = checkpoint.next_offset,
             "Loaded checkpoint."
         );
-        Ok(PartitionSink {
+        let mut sink = PartitionSink {
             partition,
             checkpoint,
             etag,
-        })
+            leftovers: Vec::new(),
+        };
+        let prefix = layout.staging_prefix(partition);
+        for key in retry
+            .run("list staging objects", || store.list(&prefix))
+            .await?
+        {
+            let first = key
+                .strip_prefix(&prefix)
+                .and_then(|name| name.split('-').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(i64::MAX);
+            sink.leftovers.push((first, key));
+        }
+        sink.clean_leftovers(store, retry).await?;
+        Ok(sink)
+    }
+
+    /// Deletes staging objects of offsets that are committed now (they are garbage: what they
+    /// held is either under `tickets_with_team/` or was replayed into another object).
+    async fn clean_leftovers(&mut self, store: &Store, retry: &Retrier) -> Result<(), SinkError> {
+        let next = self.checkpoint.next_offset;
+        let pending = self
+            .checkpoint
+            .pending
+            .as_ref()
+            .map(|p| p.staging_key.clone());
+        let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.leftovers)
+            .into_iter()
+            .partition(|(first, key)| *first < next && Some(key) != pending.as_ref());
+        self.leftovers = keep;
+        for (_, key) in done {
+            retry
+                .run("delete stale staging object", || store.delete(&key))
+                .await?;
+        }
+        Ok(())
     }
 
     /// Makes `batch` part of the results, exactly once. On `Ok`, its offsets may be committed.
@@ -205,6 +244,7 @@ impl PartitionSink {
                     store.put(&pending.staging_key, batch.body.clone(), Expect::Any)
                 })
                 .await?;
+            failpoint("after-staging").await;
             next.pending = Some(pending.clone());
             staged = Some(pending);
         }
@@ -245,6 +285,9 @@ impl PartitionSink {
             retry
                 .run("delete staging object", || store.delete(&p.staging_key))
                 .await?;
+        }
+        if !self.leftovers.is_empty() {
+            self.clean_leftovers(store, retry).await?;
         }
         Ok(())
     }
