@@ -10,6 +10,9 @@ use common::*;
 use nix::sys::signal::Signal;
 use rand::Rng;
 
+/// Environment variables for one run of a binary.
+type Env = Vec<(String, String)>;
+
 /// Valid ticket ids in the topic (keys of messages that are not the test's invalid ones).
 fn valid_ids(broker: &Broker, topic: &str) -> Vec<String> {
     topic_ids(broker, topic)
@@ -211,20 +214,21 @@ async fn three_instances_with_moving_partitions_and_a_stale_owner() {
     )
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let total: u64 = 30_000;
+    let total: u64 = 50_000;
     let mut producer = Running::spawn(
         "ticket-producer",
         &env,
-        &["--count", &total.to_string(), "--rate", "2000"],
+        &["--count", &total.to_string(), "--rate", "2500"],
         dir.path().join("producer.log"),
     );
 
-    // The stale owner: stalls 15 s just before committing a batch (past max.poll.interval.ms),
-    // so its partitions move to the others, then wakes up and tries to commit.
+    // The stale owner: frozen (SIGSTOP, as a stalled VM or a long GC pause would be) in the
+    // middle of committing a batch, for longer than the session timeout, so its partitions move
+    // to the others, which commit batches of their own; then it wakes up and tries to commit.
     let mut stale_env = env.clone();
     stale_env.push((
         "TICKET_PROCESSOR_FAILPOINT".into(),
-        "before-checkpoint:pause-15000:4".into(),
+        "before-checkpoint:pause-3000:4".into(),
     ));
     let stale = Running::spawn(
         "ticket-processor",
@@ -242,6 +246,15 @@ async fn three_instances_with_moving_partitions_and_a_stale_owner() {
             )
         })
         .collect();
+    eventually(
+        Duration::from_secs(90),
+        "the stale owner to start committing",
+        || async { stale.log().contains("Failpoint reached").then_some(()) },
+    )
+    .await;
+    stale.signal(Signal::SIGSTOP);
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    stale.signal(Signal::SIGCONT);
     let mut rng = rand::rng();
     let mut restarts = 0;
     for round in 0..5 {
@@ -538,7 +551,7 @@ async fn misconfiguration_is_a_clear_error_at_start_not_a_hang() {
         .local_addr()
         .expect("addr")
         .port();
-    let cases: Vec<(&str, Vec<(String, String)>, &str)> = vec![
+    let cases: Vec<(&str, Env, &str)> = vec![
         (
             "ticket-processor",
             with("KAFKA_BROKERS", &format!("127.0.0.1:{dead_port}")),

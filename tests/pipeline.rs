@@ -312,3 +312,73 @@ async fn process_file_agrees_with_the_streaming_path() {
         "{dead}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_dead_letters_are_processed_exactly_once() {
+    let broker = Broker::start().await;
+    let s3 = S3::start().await;
+    let topic = unique("tickets");
+    let env = env(&broker, &s3, &topic);
+    let dlq = format!("{topic}_dlq");
+    run_ok(
+        "ticket-producer",
+        &env,
+        &["--count", "20", "--partitions", "1"],
+    )
+    .await;
+    run_ok("ticket-processor", &env, &["--drain"]).await; // also creates the DLQ topic
+
+    // Dead letters an older processor wrote for tickets the current one accepts (the "fix"),
+    // one of them dead-lettered twice, as a crash can do.
+    let tickets: Vec<String> = (1..=3)
+        .map(|i| valid_ticket(&format!("REPLAY-{i}"), "billing"))
+        .collect();
+    let mut letters = Vec::new();
+    for (i, t) in tickets
+        .iter()
+        .enumerate()
+        .chain(std::iter::once((0, &tickets[0])))
+    {
+        letters.push((
+            format!("REPLAY-{}", i + 1),
+            t.clone(),
+            (100 + i).to_string(),
+        ));
+    }
+    for (key, value, offset) in &letters {
+        broker
+            .publish_with_headers(
+                &dlq,
+                key.as_bytes(),
+                value.as_bytes(),
+                &[
+                    ("error.message", "field `priority` rejected by v0"),
+                    ("source.topic", &topic),
+                    ("source.partition", "0"),
+                    ("source.offset", offset),
+                ],
+            )
+            .await;
+    }
+    let out = run_ok("ticket-processor", &env, &["replay-dlq"]).await;
+    assert!(
+        out.contains("3 replayed, 0 skipped by --reason-contains, 1 duplicates"),
+        "{out}"
+    );
+    let out = run_ok("ticket-processor", &env, &["replay-dlq"]).await;
+    assert!(
+        out.contains("0 replayed"),
+        "a second replay re-injected again: {out}"
+    );
+
+    run_ok("ticket-processor", &env, &["--drain"]).await;
+    let ids = topic_ids(&broker, &topic);
+    assert_eq!(ids.len(), 23);
+    assert_eq!(assert_exactly_once(&s3, &ids).await, 23);
+    let replayed = broker
+        .read_all(&topic)
+        .into_iter()
+        .filter(|r| r.headers.contains_key("replayed.from"))
+        .count();
+    assert_eq!(replayed, 3, "replayed messages carry replayed.from");
+}

@@ -144,6 +144,26 @@ impl Broker {
         }
     }
 
+    /// Publishes one message with headers, waiting for its delivery.
+    pub async fn publish_with_headers(
+        &self,
+        topic: &str,
+        key: &[u8],
+        value: &[u8],
+        headers: &[(&str, &str)],
+    ) {
+        let p: FutureProducer = self.config().set("acks", "all").create().expect("producer");
+        let mut h = rdkafka::message::OwnedHeaders::new();
+        for (k, v) in headers {
+            h = h.insert(rdkafka::message::Header {
+                key: k,
+                value: Some(*v),
+            });
+        }
+        let r = FutureRecord::to(topic).key(key).payload(value).headers(h);
+        p.send(r, Duration::from_secs(30)).await.expect("delivered");
+    }
+
     /// Every message of `topic` from the beginning: (key, value, headers). Reads to the end
     /// of each partition as librdkafka reports it (end-of-partition events), not by end
     /// offsets, which some brokers (Tansu 0.6) under-report.
@@ -403,19 +423,34 @@ pub fn command(name: &str, env: &[(String, String)]) -> Command {
     c
 }
 
-/// Runs a binary to completion; returns (success, stdout, stderr).
+/// Runs a binary to completion; returns (success, stdout, stderr). A run that takes over
+/// two minutes is killed and fails the test with what it printed.
 pub async fn run(name: &str, env: &[(String, String)], args: &[&str]) -> (bool, String, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (out_path, err_path) = (dir.path().join("stdout"), dir.path().join("stderr"));
     let mut c = command(name, env);
-    c.args(args);
-    let out = tokio::task::spawn_blocking(move || c.output())
-        .await
-        .expect("join")
-        .expect("runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
+    c.args(args)
+        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
+        .stderr(std::fs::File::create(&err_path).expect("stderr file"));
+    let mut child = c.spawn().expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+    let Some(status) = status else {
+        panic!("{name} {args:?} did not finish within 120 s:\n{stdout}\n{stderr}");
+    };
+    (status.success(), stdout, stderr)
 }
 
 pub async fn run_ok(name: &str, env: &[(String, String)], args: &[&str]) -> String {

@@ -6,6 +6,7 @@
 //! - [`s3`]: the S3 adapter;
 //! - [`enrich`] and [`aggregate`]: bytes to output lines, counts with DataFusion;
 //! - [`file`]: `process-file`, the same processing on a local JSON Lines file;
+//! - [`replay`]: `replay-dlq`, dead letters back into the tickets topic, exactly once;
 //! - [`http`] and [`metrics`]: health and Prometheus metrics.
 
 pub mod aggregate;
@@ -13,6 +14,7 @@ pub mod enrich;
 pub mod file;
 pub mod http;
 pub mod metrics;
+pub mod replay;
 pub mod s3;
 pub mod sink;
 pub mod stream;
@@ -46,6 +48,8 @@ pub struct Cli {
 pub enum Command {
     /// Process a JSON Lines file into the S3 layout under a local directory (no services needed).
     ProcessFile(FileArgs),
+    /// Re-inject dead letters into the tickets topic after a fix, each exactly once.
+    ReplayDlq(replay::ReplayArgs),
     /// Exit 0 if the processor on this host answers ready at HTTP_ADDR (the image's HEALTHCHECK;
     /// needs no curl or shell in the image).
     HealthCheck {

@@ -14,6 +14,12 @@ async fn main() -> std::process::ExitCode {
     ticket_kafka::init_logging();
     let result = match cli.command {
         Some(Command::ProcessFile(args)) => process_file(args).await,
+        Some(Command::ReplayDlq(args)) => ticket_processor::replay::replay_dlq(args).await.map(|r| {
+            println!(
+                "read {} dead letters: {} replayed, {} skipped by --reason-contains, {} duplicates",
+                r.read, r.replayed, r.skipped, r.duplicates
+            );
+        }),
         Some(Command::HealthCheck { http_addr }) => ticket_processor::health_check(http_addr).await,
         None => {
             let shutdown = tokio_util::sync::CancellationToken::new();

@@ -84,6 +84,9 @@ impl ConsumerContext for Ctx {
 
 type Kafka = StreamConsumer<Ctx>;
 
+/// In `--drain`, a partition past its end offset as of start with no message for this long is done.
+const DRAIN_IDLE: Duration = Duration::from_secs(3);
+
 /// A partition this instance owns and has loaded the checkpoint of.
 struct Owned {
     sink: PartitionSink,
@@ -252,6 +255,9 @@ impl Processor {
         health: &Health,
     ) -> anyhow::Result<()> {
         let mut at_end = std::collections::BTreeSet::new();
+        // When a message of a partition last arrived (drain mode's idle rule, below).
+        let mut last_message: HashMap<i32, Instant> =
+            targets.keys().map(|p| (*p, Instant::now())).collect();
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -268,15 +274,14 @@ impl Processor {
                         let key = m.key().map(<[u8]>::to_vec);
                         let payload = m.payload().unwrap_or_default().to_vec();
                         drop(m);
+                        last_message.insert(partition, Instant::now());
                         self.take_revocations();
                         self.handle(partition, offset, key, &payload).await?;
                     }
                     Err(rdkafka::error::KafkaError::PartitionEOF(p)) => {
-                        // Some brokers under-report end offsets, so the end is confirmed by
-                        // reaching it, and only counts once past the end offset seen at start.
-                        if let (Some(o), Some(end)) = (self.parts.get(&p), targets.get(&p))
-                            && o.expected >= *end
-                        {
+                        // Counts once the fetch position (past transaction markers too) is at
+                        // or beyond the end offset seen at start.
+                        if self.position(p).zip(targets.get(&p)).is_some_and(|(pos, end)| pos >= *end) {
                             at_end.insert(p);
                         }
                     }
@@ -284,6 +289,16 @@ impl Processor {
                 },
                 _ = tick.tick() => {
                     health.tick();
+                    // A broker that under-reports its high watermark (Tansu 0.6) may never send
+                    // end-of-partition: past the start's end offset, a quiet partition is done.
+                    for (p, end) in targets {
+                        if !at_end.contains(p)
+                            && last_message.get(p).is_some_and(|t| t.elapsed() > DRAIN_IDLE)
+                            && self.position(*p).is_some_and(|pos| pos >= *end)
+                        {
+                            at_end.insert(*p);
+                        }
+                    }
                     self.take_revocations();
                     self.flush_due().await?;
                     if self.counts_dirty || self.counts_written_at.elapsed() > Duration::from_secs(30) {
@@ -292,6 +307,19 @@ impl Processor {
                 }
             }
         }
+    }
+
+    /// The consumer's fetch position in `partition`: past every message and transaction
+    /// marker it has read.
+    fn position(&self, partition: i32) -> Option<i64> {
+        let tpl = self.consumer.position().ok()?;
+        let elem = tpl.find_partition(&self.settings.kafka.topic, partition)?;
+        let fetched = match elem.offset() {
+            Offset::Offset(o) => o,
+            _ => -1,
+        };
+        let handled = self.parts.get(&partition).map_or(-1, |o| o.expected);
+        Some(fetched.max(handled))
     }
 
     /// Drain mode: own every partition, starting where S3 says each one stopped.

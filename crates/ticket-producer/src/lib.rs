@@ -52,6 +52,11 @@ pub struct Args {
     #[arg(long, env = "PRODUCER_SEED")]
     pub seed: Option<u64>,
 
+    /// Write the tickets as JSON Lines to this file instead of Kafka (test data for
+    /// `ticket-processor process-file`, benchmarks); no broker is contacted.
+    #[arg(long)]
+    pub output_file: Option<std::path::PathBuf>,
+
     /// Seconds between progress lines on long runs.
     #[arg(long, env = "PROGRESS_INTERVAL_SECS", default_value_t = 5)]
     pub progress_interval_secs: u64,
@@ -85,6 +90,9 @@ impl fmt::Display for Report {
 const MAX_IN_FLIGHT: usize = 200_000;
 
 pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<Report> {
+    if let Some(path) = &args.output_file {
+        return write_file(&args, path);
+    }
     args.kafka.validate()?;
     if !(args.rate.is_finite() && args.rate >= 0.0) {
         bail!(
@@ -110,13 +118,8 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<Repo
         .create()
         .context("creating the Kafka producer (check KAFKA_OPTIONS)")?;
 
-    let rng = match args.seed {
-        Some(seed) => StdRng::seed_from_u64(seed),
-        None => StdRng::from_os_rng(),
-    };
-    let run_id = uuid::Uuid::now_v7().simple().to_string();
-    tracing::info!(topic = %args.kafka.topic, run_id, count = args.count, forever = args.forever, rate = args.rate, "Producing tickets.");
-    let mut generator = Generator::new(rng, chrono::Utc::now(), run_id);
+    tracing::info!(topic = %args.kafka.topic, count = args.count, forever = args.forever, rate = args.rate, "Producing tickets.");
+    let mut generator = generator(&args);
 
     let start = Instant::now();
     let mut report = Report {
@@ -226,6 +229,37 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<Repo
         );
     }
     Ok(report)
+}
+
+fn generator(args: &Args) -> Generator<StdRng> {
+    let rng = match args.seed {
+        Some(seed) => StdRng::seed_from_u64(seed),
+        None => StdRng::from_os_rng(),
+    };
+    let run_id = uuid::Uuid::now_v7().simple().to_string();
+    Generator::new(rng, chrono::Utc::now(), run_id)
+}
+
+/// `--output-file`: the same tickets, one JSON object per line, to a file.
+fn write_file(args: &Args, path: &std::path::Path) -> anyhow::Result<Report> {
+    use std::io::Write;
+    let start = Instant::now();
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut generator = generator(args);
+    for _ in 0..args.count {
+        out.write_all(&generator.next_ticket().to_json())?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(Report {
+        sent: args.count,
+        delivered: args.count,
+        failed: 0,
+        elapsed: start.elapsed(),
+    })
 }
 
 /// Cancels `token` on SIGINT or SIGTERM.
