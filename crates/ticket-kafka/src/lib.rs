@@ -1,6 +1,7 @@
-//! The Kafka side shared by `ticket-producer` and `ticket-processor`: the connection flags
-//! (each with an environment variable), the librdkafka configuration they make, and the
-//! checks run at start so that a wrong address or a missing topic is a clear error, not a hang.
+//! What `ticket-producer` and `ticket-processor` share: the Kafka connection flags (each with
+//! an environment variable), the librdkafka configuration they make, the checks run at start so
+//! that a wrong address or a missing topic is a clear error, not a hang; and the process
+//! plumbing of both binaries (`.env`, logging, SIGINT/SIGTERM).
 
 use std::fmt;
 use std::str::FromStr;
@@ -221,6 +222,41 @@ impl KafkaArgs {
 /// An empty environment variable (as docker compose passes an unset `${VAR}`) means unset.
 pub fn non_empty(v: &Option<String>) -> Option<&str> {
     v.as_deref().filter(|s| !s.trim().is_empty())
+}
+
+/// Reads `.env` from the working directory if there is one. A missing file is normal (Docker,
+/// CI); a malformed one is an error, not silently ignored.
+pub fn load_dotenv() -> Result<(), String> {
+    match dotenvy::dotenv() {
+        Err(e) if !e.not_found() => Err(format!("cannot read .env: {e}")),
+        _ => Ok(()),
+    }
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+pub async fn cancel_on_signal(token: tokio_util::sync::CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            (Ok(mut int), Ok(mut term)) => {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+    tracing::info!("Stopping: signal received.");
+    token.cancel();
 }
 
 /// Logs to stderr as text, or as JSON lines with `LOG_FORMAT=json`; `RUST_LOG` filters.

@@ -205,29 +205,3 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<(
     http_stop.cancel();
     result
 }
-
-/// Cancels `token` on SIGINT or SIGTERM.
-pub async fn cancel_on_signal(token: CancellationToken) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) {
-            (Ok(mut int), Ok(mut term)) => {
-                tokio::select! {
-                    _ = int.recv() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
-    tracing::info!("Stopping: signal received.");
-    token.cancel();
-}

@@ -3,11 +3,8 @@ use ticket_processor::{Cli, Command};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    // A missing .env is normal (Docker, CI); a malformed one is not silently ignored.
-    if let Err(e) = dotenvy::dotenv()
-        && !e.not_found()
-    {
-        eprintln!("error: cannot read .env: {e}");
+    if let Err(e) = ticket_kafka::load_dotenv() {
+        eprintln!("error: {e}");
         return std::process::ExitCode::from(2);
     }
     let cli = Cli::parse();
@@ -23,7 +20,7 @@ async fn main() -> std::process::ExitCode {
         Some(Command::HealthCheck { http_addr }) => ticket_processor::health_check(http_addr).await,
         None => {
             let shutdown = tokio_util::sync::CancellationToken::new();
-            tokio::spawn(ticket_processor::cancel_on_signal(shutdown.clone()));
+            tokio::spawn(ticket_kafka::cancel_on_signal(shutdown.clone()));
             ticket_processor::run(cli.run, shutdown).await
         }
     };

@@ -261,28 +261,3 @@ fn write_file(args: &Args, path: &std::path::Path) -> anyhow::Result<Report> {
         elapsed: start.elapsed(),
     })
 }
-
-/// Cancels `token` on SIGINT or SIGTERM.
-pub async fn cancel_on_signal(token: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    token.cancel();
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("Stopping: signal received.");
-    token.cancel();
-}

@@ -3,17 +3,14 @@ use ticket_producer::Args;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    // A missing .env is normal (Docker, CI); a malformed one is not silently ignored.
-    if let Err(e) = dotenvy::dotenv()
-        && !e.not_found()
-    {
-        eprintln!("error: cannot read .env: {e}");
+    if let Err(e) = ticket_kafka::load_dotenv() {
+        eprintln!("error: {e}");
         return std::process::ExitCode::from(2);
     }
     let args = Args::parse();
     ticket_kafka::init_logging();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(ticket_producer::cancel_on_signal(shutdown.clone()));
+    tokio::spawn(ticket_kafka::cancel_on_signal(shutdown.clone()));
     match ticket_producer::run(args, shutdown).await {
         Ok(report) => {
             println!("{report}");

