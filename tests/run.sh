@@ -18,5 +18,7 @@ if [ ! -f /usr/include/openssl/ssl.h ]; then
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libssl-dev pkg-config zlib1g-dev
 fi
 
-# --workspace builds both binaries, which the end-to-end tests run as processes.
+# The end-to-end tests run both binaries as processes: build them first (the tests would
+# otherwise build them on first use, see tests/common/mod.rs `bin`).
+cargo build --workspace --all-targets
 exec cargo test --workspace "$@"

@@ -374,16 +374,48 @@ async fn client(endpoint: &str, ak: &str, sk: &str) -> Client {
     Client::from_conf(conf)
 }
 
-/// Where cargo put the workspace's binaries (next to this test's own executable).
+/// The workspace's binary `name`, built on first use. `cargo test` builds the binaries of a
+/// package only for that package's own integration tests, and these tests live in the root
+/// package: without this, a clean checkout would have no binaries and a stale one old binaries.
 pub fn bin(name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     let exe = std::env::current_exe().expect("test executable");
     let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = std::process::Command::new(cargo);
+        // --all-targets: the same feature set as `cargo test --workspace`, so nothing rebuilds.
+        cmd.args(["build", "--workspace", "--all-targets"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        // The variables cargo sets for a test run would look like a changed environment to the
+        // build scripts that watch them (ring's), and rebuild half the dependencies each time.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+                "CARGO_PRIMARY_",
+            ]
+            .iter()
+            .any(|p| key.starts_with(p))
+                || key == "CARGO_TARGET_TMPDIR"
+                || key == "CARGO_RUSTC_CURRENT_DIR"
+            {
+                cmd.env_remove(key.as_ref());
+            }
+        }
+        if dir.file_name().is_some_and(|d| d == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd
+            .status()
+            .expect("cannot run cargo to build the binaries");
+        assert!(status.success(), "building the workspace's binaries failed");
+    });
     let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} not built: run the tests with `cargo test --workspace`",
-        path.display()
-    );
+    assert!(path.is_file(), "{} was not built", path.display());
     path
 }
 
