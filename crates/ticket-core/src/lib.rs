@@ -19,5 +19,5 @@ pub mod ticket;
 pub mod validate;
 
 pub use routing::Routing;
-pub use ticket::{Priority, Ticket};
-pub use validate::{Invalid, decode};
+pub use ticket::{Priority, Ticket, TicketRef};
+pub use validate::{Invalid, decode, decode_ref};

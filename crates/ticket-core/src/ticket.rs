@@ -1,5 +1,7 @@
 //! The ticket record, in the original PySpark system's schema.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, FixedOffset};
 use serde::{Deserialize, Serialize};
 
@@ -78,10 +80,104 @@ impl Ticket {
     }
 }
 
+/// A valid ticket whose text is borrowed from the message bytes where it can be: what the
+/// processor handles per message, so a typical ticket costs no allocation. Built only by
+/// [`crate::validate::decode_ref`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct TicketRef<'a> {
+    // Invariant: a `Cow::Borrowed` string here is the raw text between the quotes of a JSON
+    // string that had no escape sequence, so it needs no escaping when written back.
+    pub(crate) ticket_id: Cow<'a, str>,
+    pub(crate) client_id: i64,
+    pub(crate) created_at: DateTime<FixedOffset>,
+    /// `created_at` as the message spelled it.
+    pub(crate) created_at_text: Cow<'a, str>,
+    pub(crate) request: Cow<'a, str>,
+    pub(crate) request_type: Cow<'a, str>,
+    pub(crate) priority: Priority,
+}
+
+impl<'a> TicketRef<'a> {
+    pub fn ticket_id(&self) -> &str {
+        &self.ticket_id
+    }
+
+    pub fn request_type(&self) -> &str {
+        &self.request_type
+    }
+
+    pub fn priority(&self) -> Priority {
+        self.priority
+    }
+
+    pub fn into_owned(self) -> Ticket {
+        Ticket {
+            ticket_id: self.ticket_id.into_owned(),
+            client_id: self.client_id,
+            created_at: self.created_at,
+            request: self.request.into_owned(),
+            request_type: self.request_type.into_owned(),
+            priority: self.priority,
+        }
+    }
+
+    /// Appends the ticket with its team as one JSON object: the same bytes as serializing
+    /// [`TicketWithTeam`] with serde_json, but text that needs no escaping is copied as is.
+    pub fn write_with_team(&self, support_team: &str, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"ticket_id\":");
+        json_str(out, &self.ticket_id);
+        out.extend_from_slice(b",\"client_id\":");
+        json_value(out, &self.client_id);
+        out.extend_from_slice(b",\"created_at\":");
+        if is_canonical_timestamp(&self.created_at_text) {
+            json_str(out, &self.created_at_text);
+        } else {
+            json_value(out, &canonical_timestamp(&self.created_at));
+        }
+        out.extend_from_slice(b",\"request\":");
+        json_str(out, &self.request);
+        out.extend_from_slice(b",\"request_type\":");
+        json_str(out, &self.request_type);
+        out.extend_from_slice(b",\"priority\":\"");
+        out.extend_from_slice(self.priority.as_str().as_bytes());
+        out.extend_from_slice(b"\",\"support_team\":");
+        json_value(out, support_team);
+        out.push(b'}');
+    }
+}
+
+// The Cow is the point: borrowed text is known not to need escaping.
+#[allow(clippy::ptr_arg)]
+fn json_str(out: &mut Vec<u8>, s: &Cow<'_, str>) {
+    match s {
+        Cow::Borrowed(raw) => {
+            out.push(b'"');
+            out.extend_from_slice(raw.as_bytes());
+            out.push(b'"');
+        }
+        Cow::Owned(s) => json_value(out, s),
+    }
+}
+
+fn json_value<T: Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) {
+    // Strings and integers always serialize, and writing into a Vec cannot fail.
+    let _ = serde_json::to_writer(out, v);
+}
+
+/// Already in the form we write (`YYYY-MM-DDTHH:MM:SS.ffffffZ`), given that it parsed.
+fn is_canonical_timestamp(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 27 && b[10] == b'T' && b[19] == b'.' && b[26] == b'Z'
+}
+
+fn canonical_timestamp(t: &DateTime<FixedOffset>) -> String {
+    let use_z = t.offset().local_minus_utc() == 0;
+    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, use_z)
+}
+
 /// Microsecond precision like the original, and `Z` rather than `+00:00` for UTC.
 fn rfc3339<S: serde::Serializer>(t: &DateTime<FixedOffset>, s: S) -> Result<S::Ok, S::Error> {
-    let use_z = t.offset().local_minus_utc() == 0;
-    s.collect_str(&t.to_rfc3339_opts(chrono::SecondsFormat::Micros, use_z))
+    s.collect_str(&canonical_timestamp(t))
 }
 
 /// Field names as they appear in JSON, in schema order.

@@ -9,7 +9,7 @@ use std::borrow::Cow;
 use chrono::{DateTime, FixedOffset, NaiveDateTime};
 use serde_json::Value;
 
-use crate::ticket::{Priority, RawTicket, Ticket};
+use crate::ticket::{Priority, RawTicket, Ticket, TicketRef};
 
 /// Why a message is not a valid ticket. The `Display` form is the `error.message` header
 /// written to the dead-letter topic.
@@ -34,19 +34,23 @@ pub enum Invalid {
 
 /// Decodes and validates one message value.
 pub fn decode(bytes: &[u8]) -> Result<Ticket, Invalid> {
+    decode_ref(bytes).map(TicketRef::into_owned)
+}
+
+/// Decodes and validates one message value, borrowing its text from `bytes`.
+pub fn decode_ref(bytes: &[u8]) -> Result<TicketRef<'_>, Invalid> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(Invalid::Empty);
     }
-    if let Err(e) = std::str::from_utf8(bytes) {
-        return Err(Invalid::NotUtf8(e.valid_up_to()));
-    }
-    match serde_json::from_slice::<RawTicket>(bytes) {
+    // One UTF-8 check for the whole message; parsing from `str` then skips its own checks.
+    let text = std::str::from_utf8(bytes).map_err(|e| Invalid::NotUtf8(e.valid_up_to()))?;
+    match serde_json::from_str::<RawTicket>(text) {
         Ok(raw) => from_raw(raw),
         Err(fast_error) => Err(explain(bytes, fast_error)),
     }
 }
 
-fn from_raw(raw: RawTicket<'_>) -> Result<Ticket, Invalid> {
+fn from_raw(raw: RawTicket<'_>) -> Result<TicketRef<'_>, Invalid> {
     if raw.ticket_id.trim().is_empty() {
         return Err(Invalid::Field {
             field: "ticket_id",
@@ -60,12 +64,13 @@ fn from_raw(raw: RawTicket<'_>) -> Result<Ticket, Invalid> {
             raw.created_at
         ),
     })?;
-    Ok(Ticket {
-        ticket_id: raw.ticket_id.into_owned(),
+    Ok(TicketRef {
+        ticket_id: raw.ticket_id,
         client_id: raw.client_id,
         created_at,
-        request: raw.request.into_owned(),
-        request_type: raw.request_type.into_owned(),
+        created_at_text: raw.created_at,
+        request: raw.request,
+        request_type: raw.request_type,
         priority: raw.priority,
     })
 }
@@ -243,6 +248,33 @@ mod tests {
         fn any_bytes_are_classified(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
             if let Err(e) = decode(&bytes) {
                 proptest::prop_assert!(!e.to_string().is_empty());
+            }
+        }
+
+        /// The writer that copies unescaped text as is writes exactly what serde_json would.
+        #[test]
+        fn the_fast_writer_writes_what_serde_writes(
+            id in "\\PC{1,12}|[a-z\"\\\\\u{0}-\u{1f}]{1,8}",
+            request in "\\PC{0,40}|[ \"\\\\\n\t\u{7f}é😀]{0,10}",
+            created_at in proptest::prop_oneof![
+                proptest::strategy::Just("2025-10-20T03:00:23.010952Z"),
+                proptest::strategy::Just("2025-10-20T03:00:23.010952"),
+                proptest::strategy::Just("2025-10-20T03:00:23Z"),
+                proptest::strategy::Just("2025-10-20T05:00:23.5+02:00"),
+                proptest::strategy::Just("2016-12-31T23:59:60.123456Z"),
+                proptest::strategy::Just("2025-10-20 03:00:23.010952Z"),
+            ],
+            team in "\\PC{0,10}|[\"\\\\]{1,3}",
+        ) {
+            let input = serde_json::json!({"ticket_id": id, "client_id": -7, "created_at": created_at,
+                "request": request, "request_type": request, "priority": "medium"});
+            let bytes = serde_json::to_vec(&input).expect("serialize");
+            if let Ok(t) = decode_ref(&bytes) {
+                let mut fast = Vec::new();
+                t.write_with_team(&team, &mut fast);
+                let owned = t.into_owned();
+                let reference = serde_json::to_vec(&owned.with_team(&team)).expect("serialize");
+                proptest::prop_assert_eq!(String::from_utf8_lossy(&fast), String::from_utf8_lossy(&reference));
             }
         }
 

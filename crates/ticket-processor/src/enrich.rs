@@ -2,7 +2,7 @@
 //! the grouping columns. Shared by the streaming path and `process-file`, so both produce the
 //! same bytes for the same input.
 
-use ticket_core::{Invalid, Routing, decode};
+use ticket_core::{Invalid, Routing, decode_ref};
 
 use crate::aggregate::Columns;
 
@@ -17,13 +17,12 @@ pub struct BatchBuilder {
 impl BatchBuilder {
     /// Adds one message; an invalid one is left out and its reason returned.
     pub fn push(&mut self, routing: &Routing, bytes: &[u8]) -> Result<(), Invalid> {
-        let ticket = decode(bytes)?;
-        let team = routing.team_for(&ticket.request_type);
-        // Writing a struct of strings and numbers into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut self.body, &ticket.with_team(team));
+        let ticket = decode_ref(bytes)?;
+        let team = routing.team_for(ticket.request_type());
+        ticket.write_with_team(team, &mut self.body);
         self.body.push(b'\n');
         self.columns
-            .push(&ticket.request_type, ticket.priority.as_str(), team);
+            .push(ticket.request_type(), ticket.priority().as_str(), team);
         self.valid += 1;
         Ok(())
     }

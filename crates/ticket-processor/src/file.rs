@@ -8,9 +8,12 @@
 //! DIR/dead_letters/part-00000.jsonl            {"line": N, "error": "...", "raw": "..."}
 //! ```
 
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use datafusion::arrow::array::RecordBatch;
 use serde::Serialize;
 use ticket_core::Routing;
 use ticket_core::counts::Counts;
@@ -30,45 +33,43 @@ pub struct FileReport {
 #[derive(Serialize)]
 struct DeadLetter<'a> {
     line: u64,
-    error: String,
-    raw: std::borrow::Cow<'a, str>,
+    error: &'a str,
+    raw: &'a str,
 }
 
-struct Chunk {
-    builder: BatchBuilder,
-    dead: Vec<u8>,
+/// How much of the file a worker reads at a time: memory stays bounded by workers x this.
+/// Tiny in tests, so that lines straddle blocks.
+const BLOCK: usize = if cfg!(test) { 16 } else { 4 << 20 };
+
+/// What one worker did with its byte range of the file.
+#[derive(Default)]
+struct Part {
+    /// Every line that starts in the range, blank ones included (to number lines).
+    lines_seen: u64,
     lines: u64,
-    invalid: u64,
+    valid: u64,
+    /// (line number within the range, from 0; reason; the line, lossily decoded)
+    dead: Vec<(u64, String, String)>,
+    columns: Vec<RecordBatch>,
 }
 
 /// Processes `input` into `out_dir`, replacing what an earlier run wrote there.
+///
+/// The file is cut into one byte range per core; each worker streams its range in blocks
+/// and writes its own `part-NNNNN.jsonl`, so memory does not grow with the file. A line
+/// belongs to the range in which it starts.
 pub async fn process_file(
     input: &Path,
     out_dir: &Path,
     routing: &Routing,
     aggregator: &Aggregator,
 ) -> anyhow::Result<FileReport> {
-    let data = std::fs::read(input).with_context(|| format!("cannot read {}", input.display()))?;
-    let workers = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, 16);
-    let ranges = split_lines(&data, workers);
-
-    // Decoding, routing and serializing are CPU work: one thread per chunk of lines.
-    let chunks: Vec<Chunk> = std::thread::scope(|s| {
-        let handles: Vec<_> = ranges
-            .iter()
-            .map(|&(start, end, first_line)| {
-                let data = &data[start..end];
-                s.spawn(move || process_chunk(data, first_line, routing))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
-    });
+    let len = std::fs::metadata(input)
+        .with_context(|| format!("cannot read {}", input.display()))?
+        .len();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    // Small files are not worth a thread per core.
+    let workers = cores.clamp(1, 16).min(len / BLOCK as u64 + 1);
 
     let tickets_dir = out_dir.join("tickets_with_team");
     let counts_dir = out_dir.join("counts_by_request_type");
@@ -78,29 +79,44 @@ pub async fn process_file(
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
 
+    let parts: Vec<Part> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let range = (len * w / workers, len * (w + 1) / workers);
+                let out = tickets_dir.join(format!("part-{w:05}.jsonl"));
+                s.spawn(move || process_range(input, range, &out, routing))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect::<anyhow::Result<_>>()
+    })?;
+
     let mut report = FileReport {
         lines: 0,
         valid: 0,
         invalid: 0,
         counts: Counts::default(),
     };
+    let mut dead = Vec::new();
+    let mut first_line = 1;
     let mut columns = Vec::new();
-    let mut dead_all = Vec::new();
-    for (i, chunk) in chunks.into_iter().enumerate() {
-        report.lines += chunk.lines;
-        report.valid += chunk.builder.valid;
-        report.invalid += chunk.invalid;
-        if chunk.builder.valid > 0 {
-            write(
-                &tickets_dir.join(format!("part-{i:05}.jsonl")),
-                &chunk.builder.body,
-            )?;
+    for part in parts {
+        report.lines += part.lines;
+        report.valid += part.valid;
+        report.invalid += part.dead.len() as u64;
+        for (i, error, raw) in &part.dead {
+            let line = first_line + i;
+            // A struct of strings and an integer always serializes into a Vec.
+            let _ = serde_json::to_writer(&mut dead, &DeadLetter { line, error, raw });
+            dead.push(b'\n');
         }
-        dead_all.extend_from_slice(&chunk.dead);
-        columns.push(chunk.builder.columns.finish());
+        first_line += part.lines_seen;
+        columns.extend(part.columns);
     }
-    if !dead_all.is_empty() {
-        write(&dead_dir.join("part-00000.jsonl"), &dead_all)?;
+    if !dead.is_empty() {
+        write(&dead_dir.join("part-00000.jsonl"), &dead)?;
     }
     report.counts = aggregator.count(columns).await?;
     write(
@@ -110,58 +126,99 @@ pub async fn process_file(
     Ok(report)
 }
 
-fn process_chunk(data: &[u8], first_line: u64, routing: &Routing) -> Chunk {
-    let mut chunk = Chunk {
-        builder: BatchBuilder::default(),
-        dead: Vec::new(),
-        lines: 0,
-        invalid: 0,
-    };
-    for (i, line) in data.split(|b| *b == b'\n').enumerate() {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue; // blank lines separate nothing in JSON Lines
+/// Processes the lines that start in `start..end` of the file into `out`.
+fn process_range(
+    input: &Path,
+    (start, end): (u64, u64),
+    out: &Path,
+    routing: &Routing,
+) -> anyhow::Result<Part> {
+    let read_error = || format!("cannot read {}", input.display());
+    let mut file = File::open(input).with_context(read_error)?;
+    // From one byte early: the line that starts the range is the one after the first newline.
+    let mut pos = start.saturating_sub(1);
+    file.seek(SeekFrom::Start(pos)).with_context(read_error)?;
+    let mut skipping = start > 0;
+
+    let mut part = Part::default();
+    let mut builder = BatchBuilder::default();
+    let mut writer: Option<File> = None;
+    let mut buf: Vec<u8> = Vec::with_capacity(2 * BLOCK);
+    let mut eof = false;
+    let mut done = false;
+    while !done {
+        let filled = buf.len();
+        buf.resize(filled + BLOCK, 0);
+        let n = file.read(&mut buf[filled..]).with_context(read_error)?;
+        buf.truncate(filled + n);
+        eof = eof || n == 0;
+
+        let mut used = 0;
+        if skipping {
+            match memchr::memchr(b'\n', &buf) {
+                Some(i) => {
+                    used = i + 1;
+                    skipping = false;
+                }
+                None => {
+                    used = buf.len();
+                    done = eof;
+                }
+            }
         }
-        chunk.lines += 1;
-        if let Err(reason) = chunk.builder.push(routing, line) {
-            chunk.invalid += 1;
-            let dl = DeadLetter {
-                line: first_line + i as u64,
-                error: reason.to_string(),
-                raw: String::from_utf8_lossy(line),
+        while !skipping && !done {
+            if pos + used as u64 >= end {
+                done = true;
+                break;
+            }
+            let rest = &buf[used..];
+            let (line, next) = match memchr::memchr(b'\n', rest) {
+                Some(i) => (&rest[..i], used + i + 1),
+                None if eof => {
+                    done = true;
+                    if rest.is_empty() {
+                        break;
+                    }
+                    (rest, buf.len())
+                }
+                None => break,
             };
-            let _ = serde_json::to_writer(&mut chunk.dead, &dl);
-            chunk.dead.push(b'\n');
+            process_line(line, routing, &mut builder, &mut part);
+            used = next;
         }
+
+        if !builder.body.is_empty() {
+            let w = match &mut writer {
+                Some(w) => w,
+                None => writer.insert(
+                    File::create(out).with_context(|| format!("cannot write {}", out.display()))?,
+                ),
+            };
+            w.write_all(&builder.body)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            builder.body.clear();
+            part.columns
+                .push(std::mem::take(&mut builder.columns).finish());
+        }
+        buf.drain(..used);
+        pos += used as u64;
     }
-    chunk
+    part.valid = builder.valid;
+    Ok(part)
 }
 
-/// Cuts `data` into about `n` ranges on line boundaries: (start, end, number of first line).
-fn split_lines(data: &[u8], n: usize) -> Vec<(usize, usize, u64)> {
-    let mut ranges = Vec::new();
-    let mut start = 0;
-    let mut line = 1u64;
-    for k in 1..=n {
-        if start >= data.len() {
-            break;
-        }
-        let mut end = if k == n {
-            data.len()
-        } else {
-            (data.len() * k / n).max(start)
-        };
-        if end < data.len() {
-            end = data[end..]
-                .iter()
-                .position(|b| *b == b'\n')
-                .map_or(data.len(), |p| end + p + 1);
-        }
-        ranges.push((start, end, line));
-        line += data[start..end].iter().filter(|b| **b == b'\n').count() as u64;
-        start = end;
+fn process_line(line: &[u8], routing: &Routing, builder: &mut BatchBuilder, part: &mut Part) {
+    let index = part.lines_seen;
+    part.lines_seen += 1;
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return; // blank lines separate nothing in JSON Lines
     }
-    ranges
+    part.lines += 1;
+    if let Err(reason) = builder.push(routing, line) {
+        let raw = String::from_utf8_lossy(line).into_owned();
+        part.dead.push((index, reason.to_string(), raw));
+    }
 }
 
 fn write(path: &PathBuf, bytes: &[u8]) -> anyhow::Result<()> {
@@ -186,22 +243,55 @@ fn clear_jsonl(dir: &Path) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    /// Every cut of a file into ranges processes each line exactly once and numbers it right,
+    /// whatever the ranges' sizes relative to the lines (blank lines, CRLF, no final newline).
     #[test]
-    fn splitting_keeps_every_line_once_and_numbers_them() {
-        let data = b"a\nbb\nccc\ndddd\ne";
-        for n in 1..6 {
-            let ranges = split_lines(data, n);
-            let joined: Vec<u8> = ranges
-                .iter()
-                .flat_map(|&(s, e, _)| data[s..e].to_vec())
-                .collect();
-            assert_eq!(joined, data.to_vec(), "n={n}");
-            for &(s, _, line) in &ranges {
-                assert_eq!(
-                    line,
-                    1 + data[..s].iter().filter(|b| **b == b'\n').count() as u64
+    fn ranges_keep_every_line_once_and_number_them() {
+        let good = |id: &str| {
+            format!(
+                r#"{{"ticket_id":"{id}","client_id":1,"created_at":"2025-03-01T10:00:00Z","request":"r","request_type":"other","priority":"low"}}"#
+            )
+        };
+        let text = format!(
+            "{}\n\nbad one\r\n{}\r\n{}\n  \nbad two\n{}",
+            good("A"),
+            good("B"),
+            good("C"),
+            good("D")
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let input = dir.path().join("in.jsonl");
+        std::fs::write(&input, &text).expect("write");
+        let len = text.len() as u64;
+        for cut in 0..=len {
+            let mut ids = String::new();
+            let mut dead = Vec::new();
+            let mut first_line = 1;
+            for (i, range) in [(0, cut), (cut, len)].into_iter().enumerate() {
+                let out = dir.path().join(format!("out-{i}"));
+                let _ = std::fs::remove_file(&out);
+                let part = process_range(&input, range, &out, &Routing::default()).expect("runs");
+                ids += &std::fs::read_to_string(&out).unwrap_or_default();
+                dead.extend(
+                    part.dead
+                        .iter()
+                        .map(|(l, _, raw)| (first_line + l, raw.clone())),
                 );
+                first_line += part.lines_seen;
             }
+            let ids: Vec<String> = ids
+                .lines()
+                .map(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).expect("json")["ticket_id"]
+                        .to_string()
+                })
+                .collect();
+            assert_eq!(ids, ["\"A\"", "\"B\"", "\"C\"", "\"D\""], "cut at {cut}");
+            assert_eq!(
+                dead,
+                [(3, "bad one".to_string()), (7, "bad two".to_string())],
+                "cut at {cut}"
+            );
         }
     }
 
