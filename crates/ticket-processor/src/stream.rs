@@ -1,9 +1,11 @@
 //! The streaming processor: consume, validate, route, batch per partition, commit to S3
 //! exactly once (see [`crate::sink`]), then commit the Kafka offsets.
 //!
-//! One task owns the consumer and every partition's buffer. S3 is the source of truth for
-//! progress: on the first message of a newly assigned partition its checkpoint is loaded and
-//! the consumer seeks to the checkpoint's offset, so nothing already written is written again.
+//! One task owns the consumer and every partition's buffer; a full batch is written by a task
+//! of its own while consumption goes on, one batch in flight per partition (so a partition's
+//! offsets are still committed in order). S3 is the source of truth for progress: on the first
+//! message of a newly assigned partition its checkpoint is loaded and the consumer seeks to
+//! the checkpoint's offset, so nothing already written is written again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -89,10 +91,33 @@ const DRAIN_IDLE: Duration = Duration::from_secs(3);
 
 /// A partition this instance owns and has loaded the checkpoint of.
 struct Owned {
-    sink: PartitionSink,
-    /// Offsets below this were already handled (written, or are in `building`).
+    /// `None` while a batch is in flight: its writer task holds the sink.
+    sink: Option<PartitionSink>,
+    /// Tells this ownership from an earlier one of the same partition (revoked, then assigned
+    /// again) when a writer task reports back.
+    epoch: u64,
+    /// Offsets below this were already handled (written, in flight, or in `building`).
     expected: i64,
     building: Option<Building>,
+}
+
+/// What a writer task reports when its batch is done.
+struct Done {
+    partition: i32,
+    epoch: u64,
+    first: i64,
+    last: i64,
+    valid: u64,
+    dead: u64,
+    started: Instant,
+    sink: PartitionSink,
+    outcome: Result<(), Failure>,
+}
+
+enum Failure {
+    /// A dead letter was not delivered: the batch must be processed again.
+    DeadLetter(String),
+    Sink(SinkError),
 }
 
 struct Building {
@@ -112,6 +137,11 @@ struct Processor {
     metrics: Metrics,
     aggregator: Aggregator,
     parts: HashMap<i32, Owned>,
+    next_epoch: u64,
+    /// Writer tasks report here; `in_flight` of them have not yet.
+    done_tx: tokio::sync::mpsc::UnboundedSender<Done>,
+    done_rx: tokio::sync::mpsc::UnboundedReceiver<Done>,
+    in_flight: usize,
     counts_dirty: bool,
     counts_written_at: Instant,
 }
@@ -178,6 +208,7 @@ pub async fn run(
         metrics: metrics.clone(),
         max_backoff: Duration::from_secs(5),
     };
+    let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut p = Processor {
         consumer,
         dlq,
@@ -186,6 +217,10 @@ pub async fn run(
         metrics,
         aggregator: Aggregator::default(),
         parts: HashMap::new(),
+        next_epoch: 0,
+        done_tx,
+        done_rx,
+        in_flight: 0,
         counts_dirty: false,
         counts_written_at: Instant::now(),
         settings,
@@ -287,6 +322,7 @@ impl Processor {
                     }
                     Err(e) => tracing::warn!(error = %e, "Kafka error (librdkafka retries by itself)."),
                 },
+                Some(done) = self.done_rx.recv() => self.complete(done).await?,
                 _ = tick.tick() => {
                     health.tick();
                     // A broker that under-reports its high watermark (Tansu 0.6) may never send
@@ -348,20 +384,24 @@ impl Processor {
                     Offset::Beginning
                 },
             )?;
-            self.parts.insert(
-                partition,
-                Owned {
-                    sink,
-                    expected: next,
-                    building: None,
-                },
-            );
+            let owned = self.own(sink, next);
+            self.parts.insert(partition, owned);
         }
         tracing::info!(end_offsets = ?targets, "Draining up to these offsets.");
         self.consumer
             .assign(&tpl)
             .context("assigning the partitions")?;
         Ok(targets)
+    }
+
+    fn own(&mut self, sink: PartitionSink, expected: i64) -> Owned {
+        self.next_epoch += 1;
+        Owned {
+            sink: Some(sink),
+            epoch: self.next_epoch,
+            expected,
+            building: None,
+        }
     }
 
     async fn load(&self, partition: i32) -> anyhow::Result<PartitionSink> {
@@ -410,14 +450,8 @@ impl Processor {
         if !self.parts.contains_key(&partition) {
             let sink = self.load(partition).await?;
             let next = sink.checkpoint.next_offset;
-            self.parts.insert(
-                partition,
-                Owned {
-                    sink,
-                    expected: offset.max(next),
-                    building: None,
-                },
-            );
+            let owned = self.own(sink, offset.max(next));
+            self.parts.insert(partition, owned);
             self.metrics
                 .assigned_partitions
                 .set(self.parts.len() as i64);
@@ -513,114 +547,145 @@ impl Processor {
         Ok(())
     }
 
+    /// Writes every buffered batch and waits for every batch in flight.
     async fn flush_all(&mut self) -> Result<(), SinkError> {
+        let as_sink_error =
+            |e: anyhow::Error| e.downcast::<SinkError>().unwrap_or_else(SinkError::Fatal);
         let all: Vec<i32> = self.parts.keys().copied().collect();
         for p in all {
-            match self.flush(p).await {
-                Ok(()) => {}
-                Err(e) => return Err(e.downcast::<SinkError>().unwrap_or_else(SinkError::Fatal)),
-            }
+            self.flush(p).await.map_err(as_sink_error)?;
+        }
+        while self.in_flight > 0 {
+            self.wait_one().await.map_err(as_sink_error)?;
         }
         Ok(())
     }
 
-    /// Writes a partition's batch and commits its offsets; on a lost race, resumes from S3.
+    async fn wait_one(&mut self) -> anyhow::Result<()> {
+        let done = self
+            .done_rx
+            .recv()
+            .await
+            .context("the batch writers are gone")?;
+        self.complete(done).await
+    }
+
+    /// Hands a partition's batch to a writer task (after the partition's previous batch is
+    /// done: its offsets must be committed first).
     async fn flush(&mut self, partition: i32) -> anyhow::Result<()> {
+        while self.parts.get(&partition).is_some_and(|o| o.sink.is_none()) {
+            self.wait_one().await?;
+        }
         let Some(owned) = self.parts.get_mut(&partition) else {
             return Ok(());
         };
-        let Some(b) = owned.building.take() else {
+        let (Some(b), Some(mut sink)) = (owned.building.take(), owned.sink.take()) else {
             return Ok(());
         };
-        let started = Instant::now();
+        let epoch = owned.epoch;
+        let (store, layout) = (self.store.clone(), self.settings.layout.clone());
+        let (retry, aggregator) = (self.retry.clone(), self.aggregator.clone());
+        let (metrics, done_tx) = (self.metrics.clone(), self.done_tx.clone());
+        self.in_flight += 1;
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let (first, last, valid) = (b.first, b.last, b.builder.valid);
+            let dead = b.dead_letters.len() as u64;
+            let outcome =
+                write_batch(b, &mut sink, &store, &layout, &retry, &aggregator, &metrics).await;
+            // The receiver lives as long as the processor; if it is gone, so is the result.
+            let _ = done_tx.send(Done {
+                partition,
+                epoch,
+                first,
+                last,
+                valid,
+                dead,
+                started,
+                sink,
+                outcome,
+            });
+        });
+        Ok(())
+    }
 
-        // Dead letters must be durable before the batch's offsets count as done.
-        let dead = b.dead_letters.len() as u64;
-        for fut in b.dead_letters {
-            match fut.await {
-                Ok(Ok(_)) => {
-                    self.metrics.dead_lettered.inc();
-                }
-                failure => {
-                    let error = match failure {
-                        Ok(Err((e, _))) => e.to_string(),
-                        _ => "producer closed".to_string(),
-                    };
-                    tracing::error!(
-                        partition,
-                        first = b.first,
-                        error,
-                        "Could not write to the dead-letter topic; the batch will be processed again."
-                    );
-                    owned.expected = b.first;
-                    self.seek(partition, b.first);
-                    return Ok(());
-                }
-            }
-        }
-        let counts = self
-            .aggregator
-            .count(vec![b.builder.columns.finish()])
-            .await?;
-        let batch = Batch {
-            first: b.first,
-            last: b.last,
-            valid: b.builder.valid,
-            body: b.builder.body,
-            dead_letters: dead,
-            counts,
+    /// Acts on a writer task's report: commits the offsets of a written batch; after a lost
+    /// race or a failed dead letter, drops what was read since and resumes from the right offset.
+    async fn complete(&mut self, d: Done) -> anyhow::Result<()> {
+        self.in_flight -= 1;
+        let partition = d.partition;
+        let Some(owned) = self
+            .parts
+            .get_mut(&partition)
+            .filter(|o| o.epoch == d.epoch)
+        else {
+            tracing::debug!(
+                partition,
+                first = d.first,
+                "A batch of a partition no longer owned is done."
+            );
+            return Ok(());
         };
-        let valid = batch.valid;
-        match owned
-            .sink
-            .commit(&self.store, &self.settings.layout, batch, &self.retry)
-            .await
-        {
+        owned.sink = Some(d.sink);
+        match d.outcome {
             Ok(()) => {
                 let mut tpl = TopicPartitionList::new();
                 tpl.add_partition_offset(
                     &self.settings.kafka.topic,
                     partition,
-                    Offset::Offset(b.last + 1),
+                    Offset::Offset(d.last + 1),
                 )?;
                 if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
                     tracing::warn!(partition, error = %e, "Offset commit failed; S3 checkpoint still protects against duplicates.");
                 }
-                self.metrics.tickets_written.inc_by(valid);
+                self.metrics.tickets_written.inc_by(d.valid);
                 self.metrics.batches_written.inc();
                 self.metrics
                     .batch_seconds
-                    .observe(started.elapsed().as_secs_f64());
+                    .observe(d.started.elapsed().as_secs_f64());
                 self.counts_dirty = true;
                 tracing::debug!(
                     partition,
-                    first = b.first,
-                    last = b.last,
-                    valid,
-                    dead,
+                    first = d.first,
+                    last = d.last,
+                    valid = d.valid,
+                    dead = d.dead,
                     "Batch written."
                 );
                 Ok(())
             }
-            Err(SinkError::Fenced(_)) => {
+            Err(Failure::DeadLetter(error)) => {
+                tracing::error!(
+                    partition,
+                    first = d.first,
+                    error,
+                    "Could not write to the dead-letter topic; the batch will be processed again."
+                );
+                owned.building = None;
+                owned.expected = d.first;
+                self.seek(partition, d.first);
+                Ok(())
+            }
+            Err(Failure::Sink(SinkError::Fenced(_))) => {
                 self.metrics.fenced.inc();
                 let sink = self.load(partition).await?;
                 let next = sink.checkpoint.next_offset;
                 tracing::warn!(
                     partition,
-                    first = b.first,
-                    last = b.last,
+                    first = d.first,
+                    last = d.last,
                     resume_at = next,
                     "Another writer committed this partition first; dropped our batch and resuming from its checkpoint."
                 );
                 if let Some(o) = self.parts.get_mut(&partition) {
-                    o.sink = sink;
+                    o.sink = Some(sink);
                     o.expected = next;
+                    o.building = None;
                 }
                 self.seek(partition, next);
                 Ok(())
             }
-            Err(e) => Err(e.into()),
+            Err(Failure::Sink(e)) => Err(e.into()),
         }
     }
 
@@ -656,6 +721,42 @@ impl Processor {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// A writer task's work: dead letters durable, counts, then the batch into S3 exactly once.
+async fn write_batch(
+    b: Building,
+    sink: &mut PartitionSink,
+    store: &Store,
+    layout: &Layout,
+    retry: &Retrier,
+    aggregator: &Aggregator,
+    metrics: &Metrics,
+) -> Result<(), Failure> {
+    // Dead letters must be durable before the batch's offsets count as done.
+    let dead = b.dead_letters.len() as u64;
+    for fut in b.dead_letters {
+        match fut.await {
+            Ok(Ok(_)) => metrics.dead_lettered.inc(),
+            Ok(Err((e, _))) => return Err(Failure::DeadLetter(e.to_string())),
+            Err(_) => return Err(Failure::DeadLetter("producer closed".to_string())),
+        };
+    }
+    let counts = aggregator
+        .count(vec![b.builder.columns.finish()])
+        .await
+        .map_err(|e| Failure::Sink(SinkError::Fatal(e)))?;
+    let batch = Batch {
+        first: b.first,
+        last: b.last,
+        valid: b.builder.valid,
+        body: b.builder.body,
+        dead_letters: dead,
+        counts,
+    };
+    sink.commit(store, layout, batch, retry)
+        .await
+        .map_err(Failure::Sink)
 }
 
 /// Sends an invalid message to the dead-letter topic with its key, bytes and the reason.
