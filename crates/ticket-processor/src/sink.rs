@@ -263,13 +263,24 @@ impl PartitionSink {
             .await;
         let etag = match etag {
             Ok(etag) => etag,
-            Err(e) => {
-                if let Some(p) = &staged {
-                    // Best effort: a stale owner's staging object is garbage now.
-                    let _ = store.delete(&p.staging_key).await;
+            Err(SinkError::Fenced(partition)) => {
+                // Our own write may have landed with its answer lost, and a retry of it then
+                // conflicts with itself: the checkpoint holds exactly what we wrote.
+                match retry.run("read checkpoint", || store.get(&key)).await? {
+                    Some((stored, etag)) if stored == body => etag,
+                    _ => {
+                        if let Some(p) = &staged {
+                            // Best effort: a stale owner's staging object is garbage now (a
+                            // checkpoint that named it was finished by whoever loaded it).
+                            let _ = store.delete(&p.staging_key).await;
+                        }
+                        return Err(SinkError::Fenced(partition));
+                    }
                 }
-                return Err(e);
             }
+            // Not known whether the checkpoint landed: leave the staging object to the next
+            // load, which keeps it if the checkpoint names it and deletes it otherwise.
+            Err(e) => return Err(e),
         };
         self.etag = Some(etag);
         self.checkpoint = next;
@@ -336,6 +347,13 @@ async fn finish_pending(store: &Store, p: &Pending, retry: &Retrier) -> Result<(
         .run("read staging object", || store.get(&p.staging_key))
         .await?;
     let Some((body, _)) = staged else {
+        // Another process may have finished it between our two reads.
+        if retry
+            .run("check tickets object", || store.exists(&p.final_key))
+            .await?
+        {
+            return Ok(());
+        }
         return Err(SinkError::Fatal(anyhow!(
             "checkpoint says {} is pending from {}, but neither object exists: was the bucket edited by hand?",
             p.final_key,

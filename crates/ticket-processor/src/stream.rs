@@ -59,6 +59,18 @@ impl ClientContext for Ctx {
             .sum();
         self.metrics.consumer_lag.set(lag);
     }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        // With --drain, reaching the end of a partition is the expected way to finish, and
+        // librdkafka also reports it as a client-wide error: not worth an ERROR line.
+        if let rdkafka::error::KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF) =
+            error
+        {
+            tracing::debug!(reason, "End of a partition.");
+        } else {
+            tracing::error!("librdkafka: {error}: {reason}");
+        }
+    }
 }
 
 impl ConsumerContext for Ctx {
@@ -142,6 +154,9 @@ struct Processor {
     done_tx: tokio::sync::mpsc::UnboundedSender<Done>,
     done_rx: tokio::sync::mpsc::UnboundedReceiver<Done>,
     in_flight: usize,
+    /// Partitions sent back to an earlier offset since the main loop last looked (drain mode
+    /// must not count them as finished).
+    rewound: Vec<i32>,
     counts_dirty: bool,
     counts_written_at: Instant,
 }
@@ -221,6 +236,7 @@ pub async fn run(
         done_tx,
         done_rx,
         in_flight: 0,
+        rewound: Vec::new(),
         counts_dirty: false,
         counts_written_at: Instant::now(),
         settings,
@@ -296,6 +312,10 @@ impl Processor {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            for p in std::mem::take(&mut self.rewound) {
+                at_end.remove(&p);
+                last_message.insert(p, Instant::now());
+            }
             if self.settings.drain && targets.keys().all(|p| at_end.contains(p)) {
                 tracing::info!("Reached the end of the topic as of start.");
                 return Ok(());
@@ -303,25 +323,7 @@ impl Processor {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Ok(()),
-                m = self.consumer.recv() => match m {
-                    Ok(m) => {
-                        let (partition, offset) = (m.partition(), m.offset());
-                        let key = m.key().map(<[u8]>::to_vec);
-                        let payload = m.payload().unwrap_or_default().to_vec();
-                        drop(m);
-                        last_message.insert(partition, Instant::now());
-                        self.take_revocations();
-                        self.handle(partition, offset, key, &payload).await?;
-                    }
-                    Err(rdkafka::error::KafkaError::PartitionEOF(p)) => {
-                        // Counts once the fetch position (past transaction markers too) is at
-                        // or beyond the end offset seen at start.
-                        if self.position(p).zip(targets.get(&p)).is_some_and(|(pos, end)| pos >= *end) {
-                            at_end.insert(p);
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "Kafka error (librdkafka retries by itself)."),
-                },
+                // Before the consumer, which is nearly always ready under load.
                 Some(done) = self.done_rx.recv() => self.complete(done).await?,
                 _ = tick.tick() => {
                     health.tick();
@@ -341,6 +343,25 @@ impl Processor {
                         self.refresh_counts(false).await?;
                     }
                 }
+                m = self.consumer.recv() => match m {
+                    Ok(m) => {
+                        let (partition, offset) = (m.partition(), m.offset());
+                        let key = m.key().map(<[u8]>::to_vec);
+                        let payload = m.payload().unwrap_or_default().to_vec();
+                        drop(m);
+                        last_message.insert(partition, Instant::now());
+                        self.take_revocations();
+                        self.handle(partition, offset, key, &payload).await?;
+                    }
+                    Err(rdkafka::error::KafkaError::PartitionEOF(p)) => {
+                        // Counts once the fetch position (past transaction markers too) is at
+                        // or beyond the end offset seen at start.
+                        if self.position(p).zip(targets.get(&p)).is_some_and(|(pos, end)| pos >= *end) {
+                            at_end.insert(p);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "Kafka error (librdkafka retries by itself)."),
+                },
             }
         }
     }
@@ -591,8 +612,15 @@ impl Processor {
             let started = Instant::now();
             let (first, last, valid) = (b.first, b.last, b.builder.valid);
             let dead = b.dead_letters.len() as u64;
-            let outcome =
-                write_batch(b, &mut sink, &store, &layout, &retry, &aggregator, &metrics).await;
+            let write = write_batch(b, &mut sink, &store, &layout, &retry, &aggregator, &metrics);
+            // A panic must still report, or the partition would wait for this batch forever.
+            let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(write))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Failure::Sink(SinkError::Fatal(anyhow::anyhow!(
+                        "writing the batch of partition {partition} from offset {first} panicked"
+                    ))))
+                });
             // The receiver lives as long as the processor; if it is gone, so is the result.
             let _ = done_tx.send(Done {
                 partition,
@@ -663,6 +691,7 @@ impl Processor {
                 );
                 owned.building = None;
                 owned.expected = d.first;
+                self.rewound.push(partition);
                 self.seek(partition, d.first);
                 Ok(())
             }
@@ -682,6 +711,7 @@ impl Processor {
                     o.expected = next;
                     o.building = None;
                 }
+                self.rewound.push(partition);
                 self.seek(partition, next);
                 Ok(())
             }
