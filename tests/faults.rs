@@ -41,6 +41,25 @@ async fn publish_invalid(broker: &Broker, topic: &str, n: usize) {
     broker.publish(topic, &msgs).await;
 }
 
+/// The outage tests' load: the topic created, a producer sending `total` tickets at 1,000/s
+/// and a processor flushing every 300 ms, both logging into `dir`.
+async fn steady_stream(
+    env: &mut Vec<(String, String)>,
+    total: u64,
+    dir: &std::path::Path,
+) -> (Running, Running) {
+    env.push(("BATCH_MAX_AGE_MS".into(), "300".into()));
+    run_ok("ticket-producer", env, &["--count", "0"]).await;
+    let producer = Running::spawn(
+        "ticket-producer",
+        env,
+        &["--count", &total.to_string(), "--rate", "1000"],
+        dir.join("producer.log"),
+    );
+    let processor = Running::spawn("ticket-processor", env, &[], dir.join("processor.log"));
+    (producer, processor)
+}
+
 fn report(name: &str, figures: &[(&str, String)]) {
     let line: Vec<String> = figures.iter().map(|(k, v)| format!("{k}={v}")).collect();
     println!("FAULT-TEST {name}: {}", line.join(" "));
@@ -332,22 +351,9 @@ async fn s3_outage_is_retried_without_loss_and_recovers_by_itself() {
         "S3_ENDPOINT".into(),
         format!("http://127.0.0.1:{}", proxy.port),
     ));
-    env.push(("BATCH_MAX_AGE_MS".into(), "300".into()));
-    run_ok("ticket-producer", &env, &["--count", "0"]).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let total: u64 = 20_000;
-    let mut producer = Running::spawn(
-        "ticket-producer",
-        &env,
-        &["--count", &total.to_string(), "--rate", "1000"],
-        dir.path().join("producer.log"),
-    );
-    let mut processor = Running::spawn(
-        "ticket-processor",
-        &env,
-        &[],
-        dir.path().join("processor.log"),
-    );
+    let (mut producer, mut processor) = steady_stream(&mut env, total, dir.path()).await;
     processor.http_addr().await;
     tokio::time::sleep(Duration::from_secs(4)).await;
 
@@ -429,22 +435,9 @@ async fn broker_outage_is_survived_by_producer_and_processor() {
     let s3 = S3::start().await;
     let topic = unique("tickets");
     let mut env = env(&broker, &s3, &topic);
-    env.push(("BATCH_MAX_AGE_MS".into(), "300".into()));
-    run_ok("ticket-producer", &env, &["--count", "0"]).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let total: u64 = 20_000;
-    let mut producer = Running::spawn(
-        "ticket-producer",
-        &env,
-        &["--count", &total.to_string(), "--rate", "1000"],
-        dir.path().join("producer.log"),
-    );
-    let mut processor = Running::spawn(
-        "ticket-processor",
-        &env,
-        &[],
-        dir.path().join("processor.log"),
-    );
+    let (mut producer, mut processor) = steady_stream(&mut env, total, dir.path()).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let outage = Duration::from_secs(15);
     proxy.down();

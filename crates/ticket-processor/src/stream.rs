@@ -553,6 +553,9 @@ impl Processor {
         let due: Vec<i32> = self
             .parts
             .iter()
+            // A partition with a batch in flight waits for its report (the tick does not block
+            // on it); a size limit reached meanwhile is back-pressure in `handle`.
+            .filter(|(_, o)| o.sink.is_some())
             .filter_map(|(p, o)| {
                 let b = o.building.as_ref()?;
                 let records = (b.last - b.first + 1) as usize;
