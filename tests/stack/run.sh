@@ -271,9 +271,262 @@ base_images() {
   result "base images: $debian $(docker image inspect -f '{{.Size}}' "$debian" | awk '{printf "%.0f MB", $1/1e6}'), $rust $(docker image inspect -f '{{.Size}}' "$rust" | awk '{printf "%.0f MB", $1/1e6}')"
 }
 
+############################ the project's copy and Compose ############################
+
+SRC="$WORK/src"
+COMPOSE_FILES=(-f docker-compose.yml)
+VENDOR_IMAGES=()
+
+# The repository's files as they are (tracked and untracked, minus what git ignores), in a
+# scratch directory: the scenario's `cp .env.example .env` and the warm-build edit happen
+# there, never in the working tree, and a user's own .env is left alone.
+snapshot() {
+  mkdir -p "$SRC"
+  (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard |
+    xargs -0 -I{} sh -c '[ -e "{}" ] && printf "%s\0" "{}"' |
+    tar -c --null -T - ) | tar -x -C "$SRC"
+}
+
+compose() { (cd "$SRC" && docker compose -p "$STACK_PROJECT" "${COMPOSE_FILES[@]}" "$@"); }
+
+# Vendor images: the real ones when they can be had, stand-ins (tests/stack/compose.standins.yml)
+# otherwise.
+choose_images() {
+  mapfile -t VENDOR_IMAGES < <(awk '$1 == "image:" && $2 !~ /^ticket-pipeline/ {print $2}' "$ROOT/docker-compose.yml")
+  local missing=() img
+  for img in "${VENDOR_IMAGES[@]}"; do
+    pull_if_missing "$img" || missing+=("$img")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    COMPOSE_FILES+=(-f tests/stack/compose.standins.yml)
+    result "vendor images: stand-ins (cannot be pulled: ${missing[*]})"
+  else
+    result "vendor images: the real ones (${VENDOR_IMAGES[*]})"
+  fi
+}
+
+# Host ports for this run's stack, away from the defaults a user's stack may hold.
+write_env() {
+  cp "$SRC/.env.example" "$SRC/.env"
+  local base=${STACK_HOST_PORT_BASE:-29000}
+  cat >> "$SRC/.env" <<EOF
+
+# tests/stack/run.sh: host ports of its own, so that it runs beside a user's stack.
+REDPANDA_KAFKA_PORT=$((base + 92))
+REDPANDA_SCHEMA_REGISTRY_PORT=$((base + 81))
+REDPANDA_ADMIN_PORT=$((base + 44))
+CONSOLE_PORT=$((base + 80))
+MINIO_API_PORT=$((base + 0))
+MINIO_CONSOLE_PORT=$((base + 1))
+EOF
+  S3_HOST_ENDPOINT="http://127.0.0.1:$base"
+  # What the scenario reads S3 with: the processor's own credentials from .env.
+  set -a; . "$SRC/.env"; set +a
+}
+
+############################ images ############################
+
+# Builds with Compose, timed; the log goes to $WORK/build-NAME.log.
+timed_build() {
+  local name=$1; shift
+  local start=$SECONDS
+  if ! compose build --progress plain "$@" >"$WORK/build-$name.log" 2>&1; then
+    tail -40 "$WORK/build-$name.log" >&2
+    die "docker compose build ($name) failed"
+  fi
+  echo $((SECONDS - start))
+}
+
+# The crates cargo compiled in a build log, other than the workspace's own.
+dependency_compiles() {
+  grep -oE 'Compiling [A-Za-z0-9_-]+ v' "$1" | awk '{print $2}' |
+    grep -vxE 'ticket-core|ticket-kafka|ticket-producer|ticket-processor|ticket-pipeline-tests' | sort -u || true
+}
+
+image_mb() { docker image inspect -f '{{.Size}}' "$1" | awk '{printf "%.1f", $1/1e6}'; }
+
+build_images() {
+  if [ ${#COMPOSE_FILES[@]} -gt 2 ]; then
+    local s; s=$(timed_build standins redpanda minio)
+    result "build stand-ins (Tansu, s3s-fs): ${s}s"
+  fi
+  local first; first=$(timed_build first ticket-producer ticket-processor)
+  local deps; deps=$(dependency_compiles "$WORK/build-first.log" | wc -l)
+  if [ "$deps" -gt 0 ]; then
+    result "build images, cold (dependencies compiled: $deps crates): ${first}s"
+  else
+    result "build images (dependency layer from cache, no dependency compiled): ${first}s"
+  fi
+  # Warm: one .rs file edited; the dependency layer must come from the cache.
+  printf '\n// edited by tests/stack/run.sh to time a warm build\n' >>"$SRC/crates/ticket-core/src/lib.rs"
+  local warm; warm=$(timed_build warm ticket-producer ticket-processor)
+  local rebuilt; rebuilt=$(dependency_compiles "$WORK/build-warm.log")
+  [ -z "$rebuilt" ] || die "a warm build recompiled dependencies: $(echo $rebuilt | head -c 300)"
+  grep -q 'Compiling ticket-core' "$WORK/build-warm.log" || die "the warm build did not recompile the edited crate"
+  result "build images, warm (one .rs edited; no dependency recompiled): ${warm}s"
+  local p q
+  p=$(image_mb ticket-pipeline/ticket-processor:local)
+  q=$(image_mb ticket-pipeline/ticket-producer:local)
+  result "image sizes: ticket-processor ${p} MB (goal <= 120), ticket-producer ${q} MB (goal <= 100)"
+  awk -v p="$p" -v q="$q" 'BEGIN { exit !(p <= 120 && q <= 100) }' ||
+    log "WARNING: an image is above its size goal"
+}
+
+############################ the scenario ############################
+
+ids() { compose ps -a -q "$1"; }
+state() { docker inspect -f '{{.State.Status}} {{.State.ExitCode}}' "$1"; }
+health() { docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{end}}' "$1"; }
+cname() { docker inspect -f '{{.Name}}' "$1" | sed 's|^/||'; }
+
+exited_ok() { [ "$(state "$1")" = "exited 0" ]; }
+is_exited() { case "$(state "$1")" in exited*) return 0 ;; *) return 1 ;; esac; }
+all_healthy() {
+  local n=$1 id count=0
+  for id in $(ids ticket-processor); do
+    [ "$(health "$id")" = healthy ] && count=$((count + 1))
+  done
+  [ "$count" -eq "$n" ]
+}
+
+s3_state() { python3 "$HERE/s3check.py" "$S3_HOST_ENDPOINT" "$S3_BUCKET_NAME" "${S3_PREFIX:-}"; }
+json() { python3 -c 'import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1], {}, d))' "$1"; }
+
+# Every produced ticket is in S3 exactly once, with its team, and latest.jsonl agrees.
+S3_LAST=""
+s3_has() {
+  local want=$1
+  S3_LAST=$(s3_state 2>/dev/null) || return 1
+  [ "$(json 'tickets' <<<"$S3_LAST")" -ge "$want" ] &&
+    [ "$(json 'counts_total' <<<"$S3_LAST")" -ge "$want" ]
+}
+s3_objects() {
+  S3_LAST=$(s3_state 2>/dev/null) || return 1
+  [ "$(json 'objects' <<<"$S3_LAST")" -ge 1 ]
+}
+# True once CONTAINER is no longer the running one it was (RestartCount was $2).
+killed() { [ "$(docker inspect -f '{{.State.Running}} {{.RestartCount}}' "$1")" != "true $2" ]; }
+assert_exactly_once() {
+  local want=$1 runs=$2 s
+  s=$(s3_state)
+  S3_LAST=$s
+  [ "$(json 'tickets' <<<"$s")" -eq "$want" ] || die "S3 has $(json 'tickets' <<<"$s") tickets, expected $want: $s"
+  [ "$(json 'unique' <<<"$s")" -eq "$want" ] || die "duplicates in S3: $s"
+  [ "$(json 'wrong_team' <<<"$s")" -eq 0 ] || die "tickets with a wrong support_team: $s"
+  [ "$(json 'counts_ok' <<<"$s")" = True ] || die "latest.jsonl does not match the tickets: $s"
+  # Each producer run complete: count == highest sequence number, from 1.
+  [ "$(json "sorted(c for c, lo, hi in runs.values() if lo == 1 and hi == c)" <<<"$s")" = "$runs" ] ||
+    die "a producer run is incomplete in S3 (expected runs of $runs): $s"
+}
+
+# Prometheus gauge NAME of a processor container, read inside it (bash's /dev/tcp: the image
+# has no curl).
+metric() {
+  docker exec "$1" bash -c 'exec 3<>/dev/tcp/127.0.0.1/9090 && printf "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n" >&3 && cat <&3' 2>/dev/null |
+    awk -v m="$2" '$1 == m {print int($2); found=1} END {if (!found) print 0}'
+}
+sharing() {
+  local id total=0 v
+  for id in $(ids ticket-processor); do
+    v=$(metric "$id" ticket_processor_assigned_partitions)
+    [ "$v" -ge 1 ] || return 1
+    total=$((total + v))
+  done
+  [ "$total" -eq "$TOPIC_PARTITIONS" ]
+}
+
+scenario() {
+  log "scenario: docker compose up -d --build"
+  local t0=$SECONDS
+  compose up -d --build >"$WORK/up.log" 2>&1 || { tail -30 "$WORK/up.log" >&2; die "up -d --build failed"; }
+  local topics producer
+  topics=$(ids topics); producer=$(ids ticket-producer)
+  wait_for 60 "topics job exited" is_exited "$topics"
+  exited_ok "$topics" || die "topics job: $(state "$topics")"
+  result "up: topics job exited 0"
+  wait_for 120 "producer exited" is_exited "$producer"
+  exited_ok "$producer" || die "producer: $(state "$producer")"
+  docker logs "$producer" 2>&1 | grep -q "delivered $NB_TICKETS of $NB_TICKETS tickets" ||
+    die "producer did not report $NB_TICKETS delivered: $(docker logs "$producer" 2>&1 | tail -3)"
+  result "up: producer exited 0, delivered $NB_TICKETS of $NB_TICKETS"
+  wait_for 120 "processor healthy (its HEALTHCHECK)" all_healthy 1
+  result "up: processor healthy by its own HEALTHCHECK after $((SECONDS - t0))s"
+  wait_for 120 "a first object in S3" s3_objects
+  result "time from up to the first object in S3: $((SECONDS - t0))s (images already built; BATCH_MAX_AGE_MS=$BATCH_MAX_AGE_MS)"
+  wait_for 120 "$NB_TICKETS tickets in S3" s3_has "$NB_TICKETS"
+  assert_exactly_once "$NB_TICKETS" "[$NB_TICKETS]"
+  result "up: $NB_TICKETS tickets in S3 exactly once, right teams, counts match ($(json 'objects' <<<"$S3_LAST") objects)"
+
+  log "scenario: 20,000 more tickets, scale to 3, SIGKILL one mid-stream"
+  # `docker compose run ticket-producer --count 20000`, detached and at a rate so that the
+  # kill below lands while tickets still arrive; without --rm, to read its exit code (removed
+  # below).
+  local more="$STACK_PROJECT-producer-20k"
+  compose run -d --name "$more" ticket-producer --count 20000 --rate 250 >/dev/null
+  compose up -d --no-deps --scale ticket-processor=3 ticket-processor >>"$WORK/up.log" 2>&1 ||
+    die "scale to 3 failed"
+  [ "$(ids ticket-processor | wc -l)" -eq 3 ] || die "not 3 processors: $(ids ticket-processor)"
+  wait_for 120 "three processors healthy" all_healthy 3
+  wait_for 120 "the three processors sharing the $TOPIC_PARTITIONS partitions" sharing
+  result "scale: 3 processors healthy, each with >= 1 of the $TOPIC_PARTITIONS partitions"
+  local victim; victim=$(ids ticket-processor | sed -n 2p)
+  [ "$(state "$more" 2>/dev/null)" = "running 0" ] || die "the producer ended before the kill: not mid-stream"
+  local before restarts
+  before=$(s3_state | json 'tickets')
+  restarts=$(docker inspect -f '{{.RestartCount}}' "$victim")
+  docker kill -s KILL "$victim" >/dev/null
+  wait_for 30 "killed processor down" killed "$victim" "$restarts"
+  result "kill: SIGKILL $(cname "$victim") mid-stream ($before tickets in S3, producer still sending)"
+  # (Its restart policy may have started it already; then this is a no-op.)
+  docker start "$victim" >/dev/null
+  wait_for 120 "killed processor healthy again" all_healthy 3
+  result "kill: $(cname "$victim") started again and healthy"
+  wait_for 300 "the 20,000-ticket producer exited" is_exited "$more"
+  exited_ok "$more" || die "the 20,000-ticket producer: $(state "$more")"
+  docker logs "$more" 2>&1 | grep -q "delivered 20000 of 20000 tickets" ||
+    die "the producer did not report 20000 delivered: $(docker logs "$more" 2>&1 | tail -3)"
+  docker rm "$more" >/dev/null
+  result "run ticket-producer --count 20000: exited 0, delivered 20000 of 20000"
+  local total=$((NB_TICKETS + 20000))
+  wait_for 300 "catch-up: $total tickets in S3" s3_has "$total"
+  assert_exactly_once "$total" "[$NB_TICKETS, 20000]"
+  result "catch-up: all $total tickets exactly once, right teams, counts match ($(json 'objects' <<<"$S3_LAST") objects)"
+
+  log "scenario: docker compose stop"
+  local procs; procs=$(ids ticket-processor)
+  local ts=$SECONDS
+  compose stop >>"$WORK/up.log" 2>&1 || die "compose stop failed"
+  local id
+  for id in $procs; do
+    exited_ok "$id" || die "$(cname "$id") did not exit 0 on stop: $(state "$id")"
+    docker logs "$id" 2>&1 | grep -q "Stopping: signal received" || die "$(cname "$id") did not log its stop"
+    if docker logs "$id" 2>&1 | grep -q "Stopped before buffered batches could be written"; then
+      die "$(cname "$id") stopped with unwritten batches"
+    fi
+  done
+  result "stop: 3 processors exited 0 within their grace period (compose stop took $((SECONDS - ts))s), none left a batch unwritten"
+
+  log "scenario: docker compose down -v"
+  compose down -v --remove-orphans >>"$WORK/up.log" 2>&1 || die "down -v failed"
+  STACK_UP=""
+  local label="label=com.docker.compose.project=$STACK_PROJECT"
+  [ -z "$(docker ps -aq --filter "$label")" ] || die "containers left after down -v"
+  [ -z "$(docker network ls -q --filter "$label")" ] || die "networks left after down -v"
+  [ -z "$(docker volume ls -q --filter "$label")" ] || die "volumes left after down -v"
+  result "down -v: no container, network or volume left"
+}
+
 ############################ main ############################
 
 ensure_engine
 ensure_daemon
 base_images
 [ "$MODE" = base ] && exit 0
+snapshot
+choose_images
+write_env
+build_images
+[ "$MODE" = build ] && exit 0
+STACK_UP=1
+scenario
+log "all steps passed"
