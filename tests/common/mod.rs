@@ -237,6 +237,45 @@ pub struct S3 {
     pub client: Client,
     _dir: Option<tempfile::TempDir>,
     server: Option<tokio::task::JoinHandle<()>>,
+    /// Writes (PUT, COPY) to keys under this prefix are refused with 403 AccessDenied, as a
+    /// bucket policy would; `None` when the server is an external one.
+    denied: Option<Arc<std::sync::Mutex<Option<String>>>>,
+}
+
+/// The in-process server's access control: everything allowed but writes under one prefix.
+struct DenyWrites(Arc<std::sync::Mutex<Option<String>>>);
+
+impl DenyWrites {
+    fn check(&self, key: &str) -> s3s::S3Result<()> {
+        let denied = self.0.lock().map(|d| d.clone()).unwrap_or_default();
+        match denied {
+            Some(prefix) if key.starts_with(&prefix) => {
+                Err(s3s::s3_error!(AccessDenied, "writes under {prefix} are denied"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl s3s::access::S3Access for DenyWrites {
+    async fn check(&self, _cx: &mut s3s::access::S3AccessContext<'_>) -> s3s::S3Result<()> {
+        Ok(())
+    }
+
+    async fn put_object(
+        &self,
+        req: &mut s3s::S3Request<s3s::dto::PutObjectInput>,
+    ) -> s3s::S3Result<()> {
+        self.check(&req.input.key)
+    }
+
+    async fn copy_object(
+        &self,
+        req: &mut s3s::S3Request<s3s::dto::CopyObjectInput>,
+    ) -> s3s::S3Result<()> {
+        self.check(&req.input.key)
+    }
 }
 
 impl Drop for S3 {
@@ -268,6 +307,7 @@ impl S3 {
                 client,
                 _dir: None,
                 server: None,
+                denied: None,
             };
         }
         let dir = tempfile::tempdir().expect("tempdir");
@@ -275,6 +315,8 @@ impl S3 {
         let fs = s3s_fs::FileSystem::new(dir.path()).expect("s3s-fs");
         let mut b = s3s::service::S3ServiceBuilder::new(fs);
         b.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+        let denied = Arc::new(std::sync::Mutex::new(None));
+        b.set_access(DenyWrites(denied.clone()));
         let service = b.build();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -304,7 +346,18 @@ impl S3 {
             client,
             _dir: Some(dir),
             server: Some(server),
+            denied: Some(denied),
         }
+    }
+
+    /// Makes the server refuse writes under `prefix` (403), or allow them again with `None`.
+    /// Returns false when the server is external and cannot be told to.
+    pub fn deny_writes_under(&self, prefix: Option<&str>) -> bool {
+        let Some(d) = &self.denied else { return false };
+        if let Ok(mut d) = d.lock() {
+            *d = prefix.map(str::to_string);
+        }
+        true
     }
 
     pub async fn keys(&self, prefix: &str) -> Vec<String> {

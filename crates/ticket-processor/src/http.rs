@@ -22,8 +22,12 @@ pub struct Health {
     last_tick_ms: AtomicU64,
 }
 
-/// The processing loop ticks five times a second; this long without a tick means it is stuck.
-const STUCK_AFTER: Duration = Duration::from_secs(120);
+/// The processing loop ticks every `stream::TICK` (and blocks at most `stream::SEEK_TIMEOUT`
+/// on a seek); this long without a tick means it is stuck.
+pub const STUCK_AFTER: Duration = Duration::from_secs(120);
+const _: () = assert!(
+    STUCK_AFTER.as_millis() > 10 * (crate::stream::TICK.as_millis() + crate::stream::SEEK_TIMEOUT.as_millis())
+);
 
 fn now_ms() -> u64 {
     SystemTime::now()

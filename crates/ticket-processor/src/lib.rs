@@ -1,8 +1,10 @@
 //! `ticket-processor`: consumes tickets, adds `support_team`, aggregates with DataFusion and
 //! writes JSON Lines to S3 exactly once.
 //!
-//! - [`stream`]: the Kafka consumer loop (continuous, or `--drain`);
+//! - [`stream`]: the Kafka consumer loop (continuous, or `--drain`), with its parts:
+//!   partition state, writers, dead letters, drain, counts;
 //! - [`sink`]: the exactly-once protocol for one partition's batch;
+//! - [`store`]: the object store interface the sink needs, and an in-memory one for tests;
 //! - [`s3`]: the S3 adapter;
 //! - [`enrich`] and [`aggregate`]: bytes to output lines, counts with DataFusion;
 //! - [`file`]: `process-file`, the same processing on a local JSON Lines file;
@@ -17,6 +19,7 @@ pub mod metrics;
 pub mod replay;
 pub mod s3;
 pub mod sink;
+pub mod store;
 pub mod stream;
 
 use std::net::SocketAddr;
@@ -181,9 +184,10 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<(
     .await?;
     tracing::info!(%bound, "Serving /health/live, /health/ready and /metrics.");
 
-    let store = s3::Store::connect(&args.s3).await?;
+    let s3 = s3::Store::connect(&args.s3).await?;
     let layout = Layout::new(&args.s3.prefix, &args.kafka.topic);
-    store.check_writable(layout.prefix()).await?;
+    s3.check_writable(layout.prefix()).await?;
+    let store: store::SharedStore = Arc::new(s3);
     let kafka = args.kafka.clone();
     tokio::task::spawn_blocking(move || kafka.check_brokers()).await??;
 

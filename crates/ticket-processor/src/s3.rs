@@ -8,6 +8,9 @@ use aws_sdk_s3::Client;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::error::SdkError;
 use aws_sdk_s3::primitives::ByteStream;
+use futures::future::BoxFuture;
+
+use crate::store::{Expect, ObjectStore, StoreError, StoreResult};
 
 /// S3 settings. Credentials come from the AWS default chain (`AWS_ACCESS_KEY_ID` and
 /// `AWS_SECRET_ACCESS_KEY`, a profile, or an instance/task role): never from a flag.
@@ -31,33 +34,6 @@ pub struct S3Args {
     pub region: String,
 }
 
-/// What went wrong with one object operation.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// A conditional write lost: someone else changed the object first.
-    #[error("precondition failed on {key}: the object was changed by another writer")]
-    Conflict { key: String },
-    /// Anything else (network, throttling, server, permissions): retried by the caller.
-    #[error("{op} s3://{bucket}/{key} failed: {message}")]
-    Other {
-        op: &'static str,
-        bucket: String,
-        key: String,
-        message: String,
-    },
-}
-
-/// Which version of an object a write expects to replace.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Expect {
-    /// Overwrite whatever is there.
-    Any,
-    /// The object must not exist yet.
-    Absent,
-    /// The object must still have this ETag.
-    ETag(String),
-}
-
 #[derive(Clone, Debug)]
 pub struct Store {
     client: Client,
@@ -68,6 +44,8 @@ pub struct Store {
     /// largest CPU cost of a write); TLS and the CRC32 checksum the SDK sends still protect it.
     /// Over plain HTTP the signed hash is the only integrity check, so it stays.
     unsigned_payload: bool,
+    /// `S3_PREFIX`, for the permissions a refusal names.
+    prefix_hint: String,
 }
 
 impl Store {
@@ -83,6 +61,9 @@ impl Store {
         }
         let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .region(aws_config::Region::new(args.region.clone()))
+            // One retry layer only: the sink's own (`sink::Retrier`) decides what is worth
+            // retrying and for how long, so the SDK makes each request once.
+            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(1))
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(Duration::from_secs(3))
@@ -102,6 +83,7 @@ impl Store {
                 .map(str::to_string)
                 .unwrap_or_else(|| format!("AWS S3 ({})", args.region)),
             unsigned_payload: endpoint.is_none_or(|ep| ep.starts_with("https://")),
+            prefix_hint: args.prefix.trim_start_matches('/').to_string(),
         })
     }
 
@@ -130,7 +112,7 @@ impl Store {
             }
         }
         let probe = format!("{prefix}_checkpoints/.write-check-{}", uuid::Uuid::new_v4());
-        self.put(&probe, b"ok".to_vec(), Expect::Any)
+        self.put(&probe, bytes::Bytes::from_static(b"ok"), Expect::Any)
             .await
             .with_context(|| {
                 format!("{where_} is not writable (grant s3:PutObject on {prefix}*)")
@@ -141,127 +123,242 @@ impl Store {
         Ok(())
     }
 
-    /// The object's bytes and ETag, or `None` if it does not exist.
-    pub async fn get(&self, key: &str) -> Result<Option<(Vec<u8>, String)>, StoreError> {
-        let out = match self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-        {
-            Ok(out) => out,
-            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => {
-                return Ok(None);
-            }
-            Err(e) => return Err(self.other("GET", key, describe(&e))),
+    fn location_of(&self, key: &str) -> String {
+        format!("s3://{}/{key}", self.bucket)
+    }
+
+    /// Sorts an SDK error into what the retry loop needs: transient, permanent (with what to
+    /// fix), or a lost conditional write.
+    fn classify<E, R>(&self, op: &'static str, key: &str, e: &SdkError<E, R>) -> StoreError
+    where
+        E: std::error::Error + aws_sdk_s3::error::ProvideErrorMetadata + 'static,
+        R: std::fmt::Debug + HttpStatus,
+    {
+        let location = self.location_of(key);
+        let message = describe(e);
+        let status = e.raw_response().map(HttpStatus::status);
+        let code = match e {
+            SdkError::ServiceError(s) => s.err().code().map(str::to_string),
+            _ => None,
         };
-        let etag = out.e_tag().unwrap_or_default().to_string();
-        let body = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| self.other("GET", key, e.to_string()))?;
-        Ok(Some((body.into_bytes().to_vec(), etag)))
-    }
-
-    pub async fn exists(&self, key: &str) -> Result<bool, StoreError> {
-        match self
-            .client
-            .head_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(false),
-            Err(e) => Err(self.other("HEAD", key, describe(&e))),
-        }
-    }
-
-    /// Writes an object, conditionally; returns its new ETag.
-    pub async fn put(
-        &self,
-        key: &str,
-        body: Vec<u8>,
-        expect: Expect,
-    ) -> Result<String, StoreError> {
-        let mut req = self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .content_type(if key.ends_with(".json") {
-                "application/json"
-            } else {
-                "application/x-ndjson"
-            })
-            .body(ByteStream::from(body));
-        req = match expect {
-            Expect::Any => req,
-            Expect::Absent => req.if_none_match("*"),
-            Expect::ETag(etag) => req.if_match(etag),
-        };
-        let mut req = req.customize();
-        if self.unsigned_payload {
-            req = req.disable_payload_signing();
-        }
-        match req.send().await {
-            Ok(out) => Ok(out.e_tag().unwrap_or_default().to_string()),
-            Err(e)
-                if e.raw_response()
-                    .is_some_and(|r| matches!(r.status().as_u16(), 409 | 412)) =>
-            {
-                Err(StoreError::Conflict {
-                    key: key.to_string(),
-                })
-            }
-            Err(e) => Err(self.other("PUT", key, describe(&e))),
-        }
-    }
-
-    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.client
-            .delete_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| self.other("DELETE", key, describe(&e)))
-    }
-
-    /// Every key under `prefix`, following pagination.
-    pub async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        let mut keys = Vec::new();
-        let mut pages = self
-            .client
-            .list_objects_v2()
-            .bucket(&self.bucket)
-            .prefix(prefix)
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| self.other("LIST", prefix, describe(&e)))?;
-            keys.extend(
-                page.contents()
-                    .iter()
-                    .filter_map(|o| o.key().map(str::to_string)),
-            );
-        }
-        Ok(keys)
-    }
-
-    fn other(&self, op: &'static str, key: &str, message: String) -> StoreError {
-        StoreError::Other {
+        let permanent = |hint: String| StoreError::Permanent {
             op,
-            bucket: self.bucket.clone(),
-            key: key.to_string(),
-            message,
+            location: location.clone(),
+            message: message.clone(),
+            hint,
+        };
+        let permission = match op {
+            "GET" | "HEAD" => "s3:GetObject",
+            "LIST" => "s3:ListBucket",
+            "DELETE" => "s3:DeleteObject",
+            "COPY" => "s3:GetObject and s3:PutObject",
+            _ => "s3:PutObject",
+        };
+        match (status, code.as_deref()) {
+            (Some(409 | 412), _) if op == "PUT" => StoreError::Conflict {
+                key: key.to_string(),
+            },
+            (Some(401 | 403), _) => permanent(format!(
+                "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or grant {permission} on {}/{}*",
+                self.bucket, self.prefix_hint
+            )),
+            (Some(404), Some("NoSuchBucket")) => permanent(format!(
+                "create bucket {:?} or set S3_BUCKET_NAME",
+                self.bucket
+            )),
+            (Some(301), _) => permanent("set AWS_REGION to the bucket's region".to_string()),
+            (Some(400), Some("RequestTimeout" | "ExpiredToken" | "TokenRefreshRequired")) => {
+                StoreError::Transient {
+                    op,
+                    location,
+                    message,
+                }
+            }
+            (Some(400 | 404 | 405 | 411 | 413 | 501), _) => {
+                permanent("the S3 server rejects this request; see its message".to_string())
+            }
+            _ if matches!(e, SdkError::ConstructionFailure(_)) => {
+                permanent("the request could not be built; check the S3 settings".to_string())
+            }
+            // Network failures, timeouts, throttling (429, 503 SlowDown) and other 5xx.
+            _ => StoreError::Transient {
+                op,
+                location,
+                message,
+            },
         }
     }
+}
+
+/// The HTTP status of a raw response, whatever the SDK's response type.
+pub trait HttpStatus {
+    fn status(&self) -> u16;
+}
+
+impl HttpStatus for aws_sdk_s3::config::http::HttpResponse {
+    fn status(&self) -> u16 {
+        self.status().as_u16()
+    }
+}
+
+impl ObjectStore for Store {
+    fn location(&self) -> String {
+        format!("bucket {:?} at {}", self.bucket, self.endpoint)
+    }
+
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, StoreResult<Option<(Vec<u8>, String)>>> {
+        Box::pin(async move {
+            let out = match self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
+                .await
+            {
+                Ok(out) => out,
+                // A missing object, not a missing bucket (which is a permanent error).
+                Err(e)
+                    if e.raw_response().is_some_and(|r| r.status().as_u16() == 404)
+                        && e.as_service_error()
+                            .and_then(|s| aws_sdk_s3::error::ProvideErrorMetadata::code(s))
+                            != Some("NoSuchBucket") =>
+                {
+                    return Ok(None);
+                }
+                Err(e) => return Err(self.classify("GET", key, &e)),
+            };
+            let etag = out.e_tag().unwrap_or_default().to_string();
+            let body = out.body.collect().await.map_err(|e| StoreError::Transient {
+                op: "GET",
+                location: self.location_of(key),
+                message: e.to_string(),
+            })?;
+            Ok(Some((body.into_bytes().to_vec(), etag)))
+        })
+    }
+
+    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, StoreResult<bool>> {
+        Box::pin(async move {
+            match self
+                .client
+                .head_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
+                .await
+            {
+                Ok(_) => Ok(true),
+                // HEAD has no body, so no error code: a 404 is the object's.
+                Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => {
+                    Ok(false)
+                }
+                Err(e) => Err(self.classify("HEAD", key, &e)),
+            }
+        })
+    }
+
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        body: bytes::Bytes,
+        expect: Expect,
+    ) -> BoxFuture<'a, StoreResult<String>> {
+        Box::pin(async move {
+            let mut req = self
+                .client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .content_type(content_type(key))
+                .body(ByteStream::from(body));
+            req = match expect {
+                Expect::Any => req,
+                Expect::Absent => req.if_none_match("*"),
+                Expect::ETag(etag) => req.if_match(etag),
+            };
+            let mut req = req.customize();
+            if self.unsigned_payload {
+                req = req.disable_payload_signing();
+            }
+            match req.send().await {
+                Ok(out) => Ok(out.e_tag().unwrap_or_default().to_string()),
+                Err(e) => Err(self.classify("PUT", key, &e)),
+            }
+        })
+    }
+
+    fn copy<'a>(&'a self, from: &'a str, to: &'a str) -> BoxFuture<'a, StoreResult<()>> {
+        Box::pin(async move {
+            self.client
+                .copy_object()
+                .bucket(&self.bucket)
+                .copy_source(format!("{}/{}", self.bucket, encode_key(from)))
+                .key(to)
+                .content_type(content_type(to))
+                .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| self.classify("COPY", to, &e))
+        })
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, StoreResult<()>> {
+        Box::pin(async move {
+            self.client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| self.classify("DELETE", key, &e))
+        })
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, StoreResult<Vec<String>>> {
+        Box::pin(async move {
+            let mut keys = Vec::new();
+            let mut pages = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(prefix)
+                .into_paginator()
+                .send();
+            while let Some(page) = pages.next().await {
+                let page = page.map_err(|e| self.classify("LIST", prefix, &e))?;
+                keys.extend(
+                    page.contents()
+                        .iter()
+                        .filter_map(|o| o.key().map(str::to_string)),
+                );
+            }
+            Ok(keys)
+        })
+    }
+}
+
+fn content_type(key: &str) -> &'static str {
+    if key.ends_with(".json") {
+        "application/json"
+    } else {
+        "application/x-ndjson"
+    }
+}
+
+/// A key as the `x-amz-copy-source` header wants it: URL-encoded, `/` kept.
+fn encode_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// The useful part of an SDK error: the service's code and message, or the transport failure.

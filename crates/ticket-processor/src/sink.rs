@@ -3,31 +3,38 @@
 //! Each partition has a checkpoint object (`_checkpoints/.../partition=N.json`) holding the next
 //! offset to process and the running totals. A batch covering offsets `first..=last` is written:
 //!
-//! 1. its JSON Lines to a staging key unique to this attempt (outside `tickets_with_team/`);
+//! 1. its JSON Lines to a staging key unique to this attempt (outside `tickets_with_team/`):
+//!    the only time the body is uploaded;
 //! 2. the new checkpoint (`next_offset = last + 1`, totals, and `pending: staging -> final`),
 //!    **conditionally on the ETag of the checkpoint this owner loaded**. This is the commit
 //!    point: a stale owner (the partition moved to another instance) fails here and writes
 //!    nothing visible;
-//! 3. the same bytes to the final key under `tickets_with_team/`, then the staging object is
-//!    deleted;
+//! 3. a server-side copy of the staging object to the final key under `tickets_with_team/`;
+//!    the staging object is then deleted off the batch's path (see [`PartitionSink::settle`]);
 //! 4. only then does the caller commit the Kafka offset (invariant: never before S3 is durable).
+//!
+//! Three sequential requests per batch with valid tickets (PUT, conditional PUT, COPY), one
+//! (the checkpoint) for a batch of dead letters only.
 //!
 //! A crash after 2 leaves `pending` in the checkpoint; whoever loads it next finishes step 3
 //! (idempotent: same key, same bytes). A crash before 2 leaves only a staging object, and the
 //! batch is replayed from the checkpoint's offset. Because replay always starts at the
 //! checkpoint's `next_offset` and batch boundaries are recorded, a replay never writes a range
 //! that overlaps one already committed, however its batches are cut (by size or by time).
+//! The unit tests below crash the protocol at every request, lose the answer of every
+//! request, and run a stale owner against a new one, on [`crate::store::memory::MemStore`].
 
 use std::time::Duration;
 
 use anyhow::anyhow;
+use bytes::Bytes;
 use ticket_core::checkpoint::{Checkpoint, Pending};
 use ticket_core::counts::Counts;
 use ticket_core::keys::Layout;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::s3::{Expect, Store, StoreError};
+use crate::store::{Expect, SharedStore, StoreError};
 
 /// One partition's micro-batch, ready to be written.
 #[derive(Debug, Default)]
@@ -36,7 +43,7 @@ pub struct Batch {
     pub first: i64,
     pub last: i64,
     /// JSON Lines of the valid tickets with their team.
-    pub body: Vec<u8>,
+    pub body: Bytes,
     pub valid: u64,
     pub dead_letters: u64,
     pub counts: Counts,
@@ -44,8 +51,8 @@ pub struct Batch {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    /// The checkpoint changed under us: another owner took the partition, or our own write
-    /// landed but its answer was lost. Reload the checkpoint and resume from it.
+    /// The checkpoint changed under us: another owner took the partition. Reload the
+    /// checkpoint and resume from it.
     #[error("checkpoint of partition {0} changed under us; reloading")]
     Fenced(i32),
     /// The processor is stopping and gave up retrying.
@@ -55,21 +62,33 @@ pub enum SinkError {
     Fatal(#[from] anyhow::Error),
 }
 
-/// Retries S3 operations with capped exponential backoff until they succeed or `abort` fires.
+/// Retries S3 operations that failed transiently, with capped exponential backoff, until they
+/// succeed or `abort` fires. A permanent error (403, missing bucket) stops at once with what
+/// to fix: retrying it would only hide it.
 #[derive(Clone)]
 pub struct Retrier {
     pub abort: CancellationToken,
     pub metrics: Metrics,
+    pub first_backoff: Duration,
     pub max_backoff: Duration,
 }
 
 impl Retrier {
+    pub fn new(abort: CancellationToken, metrics: Metrics) -> Retrier {
+        Retrier {
+            abort,
+            metrics,
+            first_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+
     pub async fn run<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, SinkError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
     {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = self.first_backoff;
         let mut attempt = 1u32;
         loop {
             match op().await {
@@ -79,10 +98,7 @@ impl Retrier {
                     }
                     return Ok(v);
                 }
-                Err(StoreError::Conflict { key }) => {
-                    return Err(SinkError::Fatal(anyhow!("unexpected conflict on {key}")));
-                }
-                Err(e) => {
+                Err(e) if e.is_transient() => {
                     self.metrics.s3_errors.inc();
                     tracing::warn!(what, attempt, retry_in_ms = backoff.as_millis() as u64, error = %e, "S3 request failed; retrying.");
                     tokio::select! {
@@ -92,46 +108,38 @@ impl Retrier {
                     backoff = (backoff * 2).min(self.max_backoff);
                     attempt += 1;
                 }
+                Err(StoreError::Conflict { key }) => {
+                    return Err(SinkError::Fatal(anyhow!("unexpected conflict on {key}")));
+                }
+                Err(e) => {
+                    self.metrics.s3_errors.inc();
+                    return Err(SinkError::Fatal(anyhow!("{what}: {e}")));
+                }
             }
         }
     }
 
-    /// Like [`Retrier::run`], but a lost conditional write means the partition was fenced.
-    async fn run_conditional<T, F, Fut>(
-        &self,
-        what: &str,
-        partition: i32,
-        mut op: F,
-    ) -> Result<T, SinkError>
+    /// Like [`Retrier::run`], but a lost conditional write is reported as `Ok(None)`.
+    async fn run_conditional<T, F, Fut>(&self, what: &str, mut op: F) -> Result<Option<T>, SinkError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
     {
-        let conflict = std::sync::atomic::AtomicBool::new(false);
-        let result = self
-            .run(what, || {
-                let fut = op();
-                let conflict = &conflict;
-                async move {
-                    match fut.await {
-                        Err(StoreError::Conflict { .. }) => {
-                            conflict.store(true, std::sync::atomic::Ordering::Relaxed);
-                            Err(StoreError::Conflict { key: String::new() })
-                        }
-                        other => other,
-                    }
+        self.run(what, || {
+            let fut = op();
+            async move {
+                match fut.await {
+                    Ok(v) => Ok(Some(v)),
+                    Err(StoreError::Conflict { .. }) => Ok(None),
+                    Err(e) => Err(e),
                 }
-            })
-            .await;
-        if conflict.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(SinkError::Fenced(partition));
-        }
-        result
+            }
+        })
+        .await
     }
 }
 
 /// What this process knows of one partition's durable progress.
-#[derive(Debug)]
 pub struct PartitionSink {
     pub partition: i32,
     pub checkpoint: Checkpoint,
@@ -140,12 +148,15 @@ pub struct PartitionSink {
     /// Staging objects found at load for offsets not yet committed (a crash before the commit
     /// point left them): deleted once a commit covers their offsets.
     leftovers: Vec<(i64, String)>,
+    /// Deletions of staging objects already copied to their final key, running beside the
+    /// next batch (nothing depends on them: a crash leaves them to the next load).
+    cleanup: tokio::task::JoinSet<()>,
 }
 
 impl PartitionSink {
     /// Loads the partition's checkpoint and finishes a batch a previous owner left pending.
     pub async fn load(
-        store: &Store,
+        store: &SharedStore,
         layout: &Layout,
         partition: i32,
         retry: &Retrier,
@@ -157,8 +168,8 @@ impl PartitionSink {
             Some((bytes, etag)) => {
                 let cp = Checkpoint::from_json(&bytes).map_err(|e| {
                     anyhow!(
-                        "checkpoint s3://{}/{key} is not valid ({e}); it records what was already written, so fix or delete it (deleting reprocesses the partition from the start)",
-                        store.bucket()
+                        "checkpoint {key} in {} is not valid ({e}); it records what was already written, so fix or delete it (deleting reprocesses the partition from the start)",
+                        store.location()
                     )
                 })?;
                 (cp, Some(etag))
@@ -177,6 +188,7 @@ impl PartitionSink {
             checkpoint,
             etag,
             leftovers: Vec::new(),
+            cleanup: tokio::task::JoinSet::new(),
         };
         let prefix = layout.staging_prefix(partition);
         for key in retry
@@ -196,7 +208,11 @@ impl PartitionSink {
 
     /// Deletes staging objects of offsets that are committed now (they are garbage: what they
     /// held is either under `tickets_with_team/` or was replayed into another object).
-    async fn clean_leftovers(&mut self, store: &Store, retry: &Retrier) -> Result<(), SinkError> {
+    async fn clean_leftovers(
+        &mut self,
+        store: &SharedStore,
+        retry: &Retrier,
+    ) -> Result<(), SinkError> {
         let next = self.checkpoint.next_offset;
         let pending = self
             .checkpoint
@@ -218,7 +234,7 @@ impl PartitionSink {
     /// Makes `batch` part of the results, exactly once. On `Ok`, its offsets may be committed.
     pub async fn commit(
         &mut self,
-        store: &Store,
+        store: &SharedStore,
         layout: &Layout,
         batch: Batch,
         retry: &Retrier,
@@ -254,61 +270,70 @@ impl PartitionSink {
             None => Expect::Absent,
         };
         let key = layout.checkpoint_key(self.partition);
-        let body = next.to_json();
+        let body = Bytes::from(next.to_json());
         failpoint("before-checkpoint").await;
-        let etag = retry
-            .run_conditional("write checkpoint", self.partition, || {
+        let written = retry
+            .run_conditional("write checkpoint", || {
                 store.put(&key, body.clone(), expect.clone())
             })
-            .await;
-        let etag = match etag {
-            Ok(etag) => etag,
-            Err(SinkError::Fenced(partition)) => {
-                // Our own write may have landed with its answer lost, and a retry of it then
-                // conflicts with itself: the checkpoint holds exactly what we wrote.
-                match retry.run("read checkpoint", || store.get(&key)).await? {
-                    Some((stored, etag)) if stored == body => etag,
-                    _ => {
-                        if let Some(p) = &staged {
-                            // Best effort: a stale owner's staging object is garbage now (a
-                            // checkpoint that named it was finished by whoever loaded it).
-                            let _ = store.delete(&p.staging_key).await;
-                        }
-                        return Err(SinkError::Fenced(partition));
+            .await?;
+        let etag = match written {
+            Some(etag) => etag,
+            // Our own write may have landed with its answer lost, and its retry then
+            // conflicts with itself: then the checkpoint holds exactly what we wrote.
+            None => match retry.run("read checkpoint", || store.get(&key)).await? {
+                Some((stored, etag)) if stored == body => etag,
+                _ => {
+                    if let Some(p) = &staged {
+                        // Best effort: a stale owner's staging object is garbage now (no
+                        // checkpoint names it).
+                        let _ = store.delete(&p.staging_key).await;
                     }
+                    return Err(SinkError::Fenced(self.partition));
                 }
-            }
-            // Not known whether the checkpoint landed: leave the staging object to the next
-            // load, which keeps it if the checkpoint names it and deletes it otherwise.
-            Err(e) => return Err(e),
+            },
         };
+        // Not known whether the checkpoint landed after another error: `?` above leaves the
+        // staging object to the next load, which keeps it if the checkpoint names it.
         self.etag = Some(etag);
         self.checkpoint = next;
         failpoint("after-checkpoint").await;
 
         if let Some(p) = staged {
             retry
-                .run("write tickets object", || {
-                    store.put(&p.final_key, batch.body.clone(), Expect::Any)
+                .run("copy tickets object", || {
+                    store.copy(&p.staging_key, &p.final_key)
                 })
                 .await?;
             failpoint("after-final").await;
-            retry
-                .run("delete staging object", || store.delete(&p.staging_key))
-                .await?;
+            let (store, retry) = (store.clone(), retry.clone());
+            self.cleanup.spawn(async move {
+                if let Err(e) = retry
+                    .run("delete staging object", || store.delete(&p.staging_key))
+                    .await
+                {
+                    tracing::warn!(key = %p.staging_key, error = %e, "Staging object left for the next load to delete.");
+                }
+            });
         }
         if !self.leftovers.is_empty() {
             self.clean_leftovers(store, retry).await?;
         }
         Ok(())
     }
+
+    /// Waits for the staging deletions still running.
+    pub async fn settle(&mut self) {
+        while self.cleanup.join_next().await.is_some() {}
+    }
 }
 
-/// Fault injection for the reliability tests, off unless `TICKET_PROCESSOR_FAILPOINT` is set
-/// to `<point>:<action>:<n>`: at the n-th time the commit protocol reaches `<point>`
-/// (`before-checkpoint`, `after-staging`, `after-checkpoint`, `after-final`), `abort` crashes
-/// the process (as a SIGKILL would) or `pause-<ms>` stalls it (as a GC pause or a frozen VM
-/// would, long enough to lose the partition).
+/// Fault injection for the reliability tests (`tests/faults.rs`), in debug builds only:
+/// `TICKET_PROCESSOR_FAILPOINT=<point>:<action>:<n>` makes the n-th pass through `<point>`
+/// (`before-checkpoint`, `after-staging`, `after-checkpoint`, `after-final`) either `abort`
+/// the process (as a SIGKILL would) or `pause-<ms>` it (as a GC pause or a frozen VM would,
+/// long enough to lose the partition). Release builds compile it to nothing.
+#[cfg(debug_assertions)]
 async fn failpoint(point: &str) {
     use std::sync::OnceLock;
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -333,48 +358,47 @@ async fn failpoint(point: &str) {
     }
 }
 
+#[cfg(not(debug_assertions))]
+async fn failpoint(_point: &str) {}
+
 /// Completes a batch whose checkpoint is durable: the final object gets the staged bytes.
-async fn finish_pending(store: &Store, p: &Pending, retry: &Retrier) -> Result<(), SinkError> {
-    if retry
-        .run("check tickets object", || store.exists(&p.final_key))
-        .await?
-    {
-        return retry
-            .run("delete staging object", || store.delete(&p.staging_key))
-            .await;
-    }
-    let staged = retry
-        .run("read staging object", || store.get(&p.staging_key))
-        .await?;
-    let Some((body, _)) = staged else {
-        // Another process may have finished it between our two reads.
-        if retry
-            .run("check tickets object", || store.exists(&p.final_key))
+async fn finish_pending(
+    store: &SharedStore,
+    p: &Pending,
+    retry: &Retrier,
+) -> Result<(), SinkError> {
+    let final_exists = || retry.run("check tickets object", || store.exists(&p.final_key));
+    if !final_exists().await? {
+        if !retry
+            .run("check staging object", || store.exists(&p.staging_key))
             .await?
         {
-            return Ok(());
+            // Another process may have finished it between our two reads.
+            if final_exists().await? {
+                return Ok(());
+            }
+            return Err(SinkError::Fatal(anyhow!(
+                "checkpoint says {} is pending from {}, but neither object exists in {}: was the bucket edited by hand?",
+                p.final_key,
+                p.staging_key,
+                store.location()
+            )));
         }
-        return Err(SinkError::Fatal(anyhow!(
-            "checkpoint says {} is pending from {}, but neither object exists: was the bucket edited by hand?",
-            p.final_key,
-            p.staging_key
-        )));
-    };
-    tracing::info!(key = %p.final_key, "Finishing a batch a previous run left pending.");
-    retry
-        .run("write tickets object", || {
-            store.put(&p.final_key, body.clone(), Expect::Any)
-        })
-        .await?;
+        tracing::info!(key = %p.final_key, "Finishing a batch a previous run left pending.");
+        retry
+            .run("copy tickets object", || {
+                store.copy(&p.staging_key, &p.final_key)
+            })
+            .await?;
+    }
     retry
         .run("delete staging object", || store.delete(&p.staging_key))
-        .await?;
-    Ok(())
+        .await
 }
 
 /// Sums every partition's checkpoint: the totals over everything under `tickets_with_team/`.
 pub async fn total_counts(
-    store: &Store,
+    store: &SharedStore,
     layout: &Layout,
     retry: &Retrier,
 ) -> Result<Counts, SinkError> {
@@ -394,4 +418,246 @@ pub async fn total_counts(
         }
     }
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The protocol on an in-memory store: every crash point, every lost answer, a stale owner.
+
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::store::memory::{Fault, MemStore};
+
+    const PARTITION: i32 = 0;
+
+    fn layout() -> Layout {
+        Layout::new("", "t")
+    }
+
+    /// A retrier that retries transient errors at once, forever (until `abort`).
+    fn patient() -> Retrier {
+        Retrier {
+            first_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(1),
+            ..Retrier::new(CancellationToken::new(), Metrics::new())
+        }
+    }
+
+    /// A retrier of a process that dies at its first failed request: it never retries.
+    fn dying() -> Retrier {
+        let r = patient();
+        r.abort.cancel();
+        r
+    }
+
+    /// A batch of offsets `first..=last`, every offset a valid ticket written as its own line,
+    /// except multiples of 7, which are dead letters.
+    fn batch(first: i64, last: i64) -> Batch {
+        let valid: Vec<i64> = (first..=last).filter(|o| o % 7 != 0).collect();
+        let body: String = valid.iter().map(|o| format!("{o}\n")).collect();
+        let mut counts = Counts::default();
+        counts.add(&ticket_core::counts::CountRow {
+            request_type: "billing".into(),
+            priority: "low".into(),
+            support_team: "Billing Team".into(),
+            count: valid.len() as u64,
+        });
+        Batch {
+            first,
+            last,
+            body: Bytes::from(body),
+            valid: valid.len() as u64,
+            dead_letters: (last - first + 1) as u64 - valid.len() as u64,
+            counts,
+        }
+    }
+
+    /// How many times each offset appears in the visible results (`tickets_with_team/`).
+    fn visible(store: &MemStore) -> BTreeMap<i64, usize> {
+        let mut seen = BTreeMap::new();
+        for key in store.keys(&layout().tickets_prefix()) {
+            let body = store.bytes(&key).unwrap_or_default();
+            for line in String::from_utf8_lossy(&body).lines() {
+                *seen.entry(line.parse::<i64>().unwrap_or(-1)).or_default() += 1;
+            }
+        }
+        seen
+    }
+
+    /// Every valid offset below `end` exactly once, nothing else; no staging object left;
+    /// checkpoint totals agree.
+    async fn assert_exactly_once(mem: &MemStore, store: &SharedStore, end: i64) {
+        let seen = visible(mem);
+        let expected: BTreeMap<i64, usize> =
+            (0..end).filter(|o| o % 7 != 0).map(|o| (o, 1)).collect();
+        assert_eq!(seen, expected, "each valid offset exactly once");
+        let sink = PartitionSink::load(store, &layout(), PARTITION, &patient())
+            .await
+            .expect("load");
+        assert_eq!(sink.checkpoint.next_offset, end);
+        assert_eq!(sink.checkpoint.tickets, expected.len() as u64);
+        assert_eq!(
+            sink.checkpoint.tickets + sink.checkpoint.dead_letters,
+            end as u64
+        );
+        assert_eq!(sink.checkpoint.counts().total(), expected.len() as u64);
+        assert!(
+            mem.keys("_staging/").is_empty(),
+            "staging left: {:?}",
+            mem.keys("_staging/")
+        );
+    }
+
+    fn new_store() -> (Arc<MemStore>, SharedStore) {
+        let mem = Arc::new(MemStore::new());
+        let store: SharedStore = mem.clone();
+        (mem, store)
+    }
+
+    async fn commit(store: &SharedStore, sink: &mut PartitionSink, b: Batch, r: &Retrier) {
+        sink.commit(store, &layout(), b, r).await.expect("commit");
+        sink.settle().await;
+    }
+
+    /// Requests one commit of a batch with valid tickets makes after the first batch.
+    async fn requests_per_commit() -> u64 {
+        let (mem, store) = new_store();
+        let mut sink = PartitionSink::load(&store, &layout(), PARTITION, &patient())
+            .await
+            .expect("load");
+        commit(&store, &mut sink, batch(0, 9), &patient()).await;
+        mem.inject(None);
+        commit(&store, &mut sink, batch(10, 19), &patient()).await;
+        mem.requests()
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_uploaded_once_in_three_requests_plus_the_staging_delete() {
+        // PUT staging, conditional PUT checkpoint, COPY, then DELETE off the batch's path.
+        assert_eq!(requests_per_commit().await, 4);
+    }
+
+    #[tokio::test]
+    async fn a_crash_at_every_request_loses_and_duplicates_nothing() {
+        let n = requests_per_commit().await;
+        // Also crash inside the recovery (load) that follows a crash.
+        for crash_at in 1..=n + 1 {
+            for recovery_crash in [None, Some(1), Some(2), Some(3)] {
+                let (mem, store) = new_store();
+                let mut a = PartitionSink::load(&store, &layout(), PARTITION, &patient())
+                    .await
+                    .expect("load");
+                commit(&store, &mut a, batch(0, 9), &patient()).await;
+                mem.inject(Some(Fault::CrashAt(crash_at)));
+                let crashed = a.commit(&store, &layout(), batch(10, 19), &dying()).await;
+                a.settle().await;
+                drop(a);
+                if let Some(at) = recovery_crash {
+                    mem.inject(Some(Fault::CrashAt(at)));
+                    let _ = PartitionSink::load(&store, &layout(), PARTITION, &dying()).await;
+                }
+                mem.inject(None);
+                // The next process resumes from the checkpoint, cutting batches differently.
+                let mut b = PartitionSink::load(&store, &layout(), PARTITION, &patient())
+                    .await
+                    .expect("recovery load");
+                let mut next = b.checkpoint.next_offset;
+                if crashed.is_ok() {
+                    assert_eq!(next, 20, "crash at {crash_at} after the commit");
+                } else {
+                    assert!(next == 10 || next == 20, "crash at {crash_at}: resumes at {next}");
+                }
+                while next < 30 {
+                    let last = (next + 6).min(29);
+                    commit(&store, &mut b, batch(next, last), &patient()).await;
+                    next = last + 1;
+                }
+                assert_exactly_once(&mem, &store, 30).await;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lost_answer_at_every_request_is_retried_into_exactly_once() {
+        let n = requests_per_commit().await;
+        for lost in 1..=n {
+            let (mem, store) = new_store();
+            let mut a = PartitionSink::load(&store, &layout(), PARTITION, &patient())
+                .await
+                .expect("load");
+            commit(&store, &mut a, batch(0, 9), &patient()).await;
+            mem.inject(Some(Fault::LoseAnswerOf(lost)));
+            // Above all the checkpoint's conditional write: its retry conflicts with itself,
+            // and must be recognised as ours rather than as a fence.
+            a.commit(&store, &layout(), batch(10, 19), &patient())
+                .await
+                .unwrap_or_else(|e| panic!("answer of request {lost} lost: {e}"));
+            a.settle().await;
+            mem.inject(None);
+            commit(&store, &mut a, batch(20, 29), &patient()).await;
+            assert_exactly_once(&mem, &store, 30).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stale_owner_is_fenced_and_leaves_nothing_visible() {
+        let (mem, store) = new_store();
+        let r = patient();
+        let mut stale = PartitionSink::load(&store, &layout(), PARTITION, &r)
+            .await
+            .expect("load");
+        commit(&store, &mut stale, batch(0, 9), &r).await;
+        // The partition moves: the new owner loads the checkpoint and commits on.
+        let mut owner = PartitionSink::load(&store, &layout(), PARTITION, &r)
+            .await
+            .expect("load");
+        commit(&store, &mut owner, batch(10, 19), &r).await;
+        // The old owner, unaware, writes its own cut of the same offsets.
+        let fenced = stale.commit(&store, &layout(), batch(10, 14), &r).await;
+        assert!(matches!(fenced, Err(SinkError::Fenced(PARTITION))), "{fenced:?}");
+        // ... and after reloading resumes where the owner is.
+        let reloaded = PartitionSink::load(&store, &layout(), PARTITION, &r)
+            .await
+            .expect("load");
+        assert_eq!(reloaded.checkpoint.next_offset, 20);
+        assert_exactly_once(&mem, &store, 20).await;
+    }
+
+    #[tokio::test]
+    async fn a_transient_outage_is_retried_and_a_refusal_stops_at_once() {
+        let (mem, store) = new_store();
+        let mut sink = PartitionSink::load(&store, &layout(), PARTITION, &patient())
+            .await
+            .expect("load");
+        mem.inject(Some(Fault::Outage { from: 1, count: 5 }));
+        commit(&store, &mut sink, batch(0, 9), &patient()).await;
+        assert_exactly_once(&mem, &store, 10).await;
+
+        // A 403 on the final key: no retry loop, an error that says what to grant.
+        mem.refuse_writes_under(&layout().tickets_prefix());
+        let refused = sink.commit(&store, &layout(), batch(10, 19), &patient()).await;
+        let msg = match refused {
+            Err(SinkError::Fatal(e)) => e.to_string(),
+            other => panic!("expected a fatal error, got {other:?}"),
+        };
+        assert!(
+            msg.contains("403") && msg.contains("grant"),
+            "message: {msg}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_dead_letters_only_writes_just_the_checkpoint() {
+        let (mem, store) = new_store();
+        let mut sink = PartitionSink::load(&store, &layout(), PARTITION, &patient())
+            .await
+            .expect("load");
+        mem.inject(None);
+        commit(&store, &mut sink, batch(7, 7), &patient()).await;
+        assert_eq!(mem.requests(), 1);
+        assert!(visible(&mem).is_empty());
+        assert_eq!(sink.checkpoint.dead_letters, 1);
+    }
 }

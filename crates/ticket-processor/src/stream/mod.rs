@@ -1,0 +1,760 @@
+//! The streaming processor: consume, batch per partition, write each batch to S3 exactly once
+//! (see [`crate::sink`]), then commit the Kafka offsets.
+//!
+//! Who owns what:
+//! - this file: the consumer's loop, one task that does nothing slow. It copies each message
+//!   into its partition's open batch, hands due batches to the partition's writer, commits
+//!   offsets when a writer reports a batch durable, and follows rebalances. Everything else
+//!   reaches it as an [`Event`] on one channel;
+//! - [`partition`]: a partition's state (handled offsets, open batch, batches in flight), no
+//!   Kafka in it;
+//! - [`writer`]: a partition's writer task: decode, validate, route, dead letters, counts,
+//!   the exactly-once commit;
+//! - [`dead_letter`]: the dead-letter producer;
+//! - [`drain`]: when `--drain` is done;
+//! - [`counts`]: `counts_by_request_type/latest.jsonl`, refreshed by a task of its own.
+//!
+//! S3 is the source of truth for progress: when a partition is first seen its checkpoint is
+//! loaded (by a task; the partition's messages are dropped meanwhile) and the consumer seeks
+//! to the checkpoint's offset, so nothing already written is written again.
+
+pub mod counts;
+pub mod dead_letter;
+pub mod drain;
+pub mod partition;
+pub mod writer;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
+use ticket_core::Routing;
+use ticket_core::batch::BatchPolicy;
+use ticket_core::keys::Layout;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use self::counts::CountsPublisher;
+use self::dead_letter::DeadLetters;
+use self::drain::Drain;
+use self::partition::{Partition, Written};
+use self::writer::{Failure, RawBatch, Report, Writer, WriterContext};
+use crate::aggregate::Aggregator;
+use crate::http::Health;
+use crate::metrics::Metrics;
+use crate::sink::{PartitionSink, Retrier, SinkError};
+use crate::store::SharedStore;
+
+/// How often the loop ticks when no message comes: age-due batches are handed over, `--drain`
+/// checks for the end, and `/health/live` is told the loop turns (see `http::STUCK_AFTER`).
+pub const TICK: Duration = Duration::from_millis(200);
+
+/// How long a seek to a checkpoint's offset may block the loop.
+pub const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// After SIGTERM/SIGINT, how much longer than `SHUTDOWN_TIMEOUT_SECS` the process may take
+/// (closing the Kafka clients) before it exits regardless.
+pub const EXIT_GRACE: Duration = Duration::from_secs(5);
+
+/// Everything the streaming processor needs, already validated.
+pub struct Settings {
+    pub kafka: ticket_kafka::KafkaArgs,
+    pub group: String,
+    pub dlq_topic: String,
+    pub policy: BatchPolicy,
+    pub routing: Routing,
+    pub layout: Layout,
+    /// Process up to the end of the topic as of start, then exit.
+    pub drain: bool,
+    /// How long a graceful stop may spend writing buffered batches before abandoning them.
+    pub shutdown_timeout: Duration,
+}
+
+/// What reaches the consumer's loop from elsewhere.
+pub enum Event {
+    /// A writer finished a batch (or failed on it).
+    Written(Report),
+    /// A partition's checkpoint is loaded (or could not be).
+    Loaded {
+        partition: i32,
+        epoch: u64,
+        result: Result<PartitionSink, SinkError>,
+    },
+    /// librdkafka's rebalance callback took partitions away.
+    Revoked(Vec<i32>),
+    /// A background task hit an error that stops the processor.
+    Fatal(anyhow::Error),
+}
+
+/// librdkafka's callbacks: rebalances become events, statistics become the lag metric.
+struct Ctx {
+    events: UnboundedSender<Event>,
+    metrics: Metrics,
+}
+
+impl ClientContext for Ctx {
+    fn stats(&self, stats: Statistics) {
+        let lag: i64 = stats
+            .topics
+            .values()
+            .flat_map(|t| t.partitions.values())
+            .filter(|p| p.partition >= 0 && p.consumer_lag >= 0)
+            .map(|p| p.consumer_lag)
+            .sum();
+        self.metrics.consumer_lag.set(lag);
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        // With --drain, reaching the end of a partition is the expected way to finish, and
+        // librdkafka also reports it as a client-wide error: not worth an ERROR line.
+        if let rdkafka::error::KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF) =
+            error
+        {
+            tracing::debug!(reason, "End of a partition.");
+        } else {
+            tracing::error!("librdkafka: {error}: {reason}");
+        }
+    }
+}
+
+impl ConsumerContext for Ctx {
+    fn post_rebalance(
+        &self,
+        _base: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                tracing::info!(partitions = ?parts, "Partitions revoked.");
+                let _ = self.events.send(Event::Revoked(parts));
+            }
+            Rebalance::Assign(tpl) => {
+                let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                tracing::info!(partitions = ?parts, "Partitions assigned.");
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "Rebalance error."),
+        }
+    }
+}
+
+type Kafka = StreamConsumer<Ctx>;
+
+/// A partition this instance is responsible for.
+enum Slot {
+    /// Its checkpoint is being read; its messages are dropped (the seek re-fetches them).
+    Loading { epoch: u64 },
+    Owned {
+        state: Partition<RawBatch>,
+        writer: Writer,
+    },
+}
+
+struct Processor {
+    settings: Settings,
+    consumer: Kafka,
+    writers: Arc<WriterContext>,
+    /// `None` once finished.
+    counts: Option<CountsPublisher>,
+    metrics: Metrics,
+    slots: HashMap<i32, Slot>,
+    /// Numbers ownerships, so a late report of an earlier one is recognised.
+    next_epoch: u64,
+    events_tx: UnboundedSender<Event>,
+    events: UnboundedReceiver<Event>,
+    /// A partition whose due batch waits for room at its writer: the consumer reads nothing
+    /// until then (back-pressure), while reports and ticks are still served.
+    held: Option<i32>,
+    drain: Option<Drain>,
+    /// The last offset committed per partition, for the final synchronous commit.
+    committed: BTreeMap<i32, i64>,
+    /// Writers of partitions let go during the stop, finishing their queued batches.
+    closing: Vec<JoinHandle<()>>,
+    /// Set once stopping: a partition that must be rewound is let go instead.
+    stopping: bool,
+}
+
+/// Runs until `shutdown` fires (or, with `drain`, until the topic's end as of start).
+pub async fn run(
+    settings: Settings,
+    store: SharedStore,
+    metrics: Metrics,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let topic = settings.kafka.topic.clone();
+    let kafka = settings.kafka.clone();
+    let partitions =
+        tokio::task::spawn_blocking(move || kafka.partitions_of(&kafka.topic)).await??;
+    let Some(partitions) = partitions else {
+        bail!(
+            "topic {topic:?} does not exist on {} (start ticket-producer, which creates it, or set TICKETS_TOPIC)",
+            settings.kafka.brokers
+        );
+    };
+    let kafka = settings.kafka.clone();
+    let dlq_topic = settings.dlq_topic.clone();
+    tokio::task::spawn_blocking(move || {
+        futures::executor::block_on(kafka.ensure_topic(&dlq_topic, partitions as i32, 1))
+    })
+    .await??;
+
+    let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+    let context = Ctx {
+        events: events_tx.clone(),
+        metrics: metrics.clone(),
+    };
+    let mut config = settings.kafka.client_config();
+    // Failover within seconds rather than librdkafka's 45 s; KAFKA_OPTIONS may override.
+    if config.get("session.timeout.ms").is_none() {
+        config.set("session.timeout.ms", "10000");
+    }
+    let consumer: Kafka = config
+        .set("group.id", &settings.group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("statistics.interval.ms", "5000")
+        // --drain stops at the first end-of-partition at or past the end offset seen at start.
+        .set(
+            "enable.partition.eof",
+            if settings.drain { "true" } else { "false" },
+        )
+        .create_with_context(context)
+        .context("creating the Kafka consumer (check KAFKA_OPTIONS)")?;
+    let dead_letters = DeadLetters::new(
+        settings.kafka.client_config(),
+        &settings.dlq_topic,
+        &settings.kafka.topic,
+    )?;
+
+    // The abort token ends S3 retries and waits: at once on a hard stop, after a bounded
+    // drain on a graceful one.
+    let abort = CancellationToken::new();
+    let retry = Retrier::new(abort.clone(), metrics.clone());
+    let writers = Arc::new(WriterContext {
+        store: store.clone(),
+        layout: settings.layout.clone(),
+        routing: settings.routing.clone(),
+        retry: retry.clone(),
+        aggregator: Aggregator::default(),
+        metrics: metrics.clone(),
+        dead_letters,
+        events: events_tx.clone(),
+    });
+    let counts = CountsPublisher::spawn(
+        store,
+        settings.layout.clone(),
+        settings.routing.clone(),
+        retry,
+        events_tx.clone(),
+    );
+    let mut p = Processor {
+        consumer,
+        writers,
+        counts: Some(counts),
+        metrics,
+        slots: HashMap::new(),
+        next_epoch: 0,
+        events_tx,
+        events,
+        held: None,
+        drain: None,
+        committed: BTreeMap::new(),
+        closing: Vec::new(),
+        stopping: false,
+        settings,
+    };
+
+    // A stop request bounds how long writing may go on: then buffered batches are abandoned
+    // (they are processed again on restart) rather than the stop hanging on an outage. And
+    // whatever the process then waits on, it is gone EXIT_GRACE later.
+    let timer = {
+        let (abort, shutdown) = (abort.clone(), shutdown.clone());
+        let t = p.settings.shutdown_timeout;
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            std::thread::spawn(move || {
+                std::thread::sleep(t + EXIT_GRACE);
+                tracing::error!(
+                    "Still stopping {} s after the signal; exiting now (nothing is lost: unwritten batches are processed again on restart).",
+                    (t + EXIT_GRACE).as_secs()
+                );
+                std::process::exit(1);
+            });
+            tokio::time::sleep(t).await;
+            abort.cancel();
+        })
+    };
+
+    let started = async {
+        if p.settings.drain {
+            let targets = p.assign_all(partitions as i32).await?;
+            p.drain = Some(Drain::new(targets, Instant::now()));
+        } else {
+            p.consumer
+                .subscribe(&[&topic])
+                .context("subscribing to the tickets topic")?;
+        }
+        anyhow::Ok(())
+    };
+    let result = match started.await {
+        Ok(()) => {
+            health.set_ready(true);
+            tracing::info!(topic, group = %p.settings.group, drain = p.settings.drain, "Processing.");
+            p.main_loop(&shutdown, &health).await
+        }
+        Err(e) => Err(e),
+    };
+    health.set_ready(false);
+
+    // Graceful stop: write what is buffered, then commit and leave.
+    let finished = match &result {
+        Ok(()) => p.finish(&abort).await,
+        Err(_) => Ok(()),
+    };
+    timer.abort();
+    p.commit_sync();
+    p.consumer.unsubscribe();
+    result?;
+    match finished {
+        Err(SinkError::Aborted) => {
+            tracing::warn!(
+                "Stopped before buffered batches could be written; they will be processed again on restart."
+            );
+            Ok(())
+        }
+        other => other.map_err(anyhow::Error::from),
+    }
+}
+
+impl Processor {
+    async fn main_loop(
+        &mut self,
+        shutdown: &CancellationToken,
+        health: &Health,
+    ) -> anyhow::Result<()> {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if self.drain.as_ref().is_some_and(Drain::finished) {
+                tracing::info!("Reached the end of the topic as of start.");
+                return Ok(());
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(()),
+                // Before the consumer, which is nearly always ready under load.
+                Some(event) = self.events.recv() => self.on_event(event)?,
+                _ = tick.tick() => {
+                    health.tick();
+                    self.on_tick();
+                }
+                m = self.consumer.recv(), if self.held.is_none() => match m {
+                    Ok(m) => {
+                        let (partition, offset) = (m.partition(), m.offset());
+                        let now = Instant::now();
+                        self.metrics.tickets_in.inc();
+                        if let Some(d) = &mut self.drain {
+                            d.message(partition, now);
+                        }
+                        let known = accept(&mut self.slots, partition, offset, m.key(), m.payload(), now);
+                        drop(m);
+                        // A revocation seen inside recv() comes first.
+                        while let Ok(event) = self.events.try_recv() {
+                            self.on_event(event)?;
+                        }
+                        if !known {
+                            self.load(partition);
+                        } else {
+                            self.hand_over(partition, now, true);
+                        }
+                    }
+                    Err(rdkafka::error::KafkaError::PartitionEOF(p)) => {
+                        let position = self.position(p);
+                        if let Some(d) = &mut self.drain {
+                            d.end_of_partition(p, position);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "Kafka error (librdkafka retries by itself)."),
+                },
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        if self.drain.is_some() {
+            let positions: HashMap<i32, Option<i64>> = self
+                .drain
+                .iter()
+                .flat_map(|d| d.targets().keys())
+                .map(|p| (*p, self.position(*p)))
+                .collect();
+            if let Some(d) = &mut self.drain {
+                d.tick(now, |p| positions.get(&p).copied().flatten());
+            }
+        }
+        let owned: Vec<i32> = self.slots.keys().copied().collect();
+        for p in owned {
+            self.hand_over(p, now, false);
+        }
+    }
+
+    /// Hands the partition's batch to its writer if it is due (`hold`: and makes the consumer
+    /// wait if the writer has no room).
+    fn hand_over(&mut self, partition: i32, now: Instant, hold: bool) {
+        let Some(Slot::Owned { state, writer }) = self.slots.get_mut(&partition) else {
+            return;
+        };
+        if state.due(&self.settings.policy, now).is_none() {
+            return;
+        }
+        match state.seal() {
+            Some(batch) => writer.send(batch),
+            None if hold => self.held = Some(partition),
+            None => {}
+        }
+    }
+
+    fn on_event(&mut self, event: Event) -> anyhow::Result<()> {
+        match event {
+            Event::Written(report) => self.on_written(report),
+            Event::Loaded {
+                partition,
+                epoch,
+                result,
+            } => self.on_loaded(partition, epoch, result),
+            Event::Revoked(parts) => {
+                for p in parts {
+                    self.let_go(p);
+                }
+                Ok(())
+            }
+            Event::Fatal(e) => Err(e),
+        }
+    }
+
+    fn on_written(&mut self, r: Report) -> anyhow::Result<()> {
+        let partition = r.partition;
+        let Some(Slot::Owned { state, .. }) = self.slots.get_mut(&partition) else {
+            return Ok(());
+        };
+        if state.epoch() != r.epoch {
+            tracing::debug!(
+                partition,
+                first = r.first,
+                "A batch of an earlier ownership is done."
+            );
+            return Ok(());
+        }
+        match r.outcome {
+            Ok(()) => {
+                let Written::Commit(next) = state.written(r.epoch, r.first, r.last) else {
+                    return Ok(());
+                };
+                self.commit(partition, next);
+                self.metrics.tickets_written.inc_by(r.valid);
+                self.metrics.batches_written.inc();
+                self.metrics
+                    .batch_seconds
+                    .observe(r.started.elapsed().as_secs_f64());
+                if let Some(c) = &self.counts {
+                    c.changed();
+                }
+                tracing::debug!(
+                    partition,
+                    first = r.first,
+                    last = r.last,
+                    valid = r.valid,
+                    dead = r.dead,
+                    "Batch written."
+                );
+                if self.held == Some(partition) {
+                    self.held = None;
+                    self.hand_over(partition, Instant::now(), true);
+                }
+                Ok(())
+            }
+            Err(Failure::Rewind(why)) => {
+                self.metrics.fenced.inc();
+                tracing::warn!(
+                    partition,
+                    first = r.first,
+                    last = r.last,
+                    why,
+                    "Batch not written; processing the partition again from its checkpoint."
+                );
+                self.let_go(partition);
+                if !self.stopping {
+                    self.load(partition);
+                    if let Some(d) = &mut self.drain {
+                        d.rewound(partition, Instant::now());
+                    }
+                }
+                Ok(())
+            }
+            Err(Failure::Aborted) => {
+                self.let_go(partition);
+                Ok(())
+            }
+            Err(Failure::Fatal(e)) => {
+                Err(e.context(format!("writing a batch of partition {partition}")))
+            }
+        }
+    }
+
+    /// Starts loading a partition's checkpoint, as a new ownership.
+    fn load(&mut self, partition: i32) {
+        self.next_epoch += 1;
+        let epoch = self.next_epoch;
+        self.slots.insert(partition, Slot::Loading { epoch });
+        let (ctx, events) = (self.writers.clone(), self.events_tx.clone());
+        tokio::spawn(async move {
+            let result = PartitionSink::load(&ctx.store, &ctx.layout, partition, &ctx.retry).await;
+            let _ = events.send(Event::Loaded {
+                partition,
+                epoch,
+                result,
+            });
+        });
+    }
+
+    fn on_loaded(
+        &mut self,
+        partition: i32,
+        epoch: u64,
+        result: Result<PartitionSink, SinkError>,
+    ) -> anyhow::Result<()> {
+        if !matches!(self.slots.get(&partition), Some(Slot::Loading { epoch: e }) if *e == epoch) {
+            return Ok(()); // revoked (or rewound again) meanwhile
+        }
+        let sink = match result {
+            Ok(sink) => sink,
+            Err(SinkError::Aborted) => return Ok(()),
+            Err(e) => {
+                return Err(anyhow::Error::from(e)
+                    .context(format!("loading the checkpoint of partition {partition}")));
+            }
+        };
+        let next = sink.checkpoint.next_offset;
+        let writer = Writer::spawn(self.writers.clone(), partition, epoch, sink);
+        self.slots.insert(
+            partition,
+            Slot::Owned {
+                state: Partition::new(epoch, next),
+                writer,
+            },
+        );
+        self.update_gauge();
+        tracing::info!(partition, from = next, "Resuming from the S3 checkpoint.");
+        self.seek(partition, next);
+        Ok(())
+    }
+
+    /// Forgets a partition: its unwritten messages will be processed again by whoever owns
+    /// it next, from the last committed checkpoint.
+    fn let_go(&mut self, partition: i32) {
+        if self.held == Some(partition) {
+            self.held = None;
+        }
+        if let Some(Slot::Owned { state, writer }) = self.slots.remove(&partition) {
+            if !state.is_settled() {
+                tracing::info!(
+                    partition,
+                    phase = ?state.phase(),
+                    "Dropping the unwritten batches of a partition let go."
+                );
+            }
+            writer.cancel();
+        }
+        self.update_gauge();
+    }
+
+    fn update_gauge(&self) {
+        let owned = self
+            .slots
+            .values()
+            .filter(|s| matches!(s, Slot::Owned { .. }))
+            .count();
+        self.metrics.assigned_partitions.set(owned as i64);
+    }
+
+    fn commit(&mut self, partition: i32, next: i64) {
+        self.committed.insert(partition, next);
+        let mut tpl = TopicPartitionList::new();
+        if tpl
+            .add_partition_offset(&self.settings.kafka.topic, partition, Offset::Offset(next))
+            .is_ok()
+            && let Err(e) = self.consumer.commit(&tpl, CommitMode::Async)
+        {
+            tracing::warn!(partition, error = %e, "Offset commit failed; S3 checkpoint still protects against duplicates.");
+        }
+    }
+
+    /// The offsets of every written batch, committed before leaving (for the lag Console shows).
+    fn commit_sync(&self) {
+        let mut tpl = TopicPartitionList::new();
+        for (p, next) in &self.committed {
+            let _ = tpl.add_partition_offset(&self.settings.kafka.topic, *p, Offset::Offset(*next));
+        }
+        if tpl.count() > 0
+            && let Err(e) = self.consumer.commit(&tpl, CommitMode::Sync)
+        {
+            tracing::debug!(error = %e, "Final offset commit.");
+        }
+    }
+
+    fn seek(&mut self, partition: i32, offset: i64) {
+        let topic = self.settings.kafka.topic.clone();
+        if let Err(e) = self
+            .consumer
+            .seek(&topic, partition, Offset::Offset(offset), SEEK_TIMEOUT)
+        {
+            // Not assigned any more, most likely: whoever owns it resumes from the checkpoint.
+            tracing::warn!(partition, offset, error = %e, "Seek failed; forgetting the partition.");
+            self.let_go(partition);
+        }
+    }
+
+    /// The consumer's fetch position in `partition`: past every message and transaction
+    /// marker it has read.
+    fn position(&self, partition: i32) -> Option<i64> {
+        let tpl = self.consumer.position().ok()?;
+        let elem = tpl.find_partition(&self.settings.kafka.topic, partition)?;
+        let fetched = match elem.offset() {
+            Offset::Offset(o) => o,
+            _ => -1,
+        };
+        let handled = match self.slots.get(&partition) {
+            Some(Slot::Owned { state, .. }) => state.expected(),
+            _ => -1,
+        };
+        Some(fetched.max(handled))
+    }
+
+    /// Drain mode: own every partition, starting where S3 says each one stopped.
+    async fn assign_all(&mut self, partitions: i32) -> anyhow::Result<BTreeMap<i32, i64>> {
+        let mut tpl = TopicPartitionList::new();
+        let mut targets = BTreeMap::new();
+        let topic = self.settings.kafka.topic.clone();
+        for partition in 0..partitions {
+            let ctx = &self.writers;
+            let sink = PartitionSink::load(&ctx.store, &ctx.layout, partition, &ctx.retry)
+                .await
+                .with_context(|| format!("loading the checkpoint of partition {partition}"))?;
+            let next = sink.checkpoint.next_offset;
+            let (_, high) = tokio::task::block_in_place(|| {
+                self.consumer.fetch_watermarks(
+                    &topic,
+                    partition,
+                    self.settings.kafka.connect_timeout(),
+                )
+            })
+            .with_context(|| format!("reading the end offset of {topic}/{partition}"))?;
+            targets.insert(partition, high);
+            tpl.add_partition_offset(
+                &topic,
+                partition,
+                if next > 0 {
+                    Offset::Offset(next)
+                } else {
+                    Offset::Beginning
+                },
+            )?;
+            self.next_epoch += 1;
+            let epoch = self.next_epoch;
+            let writer = Writer::spawn(self.writers.clone(), partition, epoch, sink);
+            self.slots.insert(
+                partition,
+                Slot::Owned {
+                    state: Partition::new(epoch, next),
+                    writer,
+                },
+            );
+        }
+        self.update_gauge();
+        tracing::info!(end_offsets = ?targets, "Draining up to these offsets.");
+        self.consumer
+            .assign(&tpl)
+            .context("assigning the partitions")?;
+        Ok(targets)
+    }
+
+    /// Writes every buffered batch and waits for every writer, until `abort`.
+    async fn finish(&mut self, abort: &CancellationToken) -> Result<(), SinkError> {
+        self.stopping = true;
+        self.held = None;
+        self.slots.retain(|_, s| matches!(s, Slot::Owned { .. }));
+        loop {
+            for slot in self.slots.values_mut() {
+                if let Slot::Owned { state, writer } = slot
+                    && let Some(batch) = state.seal()
+                {
+                    writer.send(batch);
+                }
+            }
+            let busy = self.slots.values().any(|s| match s {
+                Slot::Owned { state, .. } => !state.is_settled(),
+                Slot::Loading { .. } => false,
+            });
+            if !busy {
+                break;
+            }
+            tokio::select! {
+                Some(event) = self.events.recv() => {
+                    if let Err(e) = self.on_event(event) {
+                        return Err(SinkError::Fatal(e));
+                    }
+                }
+                _ = abort.cancelled() => return Err(SinkError::Aborted),
+            }
+        }
+        for (_, slot) in self.slots.drain() {
+            if let Slot::Owned { writer, .. } = slot {
+                self.closing.push(writer.close());
+            }
+        }
+        for task in self.closing.drain(..) {
+            tokio::select! {
+                _ = task => {}
+                _ = abort.cancelled() => return Err(SinkError::Aborted),
+            }
+        }
+        let Some(counts) = self.counts.take() else {
+            return Ok(());
+        };
+        tokio::select! {
+            _ = counts.finish() => Ok(()),
+            _ = abort.cancelled() => Err(SinkError::Aborted),
+        }
+    }
+}
+
+/// Adds a message to its partition's open batch; `false` if the partition is not known yet
+/// (its checkpoint must be loaded first). A message of a partition being loaded, or below
+/// the offset already handled, is dropped.
+fn accept(
+    slots: &mut HashMap<i32, Slot>,
+    partition: i32,
+    offset: i64,
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+    now: Instant,
+) -> bool {
+    match slots.get_mut(&partition) {
+        None => false,
+        Some(Slot::Loading { .. }) => true,
+        Some(Slot::Owned { state, .. }) => {
+            if let Some(batch) = state.offer(offset, now) {
+                batch.push(offset, key, payload.unwrap_or_default());
+            }
+            true
+        }
+    }
+}

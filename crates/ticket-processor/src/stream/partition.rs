@@ -1,0 +1,278 @@
+//! One owned partition's state, with no Kafka in it: which offsets were already handled, the
+//! batch being built, and the batches handed to the partition's writer but not yet written.
+//!
+//! ```text
+//!            assign / first message
+//!                     │
+//!                     ▼
+//!   ┌──────────── Loading ────────────┐   the checkpoint is read from S3 (not here: in
+//!   │   (messages dropped; the        │   `stream`); the consumer then seeks to its offset
+//!   │    seek re-fetches them)        │
+//!   │                                 ▼
+//!   │   ┌──▶ Idle ──offer──▶ Building ──seal──▶ InFlight(n) ──written──▶ (commit offsets)
+//!   │   │                      ▲    │                 │
+//!   │   └──────────────────────┴────┘ (building while │ up to MAX_IN_FLIGHT are written)
+//!   │                                                 │
+//!   │          a writer failed (fenced, dead letter)  ▼
+//!   └───────────────────────────── rewind: reload the checkpoint, seek, new epoch
+//!
+//!   revoked: the partition is forgotten; its writer is cancelled; late reports are ignored
+//!   because they carry an older epoch.
+//! ```
+//!
+//! [`Partition`] is the owned part (from Idle to rewind); [`crate::stream`] keeps it in a map
+//! beside the partition's writer.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use ticket_core::batch::{BatchPolicy, FlushReason};
+
+/// Batches of one partition that may be handed to its writer before the consumer waits: one
+/// being written while the next is queued, so S3 round trips overlap with building.
+pub const MAX_IN_FLIGHT: usize = 2;
+
+/// What a batch under construction holds; its size counts towards `BATCH_MAX_BYTES`.
+pub trait Buffer: Default {
+    fn bytes(&self) -> usize;
+}
+
+/// A batch being built: the offsets it covers (valid or not) and when it started.
+#[derive(Debug)]
+pub struct Open<B> {
+    pub first: i64,
+    pub last: i64,
+    pub started: Instant,
+    pub buf: B,
+}
+
+impl<B> Open<B> {
+    pub fn records(&self) -> usize {
+        (self.last - self.first + 1) as usize
+    }
+}
+
+/// Where a partition is in the life of its batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Idle,
+    Building,
+    InFlight(usize),
+    BuildingWhileInFlight(usize),
+}
+
+/// What became of a writer's report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// The batch is durable: commit this offset to Kafka.
+    Commit(i64),
+    /// The report is of an earlier ownership (revoked, or rewound since): ignore it.
+    Stale,
+}
+
+#[derive(Debug)]
+pub struct Partition<B> {
+    /// Tells this ownership from an earlier one of the same partition: reports carry it.
+    epoch: u64,
+    /// Offsets below this were handled (written, in flight, or in `open`); a message below
+    /// it was fetched before a seek and is dropped.
+    expected: i64,
+    open: Option<Open<B>>,
+    /// Sealed batches handed to the writer, oldest first: `(first, last)`.
+    in_flight: VecDeque<(i64, i64)>,
+}
+
+impl<B: Buffer> Partition<B> {
+    /// A partition owned from `next_offset` on (its checkpoint's).
+    pub fn new(epoch: u64, next_offset: i64) -> Partition<B> {
+        Partition {
+            epoch,
+            expected: next_offset,
+            open: None,
+            in_flight: VecDeque::new(),
+        }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The next offset to handle: where a `--drain` stands in the partition.
+    pub fn expected(&self) -> i64 {
+        self.expected
+    }
+
+    pub fn phase(&self) -> Phase {
+        match (self.open.is_some(), self.in_flight.len()) {
+            (false, 0) => Phase::Idle,
+            (true, 0) => Phase::Building,
+            (false, n) => Phase::InFlight(n),
+            (true, n) => Phase::BuildingWhileInFlight(n),
+        }
+    }
+
+    /// The batch under construction to add the message at `offset` to, or `None` if that
+    /// offset was already handled.
+    pub fn offer(&mut self, offset: i64, now: Instant) -> Option<&mut B> {
+        if offset < self.expected {
+            return None;
+        }
+        self.expected = offset + 1;
+        let open = self.open.get_or_insert_with(|| Open {
+            first: offset,
+            last: offset,
+            started: now,
+            buf: B::default(),
+        });
+        open.last = offset;
+        Some(&mut open.buf)
+    }
+
+    /// Whether the batch under construction is due by the policy.
+    pub fn due(&self, policy: &BatchPolicy, now: Instant) -> Option<FlushReason> {
+        let open = self.open.as_ref()?;
+        policy.due(
+            open.records(),
+            open.buf.bytes(),
+            now.saturating_duration_since(open.started),
+        )
+    }
+
+    /// Whether the writer can take another batch now.
+    pub fn can_seal(&self) -> bool {
+        self.open.is_some() && self.in_flight.len() < MAX_IN_FLIGHT
+    }
+
+    /// Hands the batch under construction over (for its writer), if the writer can take it.
+    pub fn seal(&mut self) -> Option<Open<B>> {
+        if !self.can_seal() {
+            return None;
+        }
+        let open = self.open.take()?;
+        self.in_flight.push_back((open.first, open.last));
+        Some(open)
+    }
+
+    /// The writer wrote the batch `first..=last` of ownership `epoch`.
+    pub fn written(&mut self, epoch: u64, first: i64, last: i64) -> Written {
+        if epoch != self.epoch || self.in_flight.front() != Some(&(first, last)) {
+            return Written::Stale;
+        }
+        self.in_flight.pop_front();
+        Written::Commit(last + 1)
+    }
+
+    /// Drops everything not yet written and resumes at `next_offset` as ownership `epoch`
+    /// (after a fence or a failed dead letter; the caller seeks the consumer).
+    pub fn rewind(&mut self, epoch: u64, next_offset: i64) {
+        *self = Partition::new(epoch, next_offset);
+    }
+
+    /// Nothing buffered and nothing in flight.
+    pub fn is_settled(&self) -> bool {
+        self.phase() == Phase::Idle
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A buffer that is just the offsets it holds.
+    #[derive(Default, Debug)]
+    struct Offsets(Vec<i64>);
+
+    impl Buffer for Offsets {
+        fn bytes(&self) -> usize {
+            self.0.len() * 100
+        }
+    }
+
+    fn policy() -> BatchPolicy {
+        BatchPolicy {
+            max_records: 3,
+            max_bytes: 1_000,
+            max_age: Duration::from_secs(5),
+        }
+    }
+
+    fn feed(p: &mut Partition<Offsets>, offsets: std::ops::RangeInclusive<i64>, now: Instant) {
+        for o in offsets {
+            if let Some(b) = p.offer(o, now) {
+                b.0.push(o);
+            }
+        }
+    }
+
+    #[test]
+    fn batches_are_sealed_in_order_and_committed_as_their_writer_reports() {
+        let now = Instant::now();
+        let mut p = Partition::<Offsets>::new(1, 10);
+        assert_eq!(p.phase(), Phase::Idle);
+        feed(&mut p, 10..=12, now);
+        assert_eq!(p.due(&policy(), now), Some(FlushReason::Size));
+        let a = p.seal().expect("first batch");
+        assert_eq!((a.first, a.last, a.buf.0.clone()), (10, 12, vec![10, 11, 12]));
+        feed(&mut p, 13..=15, now);
+        let b = p.seal().expect("second batch");
+        assert_eq!(p.phase(), Phase::InFlight(2));
+        // A third batch waits for the writer: the consumer is held back, nothing is lost.
+        feed(&mut p, 16..=18, now);
+        assert_eq!(p.phase(), Phase::BuildingWhileInFlight(2));
+        assert!(p.seal().is_none());
+        // Reports commit in order; one out of order is not this partition's to commit.
+        assert_eq!(p.written(1, b.first, b.last), Written::Stale);
+        assert_eq!(p.written(1, 10, 12), Written::Commit(13));
+        assert!(p.can_seal());
+        assert_eq!(p.written(1, 13, 15), Written::Commit(16));
+        assert_eq!(p.seal().map(|o| (o.first, o.last)), Some((16, 18)));
+        assert_eq!(p.written(1, 16, 18), Written::Commit(19));
+        assert!(p.is_settled());
+    }
+
+    #[test]
+    fn offsets_already_handled_are_dropped_after_a_seek() {
+        let now = Instant::now();
+        let mut p = Partition::<Offsets>::new(1, 5);
+        // Fetched before the seek to the checkpoint's offset 5.
+        feed(&mut p, 0..=6, now);
+        assert_eq!(p.seal().map(|o| o.buf.0), Some(vec![5, 6]));
+        // Redelivered after a reconnect: already handled.
+        feed(&mut p, 5..=6, now);
+        assert_eq!(p.phase(), Phase::InFlight(1));
+        assert_eq!(p.expected(), 7);
+    }
+
+    #[test]
+    fn age_makes_a_small_batch_due() {
+        let start = Instant::now();
+        let mut p = Partition::<Offsets>::new(1, 0);
+        assert_eq!(p.due(&policy(), start), None);
+        feed(&mut p, 0..=0, start);
+        assert_eq!(p.due(&policy(), start + Duration::from_secs(1)), None);
+        assert_eq!(
+            p.due(&policy(), start + Duration::from_secs(5)),
+            Some(FlushReason::Age)
+        );
+    }
+
+    #[test]
+    fn a_rewind_drops_what_is_not_written_and_ignores_the_old_epoch() {
+        let now = Instant::now();
+        let mut p = Partition::<Offsets>::new(1, 0);
+        feed(&mut p, 0..=2, now);
+        let a = p.seal().expect("batch");
+        feed(&mut p, 3..=4, now);
+        // The writer failed on `a` (fenced, or a dead letter not delivered): resume at the
+        // checkpoint's offset, as a new ownership.
+        p.rewind(2, 0);
+        assert!(p.is_settled());
+        assert_eq!(p.written(1, a.first, a.last), Written::Stale);
+        feed(&mut p, 0..=2, now);
+        let again = p.seal().expect("replayed batch");
+        assert_eq!(again.buf.0, vec![0, 1, 2]);
+        assert_eq!(p.written(2, 0, 2), Written::Commit(3));
+    }
+}

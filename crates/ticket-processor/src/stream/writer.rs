@@ -1,0 +1,275 @@
+//! A partition's writer: a task that turns the partition's sealed batches, in order, into
+//! results in S3. Decoding, validation, dead letters, counting and the exactly-once commit all
+//! happen here, off the consumer's task, and the writers of different partitions run in
+//! parallel. Each batch's outcome is reported back to the consumer's loop as an [`Event`].
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use ticket_core::Routing;
+use ticket_core::keys::Layout;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::Event;
+use super::dead_letter::{DeadLetter, DeadLetterError, DeadLetters};
+use super::partition::{Buffer, Open};
+use crate::aggregate::Aggregator;
+use crate::enrich::BatchBuilder;
+use crate::metrics::Metrics;
+use crate::sink::{Batch, PartitionSink, Retrier, SinkError};
+use crate::store::SharedStore;
+
+/// Messages as read, copied into one buffer (no allocation per message).
+#[derive(Default)]
+pub struct RawBatch {
+    data: Vec<u8>,
+    messages: Vec<RawMessage>,
+}
+
+struct RawMessage {
+    offset: i64,
+    key: Option<(usize, usize)>,
+    payload: (usize, usize),
+}
+
+impl RawBatch {
+    pub fn push(&mut self, offset: i64, key: Option<&[u8]>, payload: &[u8]) {
+        let mut append = |bytes: &[u8]| {
+            let start = self.data.len();
+            self.data.extend_from_slice(bytes);
+            (start, self.data.len())
+        };
+        let key = key.map(&mut append);
+        let payload = append(payload);
+        self.messages.push(RawMessage {
+            offset,
+            key,
+            payload,
+        });
+    }
+
+    /// Each message's offset, key and payload.
+    fn iter(&self) -> impl Iterator<Item = (i64, Option<&[u8]>, &[u8])> {
+        self.messages.iter().map(|m| {
+            (
+                m.offset,
+                m.key.map(|(a, b)| &self.data[a..b]),
+                &self.data[m.payload.0..m.payload.1],
+            )
+        })
+    }
+}
+
+impl Buffer for RawBatch {
+    fn bytes(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// What every writer shares.
+pub struct WriterContext {
+    pub store: SharedStore,
+    pub layout: Layout,
+    pub routing: Routing,
+    pub retry: Retrier,
+    pub aggregator: Aggregator,
+    pub metrics: Metrics,
+    pub dead_letters: DeadLetters,
+    pub events: UnboundedSender<Event>,
+}
+
+/// A batch's outcome, as reported to the consumer's loop.
+pub struct Report {
+    pub partition: i32,
+    pub epoch: u64,
+    pub first: i64,
+    pub last: i64,
+    pub valid: u64,
+    pub dead: u64,
+    pub started: Instant,
+    pub outcome: Result<(), Failure>,
+}
+
+pub enum Failure {
+    /// Another owner committed first, or a dead letter was not delivered for a reason that
+    /// may pass: reload the checkpoint and process again from there.
+    Rewind(String),
+    /// Will not get better by retrying: stop the processor with this message.
+    Fatal(anyhow::Error),
+    /// Given up because the processor is stopping: the batch is processed again on restart.
+    Aborted,
+}
+
+/// The handle the consumer's loop keeps for a partition's writer task.
+pub struct Writer {
+    jobs: UnboundedSender<Open<RawBatch>>,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Writer {
+    pub fn spawn(
+        ctx: Arc<WriterContext>,
+        partition: i32,
+        epoch: u64,
+        mut sink: PartitionSink,
+    ) -> Writer {
+        let (jobs, mut rx) = tokio::sync::mpsc::unbounded_channel::<Open<RawBatch>>();
+        let cancel = CancellationToken::new();
+        let stop = cancel.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let job = tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => break,
+                    job = rx.recv() => match job { Some(j) => j, None => break },
+                };
+                let (first, last, started) = (job.first, job.last, job.started);
+                let write = write_batch(&ctx, &mut sink, job);
+                // A panic must still report, or the partition would wait for this batch forever.
+                let (valid, dead, outcome) =
+                    futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(write))
+                        .await
+                        .unwrap_or_else(|_| {
+                            (
+                                0,
+                                0,
+                                Err(Failure::Fatal(anyhow::anyhow!(
+                                    "writing the batch of partition {partition} from offset {first} panicked"
+                                ))),
+                            )
+                        });
+                let failed = outcome.is_err();
+                // The receiver lives as long as the processor; if it is gone, so is the result.
+                let _ = ctx.events.send(Event::Written(Report {
+                    partition,
+                    epoch,
+                    first,
+                    last,
+                    valid,
+                    dead,
+                    started,
+                    outcome,
+                }));
+                if failed {
+                    // What is queued after a failed batch is rebuilt from the checkpoint.
+                    break;
+                }
+            }
+            sink.settle().await;
+        });
+        Writer { jobs, cancel, task }
+    }
+
+    pub fn send(&self, batch: Open<RawBatch>) {
+        // The task only ends after a failure (reported) or a cancel: then the batch is moot.
+        let _ = self.jobs.send(batch);
+    }
+
+    /// The partition is not ours any more: stop between batches (a batch being committed is
+    /// fenced by the checkpoint if the new owner got there first).
+    pub fn cancel(self) {
+        self.cancel.cancel();
+    }
+
+    /// No more batches: the task ends once the queued ones are written.
+    pub fn close(self) -> JoinHandle<()> {
+        self.task
+    }
+}
+
+/// A batch's work: decode and route, dead letters durable, counts, then the batch into S3
+/// exactly once. Returns the valid and dead-letter counts with the outcome.
+async fn write_batch(
+    ctx: &WriterContext,
+    sink: &mut PartitionSink,
+    job: Open<RawBatch>,
+) -> (u64, u64, Result<(), Failure>) {
+    let mut builder = BatchBuilder::default();
+    let mut queued = Vec::new();
+    for (offset, key, payload) in job.buf.iter() {
+        if let Err(reason) = builder.push(&ctx.routing, payload) {
+            let reason = reason.to_string();
+            tracing::debug!(
+                partition = sink.partition,
+                offset,
+                reason,
+                "Invalid ticket sent to the dead-letter topic."
+            );
+            let letter = DeadLetter {
+                partition: sink.partition,
+                offset,
+                key,
+                payload,
+                reason: &reason,
+            };
+            match ctx.dead_letters.enqueue(&letter, &ctx.retry.abort).await {
+                Ok(f) => queued.push(f),
+                Err(e) => return (0, 0, Err(dead_letter_failure(e))),
+            }
+        }
+    }
+    let (valid, dead) = (builder.valid, queued.len() as u64);
+    // Dead letters must be durable before the batch's offsets count as done.
+    for f in queued {
+        if let Err(e) = ctx.dead_letters.delivered(f).await {
+            return (valid, dead, Err(dead_letter_failure(e)));
+        }
+        ctx.metrics.dead_lettered.inc();
+    }
+    let counts = match ctx.aggregator.count(vec![builder.columns.finish()]).await {
+        Ok(c) => c,
+        Err(e) => return (valid, dead, Err(Failure::Fatal(e))),
+    };
+    let batch = Batch {
+        first: job.first,
+        last: job.last,
+        valid,
+        body: Bytes::from(builder.body),
+        dead_letters: dead,
+        counts,
+    };
+    let outcome = match sink.commit(&ctx.store, &ctx.layout, batch, &ctx.retry).await {
+        Ok(()) => Ok(()),
+        Err(SinkError::Fenced(p)) => Err(Failure::Rewind(format!(
+            "another writer committed partition {p} first"
+        ))),
+        Err(SinkError::Aborted) => Err(Failure::Aborted),
+        Err(SinkError::Fatal(e)) => Err(Failure::Fatal(e)),
+    };
+    (valid, dead, outcome)
+}
+
+fn dead_letter_failure(e: DeadLetterError) -> Failure {
+    match e {
+        DeadLetterError::Transient { .. } => Failure::Rewind(e.to_string()),
+        DeadLetterError::Permanent { .. } => Failure::Fatal(e.into()),
+        DeadLetterError::Aborted => Failure::Aborted,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_raw_batch_gives_back_each_message_as_read() {
+        let mut b = RawBatch::default();
+        b.push(7, Some(b"k1"), b"first");
+        b.push(8, None, b"");
+        b.push(9, Some(b""), b"third");
+        let got: Vec<_> = b.iter().collect();
+        assert_eq!(
+            got,
+            vec![
+                (7, Some(&b"k1"[..]), &b"first"[..]),
+                (8, None, &b""[..]),
+                (9, Some(&b""[..]), &b"third"[..]),
+            ]
+        );
+        assert_eq!(b.bytes(), 12);
+    }
+}

@@ -1,0 +1,180 @@
+//! One bad record, one refusal, one outage is never a hang: each ends in an outcome a user
+//! can act on, with the real binaries against a real broker and S3 server.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::Signal;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+fn ticket(id: &str) -> String {
+    format!(
+        r#"{{"ticket_id":"{id}","client_id":4242,"created_at":"2025-10-20T03:00:23.010952","request":"The gateway reboots.","request_type":"billing","priority":"high"}}"#
+    )
+}
+
+/// Publishes `(key, value)` pairs with a producer that accepts messages up to 2 MB, as a topic
+/// configured for large messages would.
+async fn publish_large(broker: &Broker, topic: &str, messages: &[(String, Vec<u8>)]) {
+    let p: FutureProducer = broker
+        .config()
+        .set("acks", "all")
+        .set("message.max.bytes", "2097152")
+        .create()
+        .expect("producer");
+    for (k, v) in messages {
+        p.send(
+            FutureRecord::to(topic).key(k.as_bytes()).payload(v),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("delivered");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_message_too_large_for_the_dead_letter_topic_is_sent_truncated() {
+    let broker = Broker::start().await;
+    let s3 = S3::start().await;
+    let topic = unique("tickets");
+    let env = env(&broker, &s3, &topic);
+    run_ok("ticket-producer", &env, &["--count", "0", "--partitions", "1"]).await;
+
+    // 1.2 MB of JSON that is not a ticket (no client_id), then five valid tickets.
+    let big = format!(
+        r#"{{"ticket_id":"HUGE","request":"{}"}}"#,
+        "x".repeat(1_200_000)
+    )
+    .into_bytes();
+    let mut messages = vec![("HUGE".to_string(), big.clone())];
+    for i in 0..5 {
+        let id = format!("OK-{i}");
+        messages.push((id.clone(), ticket(&id).into_bytes()));
+    }
+    publish_large(&broker, &topic, &messages).await;
+
+    // Before: the drain never ended (the oversized dead letter was retried forever).
+    let out = run_ok("ticket-processor", &env, &["--drain"]).await;
+
+    let dlq = broker.read_all(&format!("{topic}_dlq"));
+    assert_eq!(dlq.len(), 1, "one dead letter; log:\n{out}");
+    let letter = &dlq[0];
+    assert_eq!(letter.key.as_deref(), Some(&b"HUGE"[..]));
+    assert_eq!(
+        letter.headers.get("payload.truncated").map(String::as_str),
+        Some("true")
+    );
+    assert_eq!(
+        letter.headers.get("payload.original.size"),
+        Some(&big.len().to_string())
+    );
+    assert!(
+        letter.headers["error.message"].contains("client_id"),
+        "{:?}",
+        letter.headers
+    );
+    let value = letter.value.as_deref().unwrap_or_default();
+    assert!(value.len() < 1_000_000 && value.len() > 900_000);
+    assert!(
+        big.starts_with(value),
+        "the dead letter keeps the message's first bytes"
+    );
+
+    let ids: Vec<String> = (0..5).map(|i| format!("OK-{i}")).collect();
+    assert_eq!(assert_exactly_once(&s3, &ids).await, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_an_s3_outage_ends_the_process_within_the_shutdown_timeout() {
+    let broker = Broker::start().await;
+    let s3 = S3::start().await;
+    let topic = unique("tickets");
+    let s3_addr = s3
+        .endpoint
+        .trim_start_matches("http://")
+        .parse()
+        .expect("s3 addr");
+    let proxy = Proxy::start(s3_addr).await;
+    let mut env = env(&broker, &s3, &topic);
+    run_ok("ticket-producer", &env, &["--count", "0", "--partitions", "1"]).await;
+    env.retain(|(k, _)| k != "S3_ENDPOINT");
+    env.push((
+        "S3_ENDPOINT".into(),
+        format!("http://127.0.0.1:{}", proxy.port),
+    ));
+    env.push(("SHUTDOWN_TIMEOUT_SECS".into(), "2".into()));
+    env.push(("BATCH_MAX_AGE_MS".into(), "200".into()));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut processor = Running::spawn("ticket-processor", &env, &[], dir.path().join("p.log"));
+
+    let first: Vec<String> = (0..10).map(|i| format!("A-{i}")).collect();
+    let msgs: Vec<(String, Vec<u8>)> = first
+        .iter()
+        .map(|id| (id.clone(), ticket(id).into_bytes()))
+        .collect();
+    publish_large(&broker, &topic, &msgs).await;
+    wait_for_tickets(&s3, 10, Duration::from_secs(60)).await;
+
+    // S3 goes away with a batch to write: the writer retries...
+    proxy.down();
+    let second: Vec<(String, Vec<u8>)> = (0..10)
+        .map(|i| format!("B-{i}"))
+        .map(|id| (id.clone(), ticket(&id).into_bytes()))
+        .collect();
+    publish_large(&broker, &topic, &second).await;
+    eventually(Duration::from_secs(60), "a retried S3 request", || async {
+        processor
+            .log()
+            .contains("S3 request failed; retrying.")
+            .then_some(())
+    })
+    .await;
+    // ... and a stop request ends the process anyway, within its timeout (the waits below
+    // are deadlines for a process that used to stay up for good, not measurements).
+    processor.signal(Signal::SIGTERM);
+    let ok = processor.wait(Duration::from_secs(30)).await;
+    let log = processor.log();
+    assert!(ok, "exit status after SIGTERM; log:\n{log}");
+    assert!(
+        log.contains("they will be processed again on restart"),
+        "log:\n{log}"
+    );
+
+    // Nothing was lost: once S3 is back, a drain writes the rest, exactly once.
+    proxy.up();
+    run_ok("ticket-processor", &env, &["--drain"]).await;
+    assert_exactly_once(&s3, &topic_ids(&broker, &topic)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_s3_refusal_stops_the_processor_with_what_to_fix_and_loses_nothing() {
+    let broker = Broker::start().await;
+    let s3 = S3::start().await;
+    if !s3.deny_writes_under(Some("tickets_with_team/")) {
+        eprintln!("skipped: the external S3 server cannot be told to refuse writes");
+        return;
+    }
+    let topic = unique("tickets");
+    let mut env = env(&broker, &s3, &topic);
+    env.push(("BATCH_MAX_AGE_MS".into(), "200".into()));
+    run_ok("ticket-producer", &env, &["--count", "20", "--partitions", "2"]).await;
+
+    // The results prefix is refused (403), as a bucket policy missing s3:PutObject would.
+    let (ok, _, stderr) = run("ticket-processor", &env, &[]).await;
+    assert!(!ok, "a refusal is an error exit, not a retry loop");
+    assert!(
+        stderr.contains("AccessDenied") && stderr.contains("grant s3:"),
+        "the error says what was refused and what to grant:\n{stderr}"
+    );
+    assert!(
+        s3.keys("tickets_with_team/").await.is_empty(),
+        "nothing written under the refused prefix"
+    );
+
+    // Once the permission is granted, everything lands exactly once.
+    s3.deny_writes_under(None);
+    run_ok("ticket-processor", &env, &["--drain"]).await;
+    assert_exactly_once(&s3, &topic_ids(&broker, &topic)).await;
+}
