@@ -359,11 +359,10 @@ impl Processor {
                     Ok(m) => {
                         let (partition, offset) = (m.partition(), m.offset());
                         let now = Instant::now();
-                        self.metrics.tickets_in.inc();
                         if let Some(d) = &mut self.drain {
                             d.message(partition, now);
                         }
-                        let known = accept(&mut self.slots, partition, offset, m.key(), m.payload(), now);
+                        let known = accept(&mut self.slots, partition, offset, m.key(), m.payload(), now, &self.metrics);
                         drop(m);
                         // A revocation seen inside recv() comes first.
                         while let Ok(event) = self.events.try_recv() {
@@ -746,6 +745,7 @@ fn accept(
     key: Option<&[u8]>,
     payload: Option<&[u8]>,
     now: Instant,
+    metrics: &Metrics,
 ) -> bool {
     match slots.get_mut(&partition) {
         None => false,
@@ -753,6 +753,7 @@ fn accept(
         Some(Slot::Owned { state, .. }) => {
             if let Some(batch) = state.offer(offset, now) {
                 batch.push(offset, key, payload.unwrap_or_default());
+                metrics.tickets_in.inc();
             }
             true
         }
