@@ -108,6 +108,7 @@ ensure_engine() {
   fi
   if ! docker compose version >/dev/null 2>&1 || ! docker buildx version >/dev/null 2>&1; then
     log "installing Compose v2 and buildx (Debian's docker-compose 2.x and docker-buildx)"
+    # shellcheck source=/dev/null
     . /etc/os-release
     if [ "${VERSION_CODENAME:-}" = bookworm ]; then
       # Taken from the next release, trixie, pinned so that nothing else comes from it.
@@ -321,7 +322,10 @@ MINIO_CONSOLE_PORT=$((base + 1))
 EOF
   S3_HOST_ENDPOINT="http://127.0.0.1:$base"
   # What the scenario reads S3 with: the processor's own credentials from .env.
-  set -a; . "$SRC/.env"; set +a
+  set -a
+  # shellcheck source=/dev/null
+  . "$SRC/.env"
+  set +a
 }
 
 ############################ images ############################
@@ -330,7 +334,7 @@ EOF
 timed_build() {
   local name=$1; shift
   local start=$SECONDS
-  if ! compose build --progress plain "$@" >"$WORK/build-$name.log" 2>&1; then
+  if ! compose --progress plain build "$@" >"$WORK/build-$name.log" 2>&1; then
     tail -40 "$WORK/build-$name.log" >&2
     die "docker compose build ($name) failed"
   fi
@@ -361,7 +365,7 @@ build_images() {
   printf '\n// edited by tests/stack/run.sh to time a warm build\n' >>"$SRC/crates/ticket-core/src/lib.rs"
   local warm; warm=$(timed_build warm ticket-producer ticket-processor)
   local rebuilt; rebuilt=$(dependency_compiles "$WORK/build-warm.log")
-  [ -z "$rebuilt" ] || die "a warm build recompiled dependencies: $(echo $rebuilt | head -c 300)"
+  [ -z "$rebuilt" ] || die "a warm build recompiled dependencies: $(echo "$rebuilt" | tr "\n" " " | head -c 300)"
   grep -q 'Compiling ticket-core' "$WORK/build-warm.log" || die "the warm build did not recompile the edited crate"
   result "build images, warm (one .rs edited; no dependency recompiled): ${warm}s"
   local p q
