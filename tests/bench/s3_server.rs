@@ -63,12 +63,13 @@ async fn main() -> anyhow::Result<()> {
         let (socket, _) = listener.accept().await?;
         let (service, counts) = (service.clone(), counts.clone());
         tokio::spawn(async move {
-            let counted = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                if let Some(i) = kind(&req) {
-                    counts[i].fetch_add(1, Ordering::Relaxed);
-                }
-                Service::call(&service, req)
-            });
+            let counted =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    if let Some(i) = kind(&req) {
+                        counts[i].fetch_add(1, Ordering::Relaxed);
+                    }
+                    Service::call(&service, req)
+                });
             let builder =
                 hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
             let _ = builder

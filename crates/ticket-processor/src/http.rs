@@ -26,7 +26,8 @@ pub struct Health {
 /// on a seek); this long without a tick means it is stuck.
 pub const STUCK_AFTER: Duration = Duration::from_secs(120);
 const _: () = assert!(
-    STUCK_AFTER.as_millis() > 10 * (crate::stream::TICK.as_millis() + crate::stream::SEEK_TIMEOUT.as_millis())
+    STUCK_AFTER.as_millis()
+        > 10 * (crate::stream::TICK.as_millis() + crate::stream::SEEK_TIMEOUT.as_millis())
 );
 
 fn now_ms() -> u64 {

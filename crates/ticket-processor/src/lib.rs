@@ -140,7 +140,7 @@ pub struct RunArgs {
     #[arg(long, env = "BATCH_MAX_RECORDS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub batch_max_records: u64,
 
-    /// Write a partition's batch once its output reaches this many bytes.
+    /// Write a partition's batch once its messages reach this many bytes.
     #[arg(long, env = "BATCH_MAX_BYTES", default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub batch_max_bytes: u64,
 
@@ -157,7 +157,7 @@ pub struct RunArgs {
     pub http_addr: SocketAddr,
 
     /// On SIGTERM/SIGINT, how long to keep trying to write buffered batches before leaving
-    /// them to the next run.
+    /// them to the next run; the process exits 5 s later whatever it still waits on.
     #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS", default_value_t = 20)]
     pub shutdown_timeout_secs: u64,
 }

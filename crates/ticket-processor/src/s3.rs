@@ -10,7 +10,7 @@ use aws_sdk_s3::error::SdkError;
 use aws_sdk_s3::primitives::ByteStream;
 use futures::future::BoxFuture;
 
-use crate::store::{Expect, ObjectStore, StoreError, StoreResult};
+use crate::store::{Expect, Object, ObjectStore, StoreError, StoreResult};
 
 /// S3 settings. Credentials come from the AWS default chain (`AWS_ACCESS_KEY_ID` and
 /// `AWS_SECRET_ACCESS_KEY`, a profile, or an instance/task role): never from a flag.
@@ -206,7 +206,7 @@ impl ObjectStore for Store {
         format!("bucket {:?} at {}", self.bucket, self.endpoint)
     }
 
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, StoreResult<Option<(Vec<u8>, String)>>> {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, StoreResult<Option<Object>>> {
         Box::pin(async move {
             let out = match self
                 .client
@@ -229,11 +229,15 @@ impl ObjectStore for Store {
                 Err(e) => return Err(self.classify("GET", key, &e)),
             };
             let etag = out.e_tag().unwrap_or_default().to_string();
-            let body = out.body.collect().await.map_err(|e| StoreError::Transient {
-                op: "GET",
-                location: self.location_of(key),
-                message: e.to_string(),
-            })?;
+            let body = out
+                .body
+                .collect()
+                .await
+                .map_err(|e| StoreError::Transient {
+                    op: "GET",
+                    location: self.location_of(key),
+                    message: e.to_string(),
+                })?;
             Ok(Some((body.into_bytes().to_vec(), etag)))
         })
     }
@@ -250,9 +254,7 @@ impl ObjectStore for Store {
             {
                 Ok(_) => Ok(true),
                 // HEAD has no body, so no error code: a 404 is the object's.
-                Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => {
-                    Ok(false)
-                }
+                Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(false),
                 Err(e) => Err(self.classify("HEAD", key, &e)),
             }
         })

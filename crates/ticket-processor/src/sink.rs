@@ -120,7 +120,11 @@ impl Retrier {
     }
 
     /// Like [`Retrier::run`], but a lost conditional write is reported as `Ok(None)`.
-    async fn run_conditional<T, F, Fut>(&self, what: &str, mut op: F) -> Result<Option<T>, SinkError>
+    async fn run_conditional<T, F, Fut>(
+        &self,
+        what: &str,
+        mut op: F,
+    ) -> Result<Option<T>, SinkError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
@@ -567,7 +571,10 @@ mod tests {
                 if crashed.is_ok() {
                     assert_eq!(next, 20, "crash at {crash_at} after the commit");
                 } else {
-                    assert!(next == 10 || next == 20, "crash at {crash_at}: resumes at {next}");
+                    assert!(
+                        next == 10 || next == 20,
+                        "crash at {crash_at}: resumes at {next}"
+                    );
                 }
                 while next < 30 {
                     let last = (next + 6).min(29);
@@ -616,7 +623,10 @@ mod tests {
         commit(&store, &mut owner, batch(10, 19), &r).await;
         // The old owner, unaware, writes its own cut of the same offsets.
         let fenced = stale.commit(&store, &layout(), batch(10, 14), &r).await;
-        assert!(matches!(fenced, Err(SinkError::Fenced(PARTITION))), "{fenced:?}");
+        assert!(
+            matches!(fenced, Err(SinkError::Fenced(PARTITION))),
+            "{fenced:?}"
+        );
         // ... and after reloading resumes where the owner is.
         let reloaded = PartitionSink::load(&store, &layout(), PARTITION, &r)
             .await
@@ -637,7 +647,9 @@ mod tests {
 
         // A 403 on the final key: no retry loop, an error that says what to grant.
         mem.refuse_writes_under(&layout().tickets_prefix());
-        let refused = sink.commit(&store, &layout(), batch(10, 19), &patient()).await;
+        let refused = sink
+            .commit(&store, &layout(), batch(10, 19), &patient())
+            .await;
         let msg = match refused {
             Err(SinkError::Fatal(e)) => e.to_string(),
             other => panic!("expected a fatal error, got {other:?}"),

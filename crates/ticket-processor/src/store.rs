@@ -52,6 +52,9 @@ pub enum Expect {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// An object's bytes and its ETag.
+pub type Object = (Vec<u8>, String);
+
 /// The store as the processor's tasks share it.
 pub type SharedStore = std::sync::Arc<dyn ObjectStore>;
 
@@ -60,7 +63,7 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Where the objects live, for messages (`s3://bucket`).
     fn location(&self) -> String;
     /// The object's bytes and ETag, or `None` if it does not exist.
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, StoreResult<Option<(Vec<u8>, String)>>>;
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, StoreResult<Option<Object>>>;
     fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, StoreResult<bool>>;
     /// Writes an object, conditionally; returns its new ETag.
     fn put<'a>(
@@ -199,10 +202,7 @@ pub mod memory {
             "memory://".to_string()
         }
 
-        fn get<'a>(
-            &'a self,
-            key: &'a str,
-        ) -> BoxFuture<'a, StoreResult<Option<(Vec<u8>, String)>>> {
+        fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, StoreResult<Option<Object>>> {
             Box::pin(async move {
                 self.begin("GET", key)?;
                 Ok(self.lock().get(key).map(|(b, e)| (b.to_vec(), e.clone())))

@@ -99,7 +99,9 @@ async fn refresh(
     let current = retry.run("read counts", || store.get(&key)).await?;
     if current.is_none_or(|(b, _)| b != body) {
         retry
-            .run("write counts", || store.put(&key, body.clone(), Expect::Any))
+            .run("write counts", || {
+                store.put(&key, body.clone(), Expect::Any)
+            })
             .await?;
     }
     Ok(())

@@ -346,6 +346,8 @@ impl Processor {
                 tracing::info!("Reached the end of the topic as of start.");
                 return Ok(());
             }
+            // The earliest moment a batch is due by age: handed over then, not at the next tick.
+            let due = self.next_deadline();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Ok(()),
@@ -354,6 +356,9 @@ impl Processor {
                 _ = tick.tick() => {
                     health.tick();
                     self.on_tick();
+                }
+                _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()), if due.is_some() => {
+                    self.hand_over_due(Instant::now());
                 }
                 m = self.consumer.recv(), if self.held.is_none() => match m {
                     Ok(m) => {
@@ -386,6 +391,18 @@ impl Processor {
         }
     }
 
+    fn next_deadline(&self) -> Option<Instant> {
+        self.slots
+            .values()
+            .filter_map(|s| match s {
+                Slot::Owned { state, .. } if state.can_seal() => {
+                    state.deadline(&self.settings.policy)
+                }
+                _ => None,
+            })
+            .min()
+    }
+
     fn on_tick(&mut self) {
         let now = Instant::now();
         if self.drain.is_some() {
@@ -399,6 +416,10 @@ impl Processor {
                 d.tick(now, |p| positions.get(&p).copied().flatten());
             }
         }
+        self.hand_over_due(now);
+    }
+
+    fn hand_over_due(&mut self, now: Instant) {
         let owned: Vec<i32> = self.slots.keys().copied().collect();
         for p in owned {
             self.hand_over(p, now, false);
@@ -481,7 +502,6 @@ impl Processor {
                 Ok(())
             }
             Err(Failure::Rewind(why)) => {
-                self.metrics.fenced.inc();
                 tracing::warn!(
                     partition,
                     first = r.first,

@@ -138,6 +138,11 @@ impl<B: Buffer> Partition<B> {
         )
     }
 
+    /// When the batch under construction becomes due by age, if it is not handed over before.
+    pub fn deadline(&self, policy: &BatchPolicy) -> Option<Instant> {
+        self.open.as_ref().map(|o| o.started + policy.max_age)
+    }
+
     /// Whether the writer can take another batch now.
     pub fn can_seal(&self) -> bool {
         self.open.is_some() && self.in_flight.len() < MAX_IN_FLIGHT
@@ -214,7 +219,10 @@ mod tests {
         feed(&mut p, 10..=12, now);
         assert_eq!(p.due(&policy(), now), Some(FlushReason::Size));
         let a = p.seal().expect("first batch");
-        assert_eq!((a.first, a.last, a.buf.0.clone()), (10, 12, vec![10, 11, 12]));
+        assert_eq!(
+            (a.first, a.last, a.buf.0.clone()),
+            (10, 12, vec![10, 11, 12])
+        );
         feed(&mut p, 13..=15, now);
         let b = p.seal().expect("second batch");
         assert_eq!(p.phase(), Phase::InFlight(2));
@@ -250,7 +258,9 @@ mod tests {
         let start = Instant::now();
         let mut p = Partition::<Offsets>::new(1, 0);
         assert_eq!(p.due(&policy(), start), None);
+        assert_eq!(p.deadline(&policy()), None);
         feed(&mut p, 0..=0, start);
+        assert_eq!(p.deadline(&policy()), Some(start + Duration::from_secs(5)));
         assert_eq!(p.due(&policy(), start + Duration::from_secs(1)), None);
         assert_eq!(
             p.due(&policy(), start + Duration::from_secs(5)),

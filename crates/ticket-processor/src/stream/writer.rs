@@ -232,11 +232,23 @@ async fn write_batch(
         dead_letters: dead,
         counts,
     };
-    let outcome = match sink.commit(&ctx.store, &ctx.layout, batch, &ctx.retry).await {
+    let outcome = match sink
+        .commit(&ctx.store, &ctx.layout, batch, &ctx.retry)
+        .await
+    {
         Ok(()) => Ok(()),
-        Err(SinkError::Fenced(p)) => Err(Failure::Rewind(format!(
-            "another writer committed partition {p} first"
-        ))),
+        Err(SinkError::Fenced(p)) => {
+            ctx.metrics.fenced.inc();
+            tracing::warn!(
+                partition = p,
+                first = job.first,
+                last = job.last,
+                "Another writer committed this partition first; dropped our batch."
+            );
+            Err(Failure::Rewind(format!(
+                "another writer committed partition {p} first"
+            )))
+        }
         Err(SinkError::Aborted) => Err(Failure::Aborted),
         Err(SinkError::Fatal(e)) => Err(Failure::Fatal(e)),
     };
