@@ -2,7 +2,7 @@
 //! inside the commit protocol, rebalances with a stale owner, S3 and broker outages, SIGTERM
 //! under load, misconfiguration). Each test prints its figures.
 
-mod common;
+pub mod common;
 
 use std::time::{Duration, Instant};
 
@@ -10,18 +10,15 @@ use common::*;
 use nix::sys::signal::Signal;
 use rand::Rng;
 
-/// Environment variables for one run of a binary.
-type Env = Vec<(String, String)>;
-
 /// Valid ticket ids in the topic (keys of messages that are not the test's invalid ones).
-fn valid_ids(broker: &Broker, topic: &str) -> Vec<String> {
-    topic_ids(broker, topic)
+fn valid_ids(fx: &Fixture) -> Vec<String> {
+    fx.topic_ids()
         .into_iter()
         .filter(|k| !k.starts_with("BAD-"))
         .collect()
 }
 
-async fn publish_invalid(broker: &Broker, topic: &str, n: usize) {
+async fn publish_invalid(fx: &Fixture, n: usize) {
     let bodies: Vec<(String, Vec<u8>)> = (0..n)
         .map(|i| {
             (
@@ -38,25 +35,21 @@ async fn publish_invalid(broker: &Broker, topic: &str, n: usize) {
         .iter()
         .map(|(k, v)| (Some(k.as_bytes()), Some(v.as_slice())))
         .collect();
-    broker.publish(topic, &msgs).await;
+    fx.broker.publish(&fx.topic, &msgs).await;
 }
 
 /// The outage tests' load: the topic created, a producer sending `total` tickets at 1,000/s
-/// and a processor flushing every 300 ms, both logging into `dir`.
-async fn steady_stream(
-    env: &mut Vec<(String, String)>,
-    total: u64,
-    dir: &std::path::Path,
-) -> (Running, Running) {
-    env.push(("BATCH_MAX_AGE_MS".into(), "300".into()));
-    run_ok("ticket-producer", env, &["--count", "0"]).await;
-    let producer = Running::spawn(
+/// and a processor (with `env`) flushing every 300 ms.
+async fn steady_stream(fx: &Fixture, env: Env, total: u64) -> (Running, Running) {
+    let env = env.set("BATCH_MAX_AGE_MS", "300");
+    fx.create_topic(3).await;
+    let producer = fx.spawn(
         "ticket-producer",
-        env,
+        &env,
         &["--count", &total.to_string(), "--rate", "1000"],
-        dir.join("producer.log"),
+        "producer",
     );
-    let processor = Running::spawn("ticket-processor", env, &[], dir.join("processor.log"));
+    let processor = fx.spawn("ticket-processor", &env, &[], "processor");
     (producer, processor)
 }
 
@@ -67,28 +60,20 @@ fn report(name: &str, figures: &[(&str, String)]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_and_crashes_inside_the_commit_lose_and_duplicate_nothing() {
-    let broker = Broker::start().await;
-    let s3 = S3::start().await;
-    let topic = unique("tickets");
-    let mut env = env(&broker, &s3, &topic);
-    env.push(("BATCH_MAX_RECORDS".into(), "700".into()));
-    env.push(("BATCH_MAX_AGE_MS".into(), "300".into())); // most flushes are time-based
-    let group = format!("{topic}-group");
-    run_ok(
-        "ticket-producer",
-        &env,
-        &["--count", "0", "--partitions", "3"],
-    )
-    .await;
-    publish_invalid(&broker, &topic, 40).await;
+    let fx = Fixture::start().await;
+    let env = fx
+        .env()
+        .set("BATCH_MAX_RECORDS", "700")
+        .set("BATCH_MAX_AGE_MS", "300"); // most flushes are time-based
+    fx.create_topic(3).await;
+    publish_invalid(&fx, 40).await;
 
-    let dir = tempfile::tempdir().expect("tempdir");
     let total: u64 = 40_000;
-    let mut producer = Running::spawn(
+    let mut producer = fx.spawn(
         "ticket-producer",
         &env,
         &["--count", &total.to_string(), "--rate", "3000"],
-        dir.path().join("producer.log"),
+        "producer",
     );
 
     // Crashes at each step of the commit protocol, then plain SIGKILLs at random moments.
@@ -104,23 +89,14 @@ async fn sigkill_and_crashes_inside_the_commit_lose_and_duplicate_nothing() {
     let started = Instant::now();
     let mut round = 0;
     while round < failpoints.len() + 8 {
-        let mut e = env.clone();
-        if let Some(fp) = failpoints.get(round) {
-            e.push(("TICKET_PROCESSOR_FAILPOINT".into(), fp.to_string()));
-        }
-        let mut p = Running::spawn(
-            "ticket-processor",
-            &e,
-            &[],
-            dir.path().join(format!("processor-{round}.log")),
-        );
+        let e = match failpoints.get(round) {
+            Some(fp) => env.clone().failpoint(fp),
+            None => env.clone(),
+        };
+        let mut p = fx.spawn("ticket-processor", &e, &[], &format!("processor-{round}"));
         if round < failpoints.len() {
             // Wait for the injected crash (or give up on it after a while and kill).
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while p.child.try_wait().expect("wait").is_none() && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            if p.child.try_wait().expect("wait").is_some() {
+            if p.exit_within(Duration::from_secs(20)).await.is_some() {
                 assert!(
                     p.log().contains("Failpoint reached"),
                     "processor died without its failpoint:\n{}",
@@ -137,7 +113,7 @@ async fn sigkill_and_crashes_inside_the_commit_lose_and_duplicate_nothing() {
             kills += 1;
         }
         let _ = p.wait(Duration::from_secs(10)).await;
-        assert_commits_behind_s3(&broker, &s3, &group, &topic, 3).await;
+        fx.assert_commits_behind_s3(3).await;
         round += 1;
     }
     assert!(
@@ -146,20 +122,15 @@ async fn sigkill_and_crashes_inside_the_commit_lose_and_duplicate_nothing() {
         producer.log()
     );
 
-    let mut last = Running::spawn(
-        "ticket-processor",
-        &env,
-        &[],
-        dir.path().join("processor-last.log"),
-    );
-    wait_for_tickets(&s3, total, Duration::from_secs(120)).await;
-    let ids = valid_ids(&broker, &topic);
+    let mut last = fx.spawn("ticket-processor", &env, &[], "processor-last");
+    fx.wait_for_tickets(total, Duration::from_secs(120)).await;
+    let ids = valid_ids(&fx);
     assert_eq!(ids.len() as u64, total);
     eventually(
         Duration::from_secs(40),
         "latest.jsonl to catch up",
         || async {
-            let body = s3.get("counts_by_request_type/latest.jsonl").await?;
+            let body = fx.s3.get("counts_by_request_type/latest.jsonl").await?;
             let n: u64 = String::from_utf8_lossy(&body)
                 .lines()
                 .map(|l| {
@@ -173,8 +144,8 @@ async fn sigkill_and_crashes_inside_the_commit_lose_and_duplicate_nothing() {
         },
     )
     .await;
-    let (lines, lost, duplicated) = tally(&s3, &ids).await;
-    let (_, dead, _) = checkpoints(&s3).await;
+    let (lines, lost, duplicated) = fx.tally(&ids).await;
+    let (_, dead, _) = fx.checkpoints().await;
     report(
         "sigkill",
         &[
@@ -189,12 +160,12 @@ async fn sigkill_and_crashes_inside_the_commit_lose_and_duplicate_nothing() {
         ],
     );
     assert_eq!((lost, duplicated), (0, 0));
-    assert_exactly_once(&s3, &ids).await;
+    fx.assert_exactly_once(&ids).await;
     assert_eq!(
         dead, 40,
         "each invalid message counted once in the checkpoints"
     );
-    let dlq = broker.read_all(&format!("{topic}_dlq"));
+    let dlq = fx.broker.read_all(&fx.dlq());
     let sources: std::collections::BTreeSet<String> = dlq
         .iter()
         .map(|r| r.headers["source.offset"].clone() + "/" + &r.headers["source.partition"])
@@ -205,65 +176,41 @@ async fn sigkill_and_crashes_inside_the_commit_lose_and_duplicate_nothing() {
         "every invalid message reached the DLQ (de-duplicated by source)"
     );
     assert!(
-        s3.keys("_staging/").await.is_empty(),
+        fx.s3.keys("_staging/").await.is_empty(),
         "staging objects left behind"
     );
-    assert_commits_behind_s3(&broker, &s3, &group, &topic, 3).await;
+    fx.assert_commits_behind_s3(3).await;
     last.signal(Signal::SIGTERM);
     assert!(last.wait(Duration::from_secs(30)).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_with_moving_partitions_and_a_stale_owner() {
-    let broker = Broker::start().await;
-    let s3 = S3::start().await;
-    let topic = unique("tickets");
-    let mut env = env(&broker, &s3, &topic);
-    env.retain(|(k, _)| k != "KAFKA_OPTIONS");
-    env.push((
-        "KAFKA_OPTIONS".into(),
-        "session.timeout.ms=6000,heartbeat.interval.ms=500,max.poll.interval.ms=7000".into(),
-    ));
-    env.push(("BATCH_MAX_RECORDS".into(), "500".into()));
-    env.push(("BATCH_MAX_AGE_MS".into(), "300".into()));
-    run_ok(
-        "ticket-producer",
-        &env,
-        &["--count", "0", "--partitions", "6"],
-    )
-    .await;
-    let dir = tempfile::tempdir().expect("tempdir");
+    let fx = Fixture::start().await;
+    let env = fx
+        .env()
+        .set(
+            "KAFKA_OPTIONS",
+            "session.timeout.ms=6000,heartbeat.interval.ms=500,max.poll.interval.ms=7000",
+        )
+        .set("BATCH_MAX_RECORDS", "500")
+        .set("BATCH_MAX_AGE_MS", "300");
+    fx.create_topic(6).await;
     let total: u64 = 50_000;
-    let mut producer = Running::spawn(
+    let mut producer = fx.spawn(
         "ticket-producer",
         &env,
         &["--count", &total.to_string(), "--rate", "2500"],
-        dir.path().join("producer.log"),
+        "producer",
     );
 
     // The stale owner: frozen (SIGSTOP, as a stalled VM or a long GC pause would be) in the
     // middle of committing a batch, for longer than the session timeout, so its partitions move
     // to the others, which commit batches of their own; then it wakes up and tries to commit.
-    let mut stale_env = env.clone();
-    stale_env.push((
-        "TICKET_PROCESSOR_FAILPOINT".into(),
-        "before-checkpoint:pause-3000:4".into(),
-    ));
-    let stale = Running::spawn(
-        "ticket-processor",
-        &stale_env,
-        &[],
-        dir.path().join("stale.log"),
-    );
+    let stale_env = env.clone().failpoint("before-checkpoint:pause-3000:4");
+    let stale = fx.spawn("ticket-processor", &stale_env, &[], "stale");
     let mut others: Vec<Running> = (0..2)
-        .map(|i| {
-            Running::spawn(
-                "ticket-processor",
-                &env,
-                &[],
-                dir.path().join(format!("p{i}.log")),
-            )
-        })
+        .map(|i| fx.spawn("ticket-processor", &env, &[], &format!("p{i}")))
         .collect();
     eventually(
         Duration::from_secs(90),
@@ -281,12 +228,7 @@ async fn three_instances_with_moving_partitions_and_a_stale_owner() {
         let victim = rng.random_range(0..others.len());
         others[victim].signal(Signal::SIGKILL);
         let _ = others[victim].wait(Duration::from_secs(10)).await;
-        others[victim] = Running::spawn(
-            "ticket-processor",
-            &env,
-            &[],
-            dir.path().join(format!("p-restart-{round}.log")),
-        );
+        others[victim] = fx.spawn("ticket-processor", &env, &[], &format!("p-restart-{round}"));
         restarts += 1;
     }
     assert!(
@@ -294,11 +236,11 @@ async fn three_instances_with_moving_partitions_and_a_stale_owner() {
         "producer failed:\n{}",
         producer.log()
     );
-    wait_for_tickets(&s3, total, Duration::from_secs(180)).await;
-    let ids = topic_ids(&broker, &topic);
-    let (lines, lost, duplicated) = tally(&s3, &ids).await;
+    fx.wait_for_tickets(total, Duration::from_secs(180)).await;
+    let ids = fx.topic_ids();
+    let (lines, lost, duplicated) = fx.tally(&ids).await;
     let mut logs = stale.log();
-    for entry in std::fs::read_dir(dir.path()).expect("dir") {
+    for entry in std::fs::read_dir(fx.log_dir()).expect("dir") {
         logs.push_str(&std::fs::read_to_string(entry.expect("entry").path()).unwrap_or_default());
     }
     let rebalances = logs.matches("Partitions assigned").count();
@@ -330,40 +272,27 @@ async fn three_instances_with_moving_partitions_and_a_stale_owner() {
         "the stale owner's late commit was not refused:\n{}",
         stale.log()
     );
-    assert_exactly_once(&s3, &ids).await;
-    assert_commits_behind_s3(&broker, &s3, &format!("{topic}-group"), &topic, 6).await;
+    fx.assert_exactly_once(&ids).await;
+    fx.assert_commits_behind_s3(6).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_outage_is_retried_without_loss_and_recovers_by_itself() {
-    let broker = Broker::start().await;
-    let s3 = S3::start().await;
-    let topic = unique("tickets");
-    let s3_addr = s3
-        .endpoint
-        .trim_start_matches("http://")
-        .parse()
-        .expect("s3 addr");
-    let proxy = Proxy::start(s3_addr).await;
-    let mut env = env(&broker, &s3, &topic);
-    env.retain(|(k, _)| k != "S3_ENDPOINT");
-    env.push((
-        "S3_ENDPOINT".into(),
-        format!("http://127.0.0.1:{}", proxy.port),
-    ));
-    let dir = tempfile::tempdir().expect("tempdir");
+    let fx = Fixture::start().await;
+    let proxy = fx.s3.proxy().await;
     let total: u64 = 20_000;
-    let (mut producer, mut processor) = steady_stream(&mut env, total, dir.path()).await;
+    let (mut producer, mut processor) =
+        steady_stream(&fx, fx.env().s3_endpoint(&proxy), total).await;
     processor.http_addr().await;
     tokio::time::sleep(Duration::from_secs(4)).await;
 
     let outage = Duration::from_secs(20);
     proxy.down();
-    let before = committed(&broker, &format!("{topic}-group"), &topic, 3);
+    let before = fx.committed(3);
     tokio::time::sleep(outage).await;
-    let during = committed(&broker, &format!("{topic}-group"), &topic, 3);
+    let during = fx.committed(3);
     assert!(
-        processor.child.try_wait().expect("wait").is_none(),
+        processor.is_running(),
         "processor died during the outage:\n{}",
         processor.log()
     );
@@ -378,9 +307,9 @@ async fn s3_outage_is_retried_without_loss_and_recovers_by_itself() {
         "producer failed:\n{}",
         producer.log()
     );
-    wait_for_tickets(&s3, total, Duration::from_secs(120)).await;
-    let ids = topic_ids(&broker, &topic);
-    let (lines, lost, duplicated) = tally(&s3, &ids).await;
+    fx.wait_for_tickets(total, Duration::from_secs(120)).await;
+    let ids = fx.topic_ids();
+    let (lines, lost, duplicated) = fx.tally(&ids).await;
     let log = processor.log();
     report(
         "s3-outage",
@@ -407,7 +336,7 @@ async fn s3_outage_is_retried_without_loss_and_recovers_by_itself() {
         log.contains("S3 is reachable again."),
         "the recovery was not logged:\n{log}"
     );
-    assert_exactly_once(&s3, &ids).await;
+    fx.assert_exactly_once(&ids).await;
     processor.signal(Signal::SIGTERM);
     assert!(processor.wait(Duration::from_secs(30)).await);
 }
@@ -418,32 +347,16 @@ async fn broker_outage_is_survived_by_producer_and_processor() {
         eprintln!("skipped: cutting an external broker off needs the harness's own broker");
         return;
     }
-    let (port, proxy_port) = {
-        let a = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let b = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        (
-            a.local_addr().expect("a").port(),
-            b.local_addr().expect("b").port(),
-        )
-    };
-    let proxy = Proxy::on_port(
-        proxy_port,
-        format!("127.0.0.1:{port}").parse().expect("addr"),
-    )
-    .await;
-    let broker = Broker::tansu_on(port, Some(proxy_port)).await;
-    let s3 = S3::start().await;
-    let topic = unique("tickets");
-    let mut env = env(&broker, &s3, &topic);
-    let dir = tempfile::tempdir().expect("tempdir");
+    let (broker, proxy) = Broker::tansu_behind_proxy().await;
+    let fx = Fixture::with_broker(broker).await;
     let total: u64 = 20_000;
-    let (mut producer, mut processor) = steady_stream(&mut env, total, dir.path()).await;
+    let (mut producer, mut processor) = steady_stream(&fx, fx.env(), total).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let outage = Duration::from_secs(15);
     proxy.down();
     tokio::time::sleep(outage).await;
     assert!(
-        processor.child.try_wait().expect("wait").is_none(),
+        processor.is_running(),
         "processor died during the outage:\n{}",
         processor.log()
     );
@@ -453,9 +366,9 @@ async fn broker_outage_is_survived_by_producer_and_processor() {
         "producer failed:\n{}",
         producer.log()
     );
-    wait_for_tickets(&s3, total, Duration::from_secs(120)).await;
-    let ids = topic_ids(&broker, &topic);
-    let (lines, lost, duplicated) = tally(&s3, &ids).await;
+    fx.wait_for_tickets(total, Duration::from_secs(120)).await;
+    let ids = fx.topic_ids();
+    let (lines, lost, duplicated) = fx.tally(&ids).await;
     report(
         "broker-outage",
         &[
@@ -473,28 +386,25 @@ async fn broker_outage_is_survived_by_producer_and_processor() {
         "the producer's idempotent retries left the topic with the wrong count"
     );
     assert_eq!((lost, duplicated), (0, 0));
-    assert_exactly_once(&s3, &ids).await;
+    fx.assert_exactly_once(&ids).await;
     processor.signal(Signal::SIGTERM);
     assert!(processor.wait(Duration::from_secs(30)).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_exits_zero_having_committed_only_what_was_written() {
-    let broker = Broker::start().await;
-    let s3 = S3::start().await;
-    let topic = unique("tickets");
-    let env = env(&broker, &s3, &topic);
+    let fx = Fixture::start().await;
+    let env = fx.env();
     let total: u64 = 50_000;
     run_ok("ticket-producer", &env, &["--count", &total.to_string()]).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut processor = Running::spawn(
+    let mut processor = fx.spawn(
         "ticket-processor",
         &env,
         &["--batch-max-records", "2000"],
-        dir.path().join("processor.log"),
+        "processor",
     );
     eventually(Duration::from_secs(60), "the first batches", || async {
-        let (n, _, _) = checkpoints(&s3).await;
+        let (n, _, _) = fx.checkpoints().await;
         (n > 0).then_some(())
     })
     .await;
@@ -506,11 +416,11 @@ async fn sigterm_under_load_exits_zero_having_committed_only_what_was_written() 
         processor.log()
     );
     let stop_secs = stop.elapsed().as_secs_f64();
-    assert_commits_behind_s3(&broker, &s3, &format!("{topic}-group"), &topic, 3).await;
-    let (written_at_stop, _, _) = checkpoints(&s3).await;
+    fx.assert_commits_behind_s3(3).await;
+    let (written_at_stop, _, _) = fx.checkpoints().await;
     run_ok("ticket-processor", &env, &["--drain"]).await;
-    let ids = topic_ids(&broker, &topic);
-    let (lines, lost, duplicated) = tally(&s3, &ids).await;
+    let ids = fx.topic_ids();
+    let (lines, lost, duplicated) = fx.tally(&ids).await;
     report(
         "sigterm",
         &[
@@ -523,27 +433,14 @@ async fn sigterm_under_load_exits_zero_having_committed_only_what_was_written() 
         ],
     );
     assert_eq!((lost, duplicated), (0, 0));
-    assert_exactly_once(&s3, &ids).await;
+    fx.assert_exactly_once(&ids).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misconfiguration_is_a_clear_error_at_start_not_a_hang() {
-    let broker = Broker::start().await;
-    let s3 = S3::start().await;
-    let topic = unique("tickets");
-    let good = env(&broker, &s3, &topic);
-    let with = |k: &str, v: &str| {
-        let mut e = good.clone();
-        e.retain(|(key, _)| key != k);
-        e.push((k.to_string(), v.to_string()));
-        e.push(("KAFKA_CONNECT_TIMEOUT_SECS".into(), "3".into()));
-        e
-    };
-    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let fx = Fixture::start().await;
+    let with = |k: &str, v: &str| fx.env().set(k, v).set("KAFKA_CONNECT_TIMEOUT_SECS", "3");
+    let dead_port = free_port();
     let cases: Vec<(&str, Env, &str)> = vec![
         (
             "ticket-processor",

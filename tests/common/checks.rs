@@ -1,0 +1,169 @@
+//! What the results must be: every ticket exactly once, commits never ahead of S3.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use ticket_core::Routing;
+
+use super::Fixture;
+
+/// Polls `check` until it returns `Some`, or fails after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+impl Fixture {
+    /// Checks the S3 results against the topic: every valid ticket exactly once, the right team,
+    /// and totals that equal the tickets written. Returns the number of tickets.
+    pub async fn assert_exactly_once(&self, expected_ids: &[String]) -> usize {
+        let lines = self.s3.json_lines("tickets_with_team/").await;
+        let mut seen = BTreeMap::new();
+        let routing = Routing::default();
+        for l in &lines {
+            let id = l["ticket_id"].as_str().expect("ticket_id").to_string();
+            *seen.entry(id).or_insert(0) += 1;
+            let rt = l["request_type"].as_str().expect("request_type");
+            assert_eq!(
+                l["support_team"].as_str(),
+                Some(routing.team_for(rt)),
+                "wrong team in {l}"
+            );
+            for f in ticket_core::ticket::FIELDS {
+                assert!(l.get(f).is_some(), "field {f} missing in {l}");
+            }
+        }
+        let dupes: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(dupes.is_empty(), "duplicated tickets: {dupes:?}");
+        let expected: BTreeSet<&String> = expected_ids.iter().collect();
+        let got: BTreeSet<&String> = seen.keys().collect();
+        assert_eq!(
+            got.len(),
+            expected.len(),
+            "ticket count in S3 differs from the topic"
+        );
+        assert_eq!(got, expected, "tickets in S3 differ from the topic");
+
+        let mut by_type: BTreeMap<String, u64> = BTreeMap::new();
+        for l in &lines {
+            *by_type
+                .entry(l["request_type"].as_str().expect("rt").to_string())
+                .or_default() += 1;
+        }
+        let counts = String::from_utf8(
+            self.s3
+                .get("counts_by_request_type/latest.jsonl")
+                .await
+                .expect("latest.jsonl"),
+        )
+        .expect("utf8");
+        let reported: BTreeMap<String, u64> = counts
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).expect("json");
+                let by_priority: u64 = v["by_priority"]
+                    .as_object()
+                    .expect("by_priority")
+                    .values()
+                    .map(|n| n.as_u64().expect("n"))
+                    .sum();
+                assert_eq!(
+                    Some(by_priority),
+                    v["count"].as_u64(),
+                    "priority breakdown does not add up: {l}"
+                );
+                (
+                    v["request_type"].as_str().expect("rt").to_string(),
+                    v["count"].as_u64().expect("count"),
+                )
+            })
+            .collect();
+        assert_eq!(
+            reported, by_type,
+            "latest.jsonl disagrees with tickets_with_team/"
+        );
+        lines.len()
+    }
+
+    /// (valid tickets, dead letters, next offset per partition) summed over the checkpoints.
+    pub async fn checkpoints(&self) -> (u64, u64, BTreeMap<i32, i64>) {
+        let (mut tickets, mut dead, mut next) = (0, 0, BTreeMap::new());
+        for key in self.s3.keys("_checkpoints/").await {
+            let Some(p) = key
+                .rsplit("partition=")
+                .next()
+                .and_then(|s| s.strip_suffix(".json"))
+                .and_then(|s| s.parse().ok())
+            else {
+                continue;
+            };
+            let Some(body) = self.s3.get(&key).await else {
+                continue;
+            };
+            let v: Value = serde_json::from_slice(&body).expect("checkpoint json");
+            tickets += v["tickets"].as_u64().expect("tickets");
+            dead += v["dead_letters"].as_u64().expect("dead_letters");
+            next.insert(p, v["next_offset"].as_i64().expect("next_offset"));
+        }
+        (tickets, dead, next)
+    }
+
+    /// The processor's committed offsets on partitions `0..partitions` of the topic.
+    pub fn committed(&self, partitions: i32) -> BTreeMap<i32, i64> {
+        self.broker
+            .committed(&self.group(), &self.topic, partitions)
+    }
+
+    /// Invariant 4: no committed offset is ahead of what S3's checkpoints say was written.
+    pub async fn assert_commits_behind_s3(&self, partitions: i32) {
+        let commits = self.committed(partitions);
+        let (_, _, next) = self.checkpoints().await;
+        for (p, c) in commits {
+            let durable = next.get(&p).copied().unwrap_or(0);
+            assert!(
+                c <= durable,
+                "partition {p}: offset {c} committed but S3 only has up to {durable}"
+            );
+        }
+    }
+
+    /// Waits until the checkpoints account for `valid` tickets.
+    pub async fn wait_for_tickets(&self, valid: u64, timeout: Duration) {
+        eventually(timeout, &format!("{valid} tickets in S3"), || async {
+            let (n, _, _) = self.checkpoints().await;
+            assert!(
+                n <= valid,
+                "S3 holds {n} tickets, more than the {valid} produced"
+            );
+            (n == valid).then_some(())
+        })
+        .await;
+    }
+
+    /// Counts for the test report: (lines in S3, lost, duplicated).
+    pub async fn tally(&self, expected_ids: &[String]) -> (usize, usize, usize) {
+        let lines = self.s3.json_lines("tickets_with_team/").await;
+        let ids: Vec<String> = lines
+            .iter()
+            .map(|l| l["ticket_id"].as_str().unwrap_or_default().to_string())
+            .collect();
+        let unique: BTreeSet<&String> = ids.iter().collect();
+        let expected: BTreeSet<&String> = expected_ids.iter().collect();
+        let lost = expected.difference(&unique).count();
+        (lines.len(), lost, ids.len() - unique.len())
+    }
+}

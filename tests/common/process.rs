@@ -1,0 +1,124 @@
+//! The workspace's binaries as processes, awaited with tokio; a process a test leaves running
+//! is killed when it is dropped.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use super::{Env, bin, free_port, wait_for_port};
+
+fn command(name: &str, env: &Env) -> Command {
+    let mut c = Command::new(bin(name));
+    // Run where no .env file can be picked up by accident.
+    c.current_dir(std::env::temp_dir()).kill_on_drop(true);
+    for (k, v) in env.vars() {
+        c.env(k, v);
+    }
+    c
+}
+
+/// Runs a binary to completion; returns (success, stdout, stderr). A run that takes over
+/// two minutes is killed and fails the test with what it printed.
+pub async fn run(name: &str, env: &Env, args: &[&str]) -> (bool, String, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (out_path, err_path) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let mut child = command(name, env)
+        .args(args)
+        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
+        .stderr(std::fs::File::create(&err_path).expect("stderr file"))
+        .spawn()
+        .expect("spawn");
+    let status = tokio::time::timeout(Duration::from_secs(120), child.wait()).await;
+    if status.is_err() {
+        let _ = child.kill().await;
+    }
+    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+    let Ok(status) = status else {
+        panic!("{name} {args:?} did not finish within 120 s:\n{stdout}\n{stderr}");
+    };
+    (status.expect("wait").success(), stdout, stderr)
+}
+
+pub async fn run_ok(name: &str, env: &Env, args: &[&str]) -> String {
+    let (ok, stdout, stderr) = run(name, env, args).await;
+    assert!(ok, "{name} {args:?} failed:\n{stdout}\n{stderr}");
+    stdout + &stderr
+}
+
+/// A binary running in the background, its stderr in a log file, its HTTP endpoint (the
+/// processor's health and metrics) on a port of its own; killed when dropped.
+pub struct Running {
+    child: Child,
+    pid: nix::unistd::Pid,
+    log: PathBuf,
+    http: SocketAddr,
+}
+
+impl Running {
+    pub fn spawn(name: &str, env: &Env, args: &[&str], log: PathBuf) -> Running {
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let env = env.clone().set("HTTP_ADDR", http.to_string());
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = command(name, &env)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn");
+        let pid = child.id().expect("a pid before the process is awaited");
+        Running {
+            child,
+            pid: nix::unistd::Pid::from_raw(pid as i32),
+            log,
+            http,
+        }
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(self.pid, sig);
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// True while the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("wait").is_none()
+    }
+
+    /// The process's exit status if it exits within `timeout`, `None` if it is still running.
+    pub async fn exit_within(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .ok()
+            .map(|s| s.expect("wait"))
+    }
+
+    /// Waits for the process to exit on its own; returns its success. Not exiting within
+    /// `timeout` fails the test.
+    pub async fn wait(&mut self, timeout: Duration) -> bool {
+        match self.exit_within(timeout).await {
+            Some(status) => status.success(),
+            None => panic!(
+                "process did not exit within {timeout:?}; log:\n{}",
+                self.log()
+            ),
+        }
+    }
+
+    /// The address of the processor's HTTP endpoint, once it accepts connections.
+    pub async fn http_addr(&self) -> SocketAddr {
+        assert!(
+            wait_for_port(self.http, Duration::from_secs(30)).await,
+            "processor never served HTTP on {}; log:\n{}",
+            self.http,
+            self.log()
+        );
+        self.http
+    }
+}

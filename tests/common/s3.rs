@@ -1,0 +1,223 @@
+//! An S3-protocol server and a fresh bucket: `S3_ENDPOINT`, or an s3s-fs server in this process.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_s3::Client;
+use tokio::net::TcpListener;
+
+use super::{Proxy, unique};
+
+pub const ACCESS_KEY: &str = "test-access-key";
+pub const SECRET_KEY: &str = "test-secret-key";
+
+/// An S3-protocol server and a fresh bucket for one test.
+pub struct S3 {
+    pub endpoint: String,
+    pub bucket: String,
+    pub access_key: String,
+    pub secret_key: String,
+    pub client: Client,
+    _dir: Option<tempfile::TempDir>,
+    server: Option<tokio::task::JoinHandle<()>>,
+    /// Writes (PUT, COPY) to keys under this prefix are refused with 403 AccessDenied, as a
+    /// bucket policy would; `None` when the server is an external one.
+    denied: Option<Arc<std::sync::Mutex<Option<String>>>>,
+}
+
+/// The in-process server's access control: everything allowed but writes under one prefix.
+struct DenyWrites(Arc<std::sync::Mutex<Option<String>>>);
+
+impl DenyWrites {
+    fn check(&self, key: &str) -> s3s::S3Result<()> {
+        let denied = self.0.lock().map(|d| d.clone()).unwrap_or_default();
+        match denied {
+            Some(prefix) if key.starts_with(&prefix) => Err(s3s::s3_error!(
+                AccessDenied,
+                "writes under {prefix} are denied"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl s3s::access::S3Access for DenyWrites {
+    async fn check(&self, _cx: &mut s3s::access::S3AccessContext<'_>) -> s3s::S3Result<()> {
+        Ok(())
+    }
+
+    async fn put_object(
+        &self,
+        req: &mut s3s::S3Request<s3s::dto::PutObjectInput>,
+    ) -> s3s::S3Result<()> {
+        self.check(&req.input.key)
+    }
+
+    async fn copy_object(
+        &self,
+        req: &mut s3s::S3Request<s3s::dto::CopyObjectInput>,
+    ) -> s3s::S3Result<()> {
+        self.check(&req.input.key)
+    }
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        if let Some(s) = &self.server {
+            s.abort();
+        }
+    }
+}
+
+impl S3 {
+    pub async fn start() -> S3 {
+        let bucket = unique("tickets");
+        if let Ok(endpoint) = std::env::var("S3_ENDPOINT") {
+            let ak = std::env::var("AWS_ACCESS_KEY_ID").unwrap_or_else(|_| "minioadmin".into());
+            let sk = std::env::var("AWS_SECRET_ACCESS_KEY").unwrap_or_else(|_| "minioadmin".into());
+            let client = client(&endpoint, &ak, &sk).await;
+            client
+                .create_bucket()
+                .bucket(&bucket)
+                .send()
+                .await
+                .expect("create bucket");
+            return S3 {
+                endpoint,
+                bucket,
+                access_key: ak,
+                secret_key: sk,
+                client,
+                _dir: None,
+                server: None,
+                denied: None,
+            };
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join(&bucket)).expect("bucket dir");
+        let fs = s3s_fs::FileSystem::new(dir.path()).expect("s3s-fs");
+        let mut b = s3s::service::S3ServiceBuilder::new(fs);
+        b.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+        let denied = Arc::new(std::sync::Mutex::new(None));
+        b.set_access(DenyWrites(denied.clone()));
+        let service = b.build();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            loop {
+                let Ok((socket, _)) = listener.accept().await else {
+                    continue;
+                };
+                let service = service.clone();
+                tokio::spawn(async move {
+                    let builder = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    );
+                    let _ = builder
+                        .serve_connection(hyper_util::rt::TokioIo::new(socket), service)
+                        .await;
+                });
+            }
+        });
+        let endpoint = format!("http://{addr}");
+        let client = client(&endpoint, ACCESS_KEY, SECRET_KEY).await;
+        S3 {
+            endpoint,
+            bucket,
+            access_key: ACCESS_KEY.into(),
+            secret_key: SECRET_KEY.into(),
+            client,
+            _dir: Some(dir),
+            server: Some(server),
+            denied: Some(denied),
+        }
+    }
+
+    /// A [`Proxy`] in front of the server, to cut it off: see [`super::Env::s3_endpoint`].
+    pub async fn proxy(&self) -> Proxy {
+        let addr: SocketAddr = self
+            .endpoint
+            .trim_start_matches("http://")
+            .parse()
+            .expect("s3 addr");
+        Proxy::start(addr).await
+    }
+
+    /// Makes the server refuse writes under `prefix` (403), or allow them again with `None`.
+    /// Returns false when the server is external and cannot be told to.
+    pub fn deny_writes_under(&self, prefix: Option<&str>) -> bool {
+        let Some(d) = &self.denied else { return false };
+        if let Ok(mut d) = d.lock() {
+            *d = prefix.map(str::to_string);
+        }
+        true
+    }
+
+    pub async fn keys(&self, prefix: &str) -> Vec<String> {
+        let mut keys = Vec::new();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.expect("list");
+            keys.extend(
+                page.contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(str::to_string)),
+            );
+        }
+        keys
+    }
+
+    /// The object's bytes, or `None` if it does not exist. s3s-fs keeps an object's checksum
+    /// beside it, so a read racing an overwrite can fail its checksum: such reads are retried.
+    pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
+        for _ in 0..20 {
+            let out = self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
+                .await
+                .ok()?;
+            if let Ok(body) = out.body.collect().await {
+                return Some(body.into_bytes().to_vec());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("cannot read {key} consistently")
+    }
+
+    /// Every line of every object under `prefix`, parsed.
+    pub async fn json_lines(&self, prefix: &str) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        for key in self.keys(prefix).await {
+            let body = self.get(&key).await.expect("object");
+            for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                out.push(
+                    serde_json::from_slice(line).unwrap_or_else(|e| panic!("{key}: bad line: {e}")),
+                );
+            }
+        }
+        out
+    }
+}
+
+async fn client(endpoint: &str, ak: &str, sk: &str) -> Client {
+    let creds = aws_sdk_s3::config::Credentials::new(ak, sk, None, None, "tests");
+    let conf = aws_sdk_s3::config::Builder::new()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .force_path_style(true)
+        .credentials_provider(creds)
+        .build();
+    Client::from_conf(conf)
+}
