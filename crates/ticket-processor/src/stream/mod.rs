@@ -214,6 +214,11 @@ pub async fn run(
     if config.get("session.timeout.ms").is_none() {
         config.set("session.timeout.ms", "10000");
     }
+    // A fetch with nothing new returns after this long (librdkafka's default is 500 ms, and a
+    // broker that does not answer early makes every message that late): part of the latency.
+    if config.get("fetch.wait.max.ms").is_none() {
+        config.set("fetch.wait.max.ms", "100");
+    }
     let consumer: Kafka = config
         .set("group.id", &settings.group)
         .set("enable.auto.commit", "false")
@@ -561,6 +566,16 @@ impl Processor {
                     .context(format!("loading the checkpoint of partition {partition}")));
             }
         };
+        let next = self.own(partition, epoch, sink);
+        self.update_gauge();
+        tracing::info!(partition, from = next, "Resuming from the S3 checkpoint.");
+        self.seek(partition, next);
+        Ok(())
+    }
+
+    /// Owns a partition from its loaded checkpoint on, with a writer of its own; returns the
+    /// checkpoint's offset.
+    fn own(&mut self, partition: i32, epoch: u64, sink: PartitionSink) -> i64 {
         let next = sink.checkpoint.next_offset;
         let writer = Writer::spawn(self.writers.clone(), partition, epoch, sink);
         self.slots.insert(
@@ -570,10 +585,7 @@ impl Processor {
                 writer,
             },
         );
-        self.update_gauge();
-        tracing::info!(partition, from = next, "Resuming from the S3 checkpoint.");
-        self.seek(partition, next);
-        Ok(())
+        next
     }
 
     /// Forgets a partition: its unwritten messages will be processed again by whoever owns
@@ -687,15 +699,7 @@ impl Processor {
                 },
             )?;
             self.next_epoch += 1;
-            let epoch = self.next_epoch;
-            let writer = Writer::spawn(self.writers.clone(), partition, epoch, sink);
-            self.slots.insert(
-                partition,
-                Slot::Owned {
-                    state: Partition::new(epoch, next),
-                    writer,
-                },
-            );
+            self.own(partition, self.next_epoch, sink);
         }
         self.update_gauge();
         tracing::info!(end_offsets = ?targets, "Draining up to these offsets.");
