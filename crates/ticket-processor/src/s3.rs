@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use aws_sdk_s3::Client;
+use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::error::SdkError;
 use aws_sdk_s3::primitives::ByteStream;
@@ -129,14 +130,13 @@ impl Store {
 
     /// Sorts an SDK error into what the retry loop needs: transient, permanent (with what to
     /// fix), or a lost conditional write.
-    fn classify<E, R>(&self, op: &'static str, key: &str, e: &SdkError<E, R>) -> StoreError
+    fn classify<E>(&self, op: &'static str, key: &str, e: &SdkError<E, HttpResponse>) -> StoreError
     where
         E: std::error::Error + aws_sdk_s3::error::ProvideErrorMetadata + 'static,
-        R: std::fmt::Debug + HttpStatus,
     {
         let location = self.location_of(key);
         let message = describe(e);
-        let status = e.raw_response().map(HttpStatus::status);
+        let status = e.raw_response().map(|r| r.status().as_u16());
         let code = match e {
             SdkError::ServiceError(s) => s.err().code().map(str::to_string),
             _ => None,
@@ -187,17 +187,6 @@ impl Store {
                 message,
             },
         }
-    }
-}
-
-/// The HTTP status of a raw response, whatever the SDK's response type.
-pub trait HttpStatus {
-    fn status(&self) -> u16;
-}
-
-impl HttpStatus for aws_sdk_s3::config::http::HttpResponse {
-    fn status(&self) -> u16 {
-        self.status().as_u16()
     }
 }
 

@@ -173,8 +173,6 @@ struct Processor {
     drain: Option<Drain>,
     /// The last offset committed per partition, for the final synchronous commit.
     committed: BTreeMap<i32, i64>,
-    /// Writers of partitions let go during the stop, finishing their queued batches.
-    closing: Vec<JoinHandle<()>>,
     /// Set once stopping: a partition that must be rewound is let go instead.
     stopping: bool,
 }
@@ -271,7 +269,6 @@ pub async fn run(
         held: None,
         drain: None,
         committed: BTreeMap::new(),
-        closing: Vec::new(),
         stopping: false,
         settings,
     };
@@ -346,6 +343,10 @@ impl Processor {
     ) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One timer for the earliest age deadline, reset only when that deadline changes (not
+        // a new timer per message).
+        let mut deadline_timer = std::pin::pin!(tokio::time::sleep(TICK));
+        let mut armed: Option<Instant> = None;
         loop {
             if self.drain.as_ref().is_some_and(Drain::finished) {
                 tracing::info!("Reached the end of the topic as of start.");
@@ -353,6 +354,12 @@ impl Processor {
             }
             // The earliest moment a batch is due by age: handed over then, not at the next tick.
             let due = self.next_deadline();
+            if let Some(at) = due
+                && armed != due
+            {
+                deadline_timer.as_mut().reset(at.into());
+            }
+            armed = due;
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Ok(()),
@@ -362,7 +369,7 @@ impl Processor {
                     health.tick();
                     self.on_tick();
                 }
-                _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()), if due.is_some() => {
+                _ = &mut deadline_timer, if due.is_some() => {
                     self.hand_over_due(Instant::now());
                 }
                 m = self.consumer.recv(), if self.held.is_none() => match m {
@@ -738,12 +745,15 @@ impl Processor {
                 _ = abort.cancelled() => return Err(SinkError::Aborted),
             }
         }
-        for (_, slot) in self.slots.drain() {
-            if let Slot::Owned { writer, .. } = slot {
-                self.closing.push(writer.close());
-            }
-        }
-        for task in self.closing.drain(..) {
+        let closing: Vec<JoinHandle<()>> = self
+            .slots
+            .drain()
+            .filter_map(|(_, slot)| match slot {
+                Slot::Owned { writer, .. } => Some(writer.close()),
+                Slot::Loading { .. } => None,
+            })
+            .collect();
+        for task in closing {
             tokio::select! {
                 _ = task => {}
                 _ = abort.cancelled() => return Err(SinkError::Aborted),
