@@ -489,14 +489,12 @@ async fn misconfiguration_is_a_clear_error_at_start_not_a_hang() {
         ),
     ];
     for (bin, env, expected) in cases {
-        let start = Instant::now();
+        // `run` fails the test if the process has not exited within its deadline: a hang.
         let (ok, out, err) = run(bin, &env, &[]).await;
-        let secs = start.elapsed().as_secs_f64();
         assert!(!ok, "{bin} should refuse to start ({expected})");
         assert!(
             err.contains(expected) || out.contains(expected),
             "{bin}: expected {expected:?} in:\n{err}"
         );
-        assert!(secs < 30.0, "{bin} took {secs:.0} s to report {expected:?}");
     }
 }
