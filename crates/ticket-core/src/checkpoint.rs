@@ -19,9 +19,33 @@ pub struct Checkpoint {
     pub dead_letters: u64,
     /// Running totals over every ticket written from this partition.
     pub counts: Vec<CountRow>,
-    /// A batch whose checkpoint is durable but whose final object may not be written yet:
-    /// whoever loads this checkpoint finishes it by copying `staging_key` to `final_key`.
-    pub pending: Option<Pending>,
+    /// The objects of a batch whose checkpoint is durable but whose final objects may not be
+    /// written yet (one per hour the batch's tickets fall in): whoever loads this checkpoint
+    /// finishes each by copying `staging_key` to `final_key`.
+    ///
+    /// Written as a list, and left out when empty. Checkpoints of earlier versions, with one
+    /// object or `null`, read as a list of one or none; an earlier version reading a
+    /// checkpoint with a list fails loudly rather than skip it.
+    #[serde(
+        default,
+        deserialize_with = "one_or_many",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub pending: Vec<Pending>,
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Pending>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(Pending),
+        Many(Vec<Pending>),
+    }
+    Ok(match Option::<OneOrMany>::deserialize(d)? {
+        None => Vec::new(),
+        Some(OneOrMany::One(p)) => vec![p],
+        Some(OneOrMany::Many(v)) => v,
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,5 +65,47 @@ impl Checkpoint {
 
     pub fn from_json(bytes: &[u8]) -> Result<Checkpoint, serde_json::Error> {
         serde_json::from_slice(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoints_of_the_earlier_format_still_load() {
+        let one = br#"{"next_offset":20,"tickets":17,"dead_letters":3,"counts":[],
+            "pending":{"staging_key":"_staging/a","final_key":"tickets_with_team/b"}}"#;
+        let cp = Checkpoint::from_json(one).expect("one pending object");
+        assert_eq!(cp.next_offset, 20);
+        assert_eq!(cp.pending.len(), 1);
+        assert_eq!(cp.pending[0].final_key, "tickets_with_team/b");
+        let none = br#"{"next_offset":5,"tickets":5,"dead_letters":0,"counts":[],"pending":null}"#;
+        assert!(
+            Checkpoint::from_json(none)
+                .expect("null")
+                .pending
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_reads_back_as_written() {
+        let mut cp = Checkpoint {
+            next_offset: 7,
+            ..Checkpoint::default()
+        };
+        assert!(!String::from_utf8_lossy(&cp.to_json()).contains("pending"));
+        cp.pending = vec![
+            Pending {
+                staging_key: "s0".into(),
+                final_key: "f0".into(),
+            },
+            Pending {
+                staging_key: "s1".into(),
+                final_key: "f1".into(),
+            },
+        ];
+        assert_eq!(Checkpoint::from_json(&cp.to_json()).expect("json"), cp);
     }
 }

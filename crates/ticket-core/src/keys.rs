@@ -1,13 +1,55 @@
 //! The S3 layout. Other tools read it, so it is a contract:
 //!
 //! ```text
-//! {prefix}tickets_with_team/topic={topic}/partition={p}/{first:020}-{last:020}.jsonl
+//! {prefix}tickets_with_team/topic={topic}/date={YYYY-MM-DD}/hour={HH}/partition={p}/{first:020}-{last:020}.{jsonl|parquet}
 //! {prefix}counts_by_request_type/latest.jsonl
 //! {prefix}_checkpoints/topic={topic}/partition={p}.json      (the processor's own progress)
-//! {prefix}_staging/topic={topic}/partition={p}/{first:020}-{id}.jsonl   (transient)
+//! {prefix}_staging/topic={topic}/partition={p}/{first:020}-{id}-{n}.{ext}   (transient)
 //! ```
 //!
-//! Offsets are zero-padded so that keys sort in offset order.
+//! `date` and `hour` are Hive-style partition columns: the UTC hour of the records' Kafka
+//! timestamps (see [`Hour`]), so a replay writes the same keys as the first run. `first` and
+//! `last` are the offsets of the first and last ticket in the object, zero-padded so that keys
+//! sort in offset order.
+//!
+//! Before time partitions, ticket objects were written at
+//! `tickets_with_team/topic={topic}/partition={p}/{first:020}-{last:020}.jsonl`; such objects
+//! stay where they are.
+
+use chrono::{DateTime, Timelike};
+
+/// The UTC hour a ticket belongs to in the layout: `date=YYYY-MM-DD/hour=HH`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Hour {
+    /// Hours since 1970-01-01T00:00Z.
+    since_epoch: i64,
+}
+
+impl Hour {
+    /// The hour of a Kafka timestamp (milliseconds since the epoch).
+    pub fn from_millis(ms: i64) -> Hour {
+        Hour {
+            since_epoch: ms.div_euclid(3_600_000),
+        }
+    }
+
+    /// The hour of an instant, in UTC whatever its offset.
+    pub fn of<Tz: chrono::TimeZone>(t: &DateTime<Tz>) -> Hour {
+        Hour::from_millis(t.timestamp_millis())
+    }
+
+    /// The start of the hour, in UTC.
+    pub fn start(self) -> DateTime<chrono::Utc> {
+        // Any i64 of milliseconds divided into hours is back in chrono's range.
+        DateTime::from_timestamp(self.since_epoch * 3600, 0).unwrap_or_default()
+    }
+
+    /// `date=YYYY-MM-DD/hour=HH`, the Hive-style path segments.
+    pub fn path(self) -> String {
+        let t = self.start();
+        format!("date={}/hour={:02}", t.format("%Y-%m-%d"), t.hour())
+    }
+}
 
 /// Where one topic's results live in a bucket.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,12 +79,21 @@ impl Layout {
         format!("{}tickets_with_team/", self.prefix)
     }
 
-    /// The object holding a partition's valid tickets from offset `first` to `last` (inclusive).
-    pub fn tickets_key(&self, partition: i32, first: i64, last: i64) -> String {
+    /// The object holding a partition's valid tickets of one hour, from offset `first` to
+    /// `last` (inclusive), in the format of extension `ext` (`jsonl`, `parquet`).
+    pub fn tickets_key(
+        &self,
+        partition: i32,
+        hour: Hour,
+        first: i64,
+        last: i64,
+        ext: &str,
+    ) -> String {
         format!(
-            "{}topic={}/partition={partition}/{first:020}-{last:020}.jsonl",
+            "{}topic={}/{}/partition={partition}/{first:020}-{last:020}.{ext}",
             self.tickets_prefix(),
-            self.topic
+            self.topic,
+            hour.path(),
         )
     }
 
@@ -65,12 +116,29 @@ impl Layout {
         )
     }
 
-    /// A unique name per attempt: two owners of a partition never write the same staging key.
-    pub fn staging_key(&self, partition: i32, first: i64, attempt: &str) -> String {
+    /// A unique name per attempt and object (`n`: the object's number within the batch): two
+    /// owners of a partition never write the same staging key.
+    pub fn staging_key(
+        &self,
+        partition: i32,
+        first: i64,
+        attempt: &str,
+        n: usize,
+        ext: &str,
+    ) -> String {
         format!(
-            "{}{first:020}-{attempt}.jsonl",
+            "{}{first:020}-{attempt}-{n}.{ext}",
             self.staging_prefix(partition)
         )
+    }
+
+    /// The offset a staging key's batch starts at, if it is one of this partition's.
+    pub fn first_of_staging(&self, partition: i32, key: &str) -> Option<i64> {
+        key.strip_prefix(&self.staging_prefix(partition))?
+            .split('-')
+            .next()?
+            .parse()
+            .ok()
     }
 
     /// The partition a checkpoint key belongs to, if it is one of this layout's.
@@ -90,10 +158,19 @@ mod tests {
     #[test]
     fn keys_follow_the_documented_layout() {
         let l = Layout::new("prod", "client_tickets");
+        // 2026-11-29T08:59:59.999Z
+        let hour = Hour::from_millis(1_795_942_799_999);
         assert_eq!(
-            l.tickets_key(2, 100, 199),
-            "prod/tickets_with_team/topic=client_tickets/partition=2/00000000000000000100-00000000000000000199.jsonl"
+            l.tickets_key(2, hour, 100, 199, "jsonl"),
+            "prod/tickets_with_team/topic=client_tickets/date=2026-11-29/hour=08/partition=2/00000000000000000100-00000000000000000199.jsonl"
         );
+        let staging = l.staging_key(2, 100, "abc", 1, "parquet");
+        assert_eq!(
+            staging,
+            "prod/_staging/topic=client_tickets/partition=2/00000000000000000100-abc-1.parquet"
+        );
+        assert_eq!(l.first_of_staging(2, &staging), Some(100));
+        assert_eq!(l.first_of_staging(3, &staging), None);
         assert_eq!(l.counts_key(), "prod/counts_by_request_type/latest.jsonl");
         assert_eq!(
             l.checkpoint_key(2),
@@ -111,6 +188,23 @@ mod tests {
     #[test]
     fn ticket_keys_sort_in_offset_order() {
         let l = Layout::new("", "t");
-        assert!(l.tickets_key(0, 9, 99) < l.tickets_key(0, 100, 150));
+        let h = Hour::from_millis(0);
+        assert!(l.tickets_key(0, h, 9, 99, "jsonl") < l.tickets_key(0, h, 100, 150, "jsonl"));
+    }
+
+    #[test]
+    fn an_hour_is_the_utc_hour_of_the_timestamp_whatever_the_offset() {
+        let at = |s: &str| Hour::of(&DateTime::parse_from_rfc3339(s).expect("timestamp"));
+        assert_eq!(at("2026-11-29T08:00:00Z").path(), "date=2026-11-29/hour=08");
+        assert_eq!(at("2026-11-29T08:59:59.999Z"), at("2026-11-29T08:00:00Z"));
+        assert_ne!(at("2026-11-29T09:00:00Z"), at("2026-11-29T08:59:59.999Z"));
+        // 00:30 at +01:00 is 23:30 UTC the day before.
+        assert_eq!(
+            at("2026-11-30T00:30:00+01:00").path(),
+            "date=2026-11-29/hour=23"
+        );
+        // Before the epoch, hours still start on the hour.
+        assert_eq!(Hour::from_millis(-1).path(), "date=1969-12-31/hour=23");
+        assert!(Hour::from_millis(3_600_000) > Hour::from_millis(3_599_999));
     }
 }

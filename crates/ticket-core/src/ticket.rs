@@ -102,6 +102,18 @@ impl<'a> TicketRef<'a> {
         &self.ticket_id
     }
 
+    pub fn client_id(&self) -> i64 {
+        self.client_id
+    }
+
+    pub fn created_at(&self) -> DateTime<FixedOffset> {
+        self.created_at
+    }
+
+    pub fn request(&self) -> &str {
+        &self.request
+    }
+
     pub fn request_type(&self) -> &str {
         &self.request_type
     }

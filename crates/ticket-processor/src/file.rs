@@ -4,12 +4,15 @@
 //!
 //! ```text
 //! DIR/tickets_with_team/part-00000.jsonl ...   valid tickets with support_team
+//!                                              (part-00000.parquet ... with --output-format parquet)
 //! DIR/counts_by_request_type/latest.jsonl      one line per request type
 //! DIR/dead_letters/part-00000.jsonl            {"line": N, "error": "...", "raw": "..."}
 //! ```
+//!
+//! A file has no Kafka timestamps, so its tickets are not split into `date=`/`hour=` folders.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -20,6 +23,7 @@ use ticket_core::counts::Counts;
 
 use crate::aggregate::Aggregator;
 use crate::enrich::BatchBuilder;
+use crate::output::{ObjectWriter, OutputFormat, Rows};
 
 /// What a file run did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,13 +60,14 @@ struct Part {
 /// Processes `input` into `out_dir`, replacing what an earlier run wrote there.
 ///
 /// The file is cut into one byte range per core; each worker streams its range in blocks
-/// and writes its own `part-NNNNN.jsonl`, so memory does not grow with the file. A line
-/// belongs to the range in which it starts.
+/// and writes its own `part-NNNNN.{jsonl,parquet}`, so memory does not grow with the file. A
+/// line belongs to the range in which it starts.
 pub async fn process_file(
     input: &Path,
     out_dir: &Path,
     routing: &Routing,
     aggregator: &Aggregator,
+    format: OutputFormat,
 ) -> anyhow::Result<FileReport> {
     let len = std::fs::metadata(input)
         .with_context(|| format!("cannot read {}", input.display()))?
@@ -75,7 +80,7 @@ pub async fn process_file(
     let counts_dir = out_dir.join("counts_by_request_type");
     let dead_dir = out_dir.join("dead_letters");
     for dir in [&tickets_dir, &counts_dir, &dead_dir] {
-        clear_jsonl(dir)?;
+        clear_parts(dir)?;
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
 
@@ -83,8 +88,8 @@ pub async fn process_file(
         let handles: Vec<_> = (0..workers)
             .map(|w| {
                 let range = (len * w / workers, len * (w + 1) / workers);
-                let out = tickets_dir.join(format!("part-{w:05}.jsonl"));
-                s.spawn(move || process_range(input, range, &out, routing))
+                let out = tickets_dir.join(format!("part-{w:05}.{}", format.extension()));
+                s.spawn(move || process_range(input, range, &out, routing, format))
             })
             .collect();
         handles
@@ -132,6 +137,7 @@ fn process_range(
     (start, end): (u64, u64),
     out: &Path,
     routing: &Routing,
+    format: OutputFormat,
 ) -> anyhow::Result<Part> {
     let read_error = || format!("cannot read {}", input.display());
     let mut file = File::open(input).with_context(read_error)?;
@@ -141,8 +147,9 @@ fn process_range(
     let mut skipping = start > 0;
 
     let mut part = Part::default();
-    let mut builder = BatchBuilder::default();
-    let mut writer: Option<File> = None;
+    let mut builder = BatchBuilder::new(format);
+    let mut writer: Option<ObjectWriter<BufWriter<File>>> = None;
+    let write_error = || format!("cannot write {}", out.display());
     let mut buf: Vec<u8> = Vec::with_capacity(2 * BLOCK);
     let mut eof = false;
     let mut done = false;
@@ -187,23 +194,28 @@ fn process_range(
             used = next;
         }
 
-        if !builder.body.is_empty() {
+        if builder.valid > part.valid {
+            part.valid = builder.valid;
             let w = match &mut writer {
                 Some(w) => w,
-                None => writer.insert(
-                    File::create(out).with_context(|| format!("cannot write {}", out.display()))?,
-                ),
+                None => {
+                    let file = File::create(out).with_context(write_error)?;
+                    writer.insert(ObjectWriter::new(format, BufWriter::new(file))?)
+                }
             };
-            w.write_all(&builder.body)
-                .with_context(|| format!("cannot write {}", out.display()))?;
-            builder.body.clear();
+            let rows = std::mem::replace(&mut builder.rows, Rows::new(format));
+            w.write(rows).with_context(write_error)?;
             part.columns
                 .push(std::mem::take(&mut builder.columns).finish());
         }
         buf.drain(..used);
         pos += used as u64;
     }
-    part.valid = builder.valid;
+    if let Some(w) = writer {
+        w.finish()
+            .and_then(|f| f.into_inner().map_err(|e| e.into_error().into()))
+            .with_context(write_error)?;
+    }
     Ok(part)
 }
 
@@ -225,13 +237,17 @@ fn write(path: &PathBuf, bytes: &[u8]) -> anyhow::Result<()> {
     std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Removes the `.jsonl` files a previous run left, so a rerun replaces rather than adds.
-fn clear_jsonl(dir: &Path) -> anyhow::Result<()> {
+/// Removes the `.jsonl` and `.parquet` files a previous run left, so a rerun replaces rather
+/// than adds (in either format).
+fn clear_parts(dir: &Path) -> anyhow::Result<()> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Ok(());
     };
     for e in entries.flatten() {
-        if e.path().extension().is_some_and(|x| x == "jsonl") {
+        if e.path()
+            .extension()
+            .is_some_and(|x| x == "jsonl" || x == "parquet")
+        {
             std::fs::remove_file(e.path())
                 .with_context(|| format!("cannot remove {}", e.path().display()))?;
         }
@@ -270,7 +286,14 @@ mod tests {
             for (i, range) in [(0, cut), (cut, len)].into_iter().enumerate() {
                 let out = dir.path().join(format!("out-{i}"));
                 let _ = std::fs::remove_file(&out);
-                let part = process_range(&input, range, &out, &Routing::default()).expect("runs");
+                let part = process_range(
+                    &input,
+                    range,
+                    &out,
+                    &Routing::default(),
+                    OutputFormat::Jsonl,
+                )
+                .expect("runs");
                 ids += &std::fs::read_to_string(&out).unwrap_or_default();
                 dead.extend(
                     part.dead
@@ -307,9 +330,15 @@ mod tests {
         .expect("write");
         let out = dir.path().join("out");
         for _ in 0..2 {
-            let r = process_file(&input, &out, &Routing::default(), &Aggregator::default())
-                .await
-                .expect("runs");
+            let r = process_file(
+                &input,
+                &out,
+                &Routing::default(),
+                &Aggregator::default(),
+                OutputFormat::Jsonl,
+            )
+            .await
+            .expect("runs");
             assert_eq!((r.lines, r.valid, r.invalid), (3, 2, 1));
         }
         let tickets: String = std::fs::read_dir(out.join("tickets_with_team"))

@@ -6,7 +6,8 @@
 //! - [`sink`]: the exactly-once protocol for one partition's batch;
 //! - [`store`]: the object store interface the sink needs, and an in-memory one for tests;
 //! - [`s3`]: the S3 adapter;
-//! - [`enrich`] and [`aggregate`]: bytes to output lines, counts with DataFusion;
+//! - [`enrich`] and [`aggregate`]: bytes to output rows, counts with DataFusion;
+//! - [`output`]: the output formats, JSON Lines and Parquet;
 //! - [`file`]: `process-file`, the same processing on a local JSON Lines file;
 //! - [`replay`]: `replay-dlq`, dead letters back into the tickets topic, exactly once;
 //! - [`http`] and [`metrics`]: health and Prometheus metrics.
@@ -16,6 +17,7 @@ pub mod enrich;
 pub mod file;
 pub mod http;
 pub mod metrics;
+pub mod output;
 pub mod replay;
 pub mod s3;
 pub mod sink;
@@ -113,6 +115,9 @@ pub struct FileArgs {
     /// Directory to write tickets_with_team/, counts_by_request_type/ and dead_letters/ into.
     #[arg(long)]
     pub output_dir: PathBuf,
+    /// Format of the ticket files.
+    #[arg(long, env = "OUTPUT_FORMAT", value_enum, default_value_t = output::OutputFormat::Jsonl)]
+    pub output_format: output::OutputFormat,
     #[command(flatten)]
     pub routing: RoutingArgs,
 }
@@ -131,6 +136,10 @@ pub struct RunArgs {
     /// Kafka consumer group; instances with the same group share the partitions.
     #[arg(long, env = "CONSUMER_GROUP", default_value = "ticket-processor")]
     pub group: String,
+
+    /// Format of the ticket objects: JSON Lines, or Parquet (typed columns, compressed).
+    #[arg(long, env = "OUTPUT_FORMAT", value_enum, default_value_t = output::OutputFormat::Jsonl)]
+    pub output_format: output::OutputFormat,
 
     /// Topic that invalid messages are sent to, with the reason in the error.message header.
     #[arg(long, env = "DLQ_TOPIC", default_value = "client_tickets_dlq")]
@@ -202,6 +211,7 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<(
         },
         routing,
         layout,
+        format: args.output_format,
         drain: args.drain,
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout_secs),
     };

@@ -38,9 +38,14 @@ async fn process_file(args: ticket_processor::FileArgs) -> anyhow::Result<()> {
     let routing = args.routing.load()?;
     let start = std::time::Instant::now();
     let aggregator = ticket_processor::aggregate::Aggregator::default();
-    let r =
-        ticket_processor::file::process_file(&args.input, &args.output_dir, &routing, &aggregator)
-            .await?;
+    let r = ticket_processor::file::process_file(
+        &args.input,
+        &args.output_dir,
+        &routing,
+        &aggregator,
+        args.output_format,
+    )
+    .await?;
     println!(
         "{} lines: {} valid, {} invalid (see {}/dead_letters) in {:.2} s",
         r.lines,

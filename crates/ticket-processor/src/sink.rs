@@ -1,26 +1,30 @@
 //! Exactly-once output to S3: how a micro-batch of one partition becomes part of the results.
 //!
 //! Each partition has a checkpoint object (`_checkpoints/.../partition=N.json`) holding the next
-//! offset to process and the running totals. A batch covering offsets `first..=last` is written:
+//! offset to process and the running totals. A batch covering offsets `first..=last` becomes
+//! one object per UTC hour its tickets fall in (usually one; see [`Batch::objects`]), written:
 //!
-//! 1. its JSON Lines to a staging key unique to this attempt (outside `tickets_with_team/`):
-//!    the only time the body is uploaded;
-//! 2. the new checkpoint (`next_offset = last + 1`, totals, and `pending: staging -> final`),
+//! 1. each object to a staging key unique to this attempt (outside `tickets_with_team/`):
+//!    the only time its body is uploaded;
+//! 2. the new checkpoint (`next_offset = last + 1`, totals, and `pending: [staging -> final]`),
 //!    **conditionally on the ETag of the checkpoint this owner loaded**. This is the commit
 //!    point: a stale owner (the partition moved to another instance) fails here and writes
 //!    nothing visible;
-//! 3. a server-side copy of the staging object to the final key under `tickets_with_team/`;
-//!    the staging object is then deleted off the batch's path (see [`PartitionSink::settle`]);
+//! 3. a server-side copy of each staging object to its final key under `tickets_with_team/`;
+//!    the staging objects are then deleted off the batch's path (see [`PartitionSink::settle`]);
 //! 4. only then does the caller commit the Kafka offset (invariant: never before S3 is durable).
 //!
-//! Three sequential requests per batch with valid tickets (PUT, conditional PUT, COPY), one
-//! (the checkpoint) for a batch of dead letters only.
+//! Three sequential requests per batch with valid tickets (PUTs, conditional PUT, COPYs; the
+//! PUTs and COPYs of a batch's objects run side by side), one (the checkpoint) for a batch of
+//! dead letters only.
 //!
 //! A crash after 2 leaves `pending` in the checkpoint; whoever loads it next finishes step 3
-//! (idempotent: same key, same bytes). A crash before 2 leaves only a staging object, and the
+//! (idempotent: same keys, same bytes). A crash before 2 leaves only staging objects, and the
 //! batch is replayed from the checkpoint's offset. Because replay always starts at the
 //! checkpoint's `next_offset` and batch boundaries are recorded, a replay never writes a range
-//! that overlaps one already committed, however its batches are cut (by size or by time).
+//! that overlaps one already committed, however its batches are cut (by size or by time); and
+//! because an object's key comes from its tickets (their hour, first and last offsets), a
+//! replay cut the same way writes the same keys.
 //! The unit tests below crash the protocol at every request, lose the answer of every
 //! request, and run a stale owner against a new one, on [`crate::store::memory::MemStore`].
 
@@ -30,7 +34,7 @@ use anyhow::anyhow;
 use bytes::Bytes;
 use ticket_core::checkpoint::{Checkpoint, Pending};
 use ticket_core::counts::Counts;
-use ticket_core::keys::Layout;
+use ticket_core::keys::{Hour, Layout};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
@@ -42,11 +46,25 @@ pub struct Batch {
     /// First and last offsets the batch covers (valid or not).
     pub first: i64,
     pub last: i64,
-    /// JSON Lines of the valid tickets with their team.
-    pub body: Bytes,
+    /// The valid tickets with their team, one object per hour of their Kafka timestamps, in
+    /// the order of the hours (a batch is split by hour, not cut, so that tickets whose
+    /// timestamps are out of order near an hour's end do not make many small objects).
+    pub objects: Vec<Object>,
+    /// The objects' file extension (their format).
+    pub extension: &'static str,
     pub valid: u64,
     pub dead_letters: u64,
     pub counts: Counts,
+}
+
+/// One object of a batch: the tickets of one hour.
+#[derive(Debug)]
+pub struct Object {
+    pub hour: Hour,
+    /// Offsets of the first and last ticket in it.
+    pub first: i64,
+    pub last: i64,
+    pub body: Bytes,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -179,7 +197,7 @@ impl PartitionSink {
                 (cp, Some(etag))
             }
         };
-        if let Some(p) = &checkpoint.pending {
+        for p in &checkpoint.pending {
             finish_pending(store, p, retry).await?;
         }
         tracing::debug!(
@@ -199,11 +217,7 @@ impl PartitionSink {
             .run("list staging objects", || store.list(&prefix))
             .await?
         {
-            let first = key
-                .strip_prefix(&prefix)
-                .and_then(|name| name.split('-').next())
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(i64::MAX);
+            let first = layout.first_of_staging(partition, &key).unwrap_or(i64::MAX);
             sink.leftovers.push((first, key));
         }
         sink.clean_leftovers(store, retry).await?;
@@ -218,14 +232,12 @@ impl PartitionSink {
         retry: &Retrier,
     ) -> Result<(), SinkError> {
         let next = self.checkpoint.next_offset;
-        let pending = self
-            .checkpoint
-            .pending
-            .as_ref()
-            .map(|p| p.staging_key.clone());
+        let pending = &self.checkpoint.pending;
         let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.leftovers)
             .into_iter()
-            .partition(|(first, key)| *first < next && Some(key) != pending.as_ref());
+            .partition(|(first, key)| {
+                *first < next && !pending.iter().any(|p| &p.staging_key == key)
+            });
         self.leftovers = keep;
         for (_, key) in done {
             retry
@@ -250,24 +262,39 @@ impl PartitionSink {
         let mut counts = self.checkpoint.counts();
         counts.merge(&batch.counts);
         next.counts = counts.rows();
-        next.pending = None;
 
-        let mut staged = None;
-        if batch.valid > 0 {
-            let attempt = uuid::Uuid::new_v4().simple().to_string();
-            let pending = Pending {
-                staging_key: layout.staging_key(self.partition, batch.first, &attempt),
-                final_key: layout.tickets_key(self.partition, batch.first, batch.last),
-            };
-            retry
-                .run("write staging object", || {
-                    store.put(&pending.staging_key, batch.body.clone(), Expect::Any)
-                })
-                .await?;
+        let attempt = uuid::Uuid::new_v4().simple().to_string();
+        let staged: Vec<Pending> = batch
+            .objects
+            .iter()
+            .enumerate()
+            .map(|(n, o)| Pending {
+                staging_key: layout.staging_key(
+                    self.partition,
+                    batch.first,
+                    &attempt,
+                    n,
+                    batch.extension,
+                ),
+                final_key: layout.tickets_key(
+                    self.partition,
+                    o.hour,
+                    o.first,
+                    o.last,
+                    batch.extension,
+                ),
+            })
+            .collect();
+        futures::future::try_join_all(staged.iter().zip(&batch.objects).map(|(p, o)| {
+            retry.run("write staging object", || {
+                store.put(&p.staging_key, o.body.clone(), Expect::Any)
+            })
+        }))
+        .await?;
+        if !staged.is_empty() {
             failpoint("after-staging").await;
-            next.pending = Some(pending.clone());
-            staged = Some(pending);
         }
+        next.pending = staged.clone();
 
         let expect = match &self.etag {
             Some(e) => Expect::ETag(e.clone()),
@@ -288,9 +315,9 @@ impl PartitionSink {
             None => match retry.run("read checkpoint", || store.get(&key)).await? {
                 Some((stored, etag)) if stored == body => etag,
                 _ => {
-                    if let Some(p) = &staged {
-                        // Best effort: a stale owner's staging object is garbage now (no
-                        // checkpoint names it).
+                    for p in &staged {
+                        // Best effort: a stale owner's staging objects are garbage now (no
+                        // checkpoint names them).
                         let _ = store.delete(&p.staging_key).await;
                     }
                     return Err(SinkError::Fenced(self.partition));
@@ -303,13 +330,16 @@ impl PartitionSink {
         self.checkpoint = next;
         failpoint("after-checkpoint").await;
 
-        if let Some(p) = staged {
-            retry
-                .run("copy tickets object", || {
-                    store.copy(&p.staging_key, &p.final_key)
-                })
-                .await?;
+        futures::future::try_join_all(staged.iter().map(|p| {
+            retry.run("copy tickets object", || {
+                store.copy(&p.staging_key, &p.final_key)
+            })
+        }))
+        .await?;
+        if !staged.is_empty() {
             failpoint("after-final").await;
+        }
+        for p in staged {
             let (store, retry) = (store.clone(), retry.clone());
             self.cleanup.spawn(async move {
                 if let Err(e) = retry
@@ -456,11 +486,31 @@ mod tests {
         r
     }
 
-    /// A batch of offsets `first..=last`, every offset a valid ticket written as its own line,
-    /// except multiples of 7, which are dead letters.
+    /// The hour of the ticket at offset `o`: five offsets per hour, so batches span hours.
+    fn hour_of(o: i64) -> Hour {
+        Hour::from_millis(o / 5 * 3_600_000)
+    }
+
+    /// A batch of offsets `first..=last`, every offset a valid ticket written as its own line
+    /// in the object of its hour, except multiples of 7, which are dead letters.
     fn batch(first: i64, last: i64) -> Batch {
         let valid: Vec<i64> = (first..=last).filter(|o| o % 7 != 0).collect();
-        let body: String = valid.iter().map(|o| format!("{o}\n")).collect();
+        let mut objects: Vec<Object> = Vec::new();
+        for &o in &valid {
+            let line = Bytes::from(format!("{o}\n"));
+            match objects.last_mut() {
+                Some(obj) if obj.hour == hour_of(o) => {
+                    obj.body = [obj.body.clone(), line].concat().into();
+                    obj.last = o;
+                }
+                _ => objects.push(Object {
+                    hour: hour_of(o),
+                    first: o,
+                    last: o,
+                    body: line,
+                }),
+            }
+        }
         let mut counts = Counts::default();
         counts.add(&ticket_core::counts::CountRow {
             request_type: "billing".into(),
@@ -471,20 +521,27 @@ mod tests {
         Batch {
             first,
             last,
-            body: Bytes::from(body),
+            objects,
+            extension: "jsonl",
             valid: valid.len() as u64,
             dead_letters: (last - first + 1) as u64 - valid.len() as u64,
             counts,
         }
     }
 
-    /// How many times each offset appears in the visible results (`tickets_with_team/`).
+    /// How many times each offset appears in the visible results (`tickets_with_team/`);
+    /// each must be in the object of its hour.
     fn visible(store: &MemStore) -> BTreeMap<i64, usize> {
         let mut seen = BTreeMap::new();
         for key in store.keys(&layout().tickets_prefix()) {
             let body = store.bytes(&key).unwrap_or_default();
             for line in String::from_utf8_lossy(&body).lines() {
-                *seen.entry(line.parse::<i64>().unwrap_or(-1)).or_default() += 1;
+                let offset = line.parse::<i64>().unwrap_or(-1);
+                assert!(
+                    key.contains(&format!("/{}/", hour_of(offset).path())),
+                    "offset {offset} in {key}"
+                );
+                *seen.entry(offset).or_default() += 1;
             }
         }
         seen
@@ -525,30 +582,36 @@ mod tests {
         sink.settle().await;
     }
 
-    /// Requests one commit of a batch with valid tickets makes after the first batch.
-    async fn requests_per_commit() -> u64 {
+    /// Requests one commit of the batch `10..=last` makes after the first batch.
+    async fn requests_per_commit(last: i64) -> u64 {
         let (mem, store) = new_store();
         let mut sink = PartitionSink::load(&store, &layout(), PARTITION, &patient())
             .await
             .expect("load");
         commit(&store, &mut sink, batch(0, 9), &patient()).await;
         mem.inject(None);
-        commit(&store, &mut sink, batch(10, 19), &patient()).await;
+        commit(&store, &mut sink, batch(10, last), &patient()).await;
         mem.requests()
     }
 
     #[tokio::test]
     async fn a_batch_is_uploaded_once_in_three_requests_plus_the_staging_delete() {
-        // PUT staging, conditional PUT checkpoint, COPY, then DELETE off the batch's path.
-        assert_eq!(requests_per_commit().await, 4);
+        // Tickets of one hour: PUT staging, conditional PUT checkpoint, COPY, then DELETE off
+        // the batch's path.
+        assert_eq!(batch(10, 13).objects.len(), 1);
+        assert_eq!(requests_per_commit(13).await, 4);
+        // Of two hours: one more PUT, COPY and DELETE, beside the first object's.
+        assert_eq!(batch(10, 19).objects.len(), 2);
+        assert_eq!(requests_per_commit(19).await, 7);
     }
 
     #[tokio::test]
     async fn a_crash_at_every_request_loses_and_duplicates_nothing() {
-        let n = requests_per_commit().await;
+        let n = requests_per_commit(19).await;
         // Also crash inside the recovery (load) that follows a crash.
         for crash_at in 1..=n + 1 {
-            for recovery_crash in [None, Some(1), Some(2), Some(3)] {
+            // A load that finishes two pending objects makes up to 8 requests.
+            for recovery_crash in std::iter::once(None).chain((1..=8).map(Some)) {
                 let (mem, store) = new_store();
                 let mut a = PartitionSink::load(&store, &layout(), PARTITION, &patient())
                     .await
@@ -588,7 +651,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_lost_answer_at_every_request_is_retried_into_exactly_once() {
-        let n = requests_per_commit().await;
+        let n = requests_per_commit(19).await;
         for lost in 1..=n {
             let (mem, store) = new_store();
             let mut a = PartitionSink::load(&store, &layout(), PARTITION, &patient())

@@ -47,6 +47,7 @@ use self::writer::{Failure, RawBatch, Report, Writer, WriterContext};
 use crate::aggregate::Aggregator;
 use crate::http::Health;
 use crate::metrics::Metrics;
+use crate::output::OutputFormat;
 use crate::sink::{PartitionSink, Retrier, SinkError};
 use crate::store::SharedStore;
 
@@ -69,6 +70,7 @@ pub struct Settings {
     pub policy: BatchPolicy,
     pub routing: Routing,
     pub layout: Layout,
+    pub format: OutputFormat,
     /// Process up to the end of the topic as of start, then exit.
     pub drain: bool,
     /// How long a graceful stop may spend writing buffered batches before abandoning them.
@@ -244,6 +246,7 @@ pub async fn run(
         store: store.clone(),
         layout: settings.layout.clone(),
         routing: settings.routing.clone(),
+        format: settings.format,
         retry: retry.clone(),
         aggregator: Aggregator::default(),
         metrics: metrics.clone(),
@@ -379,7 +382,8 @@ impl Processor {
                         if let Some(d) = &mut self.drain {
                             d.message(partition, now);
                         }
-                        let known = accept(&mut self.slots, partition, offset, m.key(), m.payload(), now, &self.metrics);
+                        let message = (offset, m.timestamp().to_millis(), m.key(), m.payload());
+                        let known = accept(&mut self.slots, partition, message, now, &self.metrics);
                         drop(m);
                         // A revocation seen inside recv() comes first.
                         while let Ok(event) = self.events.try_recv() {
@@ -775,9 +779,7 @@ impl Processor {
 fn accept(
     slots: &mut HashMap<i32, Slot>,
     partition: i32,
-    offset: i64,
-    key: Option<&[u8]>,
-    payload: Option<&[u8]>,
+    (offset, timestamp, key, payload): (i64, Option<i64>, Option<&[u8]>, Option<&[u8]>),
     now: Instant,
     metrics: &Metrics,
 ) -> bool {
@@ -786,7 +788,7 @@ fn accept(
         Some(Slot::Loading { .. }) => true,
         Some(Slot::Owned { state, .. }) => {
             if let Some(batch) = state.offer(offset, now) {
-                batch.push(offset, key, payload.unwrap_or_default());
+                batch.push(offset, timestamp, key, payload.unwrap_or_default());
                 metrics.tickets_in.inc();
             }
             true

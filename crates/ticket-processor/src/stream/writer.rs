@@ -3,12 +3,13 @@
 //! happen here, off the consumer's task, and the writers of different partitions run in
 //! parallel. Each batch's outcome is reported back to the consumer's loop as an [`Event`].
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use ticket_core::Routing;
-use ticket_core::keys::Layout;
+use ticket_core::keys::{Hour, Layout};
+use ticket_core::{Routing, decode_ref};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -19,7 +20,8 @@ use super::partition::{Buffer, Open};
 use crate::aggregate::Aggregator;
 use crate::enrich::BatchBuilder;
 use crate::metrics::Metrics;
-use crate::sink::{Batch, PartitionSink, Retrier, SinkError};
+use crate::output::OutputFormat;
+use crate::sink::{Batch, Object, PartitionSink, Retrier, SinkError};
 use crate::store::SharedStore;
 
 /// Messages as read, copied into one buffer (no allocation per message).
@@ -31,12 +33,29 @@ pub struct RawBatch {
 
 struct RawMessage {
     offset: i64,
+    /// The Kafka timestamp (ms), if the message has one.
+    timestamp: Option<i64>,
     key: Option<(usize, usize)>,
     payload: (usize, usize),
 }
 
+/// A message of a [`RawBatch`], as read.
+#[derive(Debug, PartialEq)]
+struct Message<'a> {
+    offset: i64,
+    timestamp: Option<i64>,
+    key: Option<&'a [u8]>,
+    payload: &'a [u8],
+}
+
 impl RawBatch {
-    pub fn push(&mut self, offset: i64, key: Option<&[u8]>, payload: &[u8]) {
+    pub fn push(
+        &mut self,
+        offset: i64,
+        timestamp: Option<i64>,
+        key: Option<&[u8]>,
+        payload: &[u8],
+    ) {
         let mut append = |bytes: &[u8]| {
             let start = self.data.len();
             self.data.extend_from_slice(bytes);
@@ -46,19 +65,19 @@ impl RawBatch {
         let payload = append(payload);
         self.messages.push(RawMessage {
             offset,
+            timestamp,
             key,
             payload,
         });
     }
 
-    /// Each message's offset, key and payload.
-    fn iter(&self) -> impl Iterator<Item = (i64, Option<&[u8]>, &[u8])> {
-        self.messages.iter().map(|m| {
-            (
-                m.offset,
-                m.key.map(|(a, b)| &self.data[a..b]),
-                &self.data[m.payload.0..m.payload.1],
-            )
+    /// Each message as read.
+    fn iter(&self) -> impl Iterator<Item = Message<'_>> {
+        self.messages.iter().map(|m| Message {
+            offset: m.offset,
+            timestamp: m.timestamp,
+            key: m.key.map(|(a, b)| &self.data[a..b]),
+            payload: &self.data[m.payload.0..m.payload.1],
         })
     }
 }
@@ -74,6 +93,7 @@ pub struct WriterContext {
     pub store: SharedStore,
     pub layout: Layout,
     pub routing: Routing,
+    pub format: OutputFormat,
     pub retry: Retrier,
     pub aggregator: Aggregator,
     pub metrics: Metrics,
@@ -181,6 +201,13 @@ impl Writer {
     }
 }
 
+/// A batch's tickets of one hour, as they are added.
+struct HourPart {
+    first: i64,
+    last: i64,
+    builder: BatchBuilder,
+}
+
 /// A batch's work: decode and route, dead letters durable, counts, then the batch into S3
 /// exactly once. Returns the valid and dead-letter counts with the outcome.
 async fn write_batch(
@@ -188,31 +215,49 @@ async fn write_batch(
     sink: &mut PartitionSink,
     job: Open<RawBatch>,
 ) -> (u64, u64, Result<(), Failure>) {
-    let mut builder = BatchBuilder::default();
+    // By hour, in the hours' order: the same tickets always make the same objects.
+    let mut hours: BTreeMap<Hour, HourPart> = BTreeMap::new();
     let mut queued = Vec::new();
-    for (offset, key, payload) in job.buf.iter() {
-        if let Err(reason) = builder.push(&ctx.routing, payload) {
-            let reason = reason.to_string();
-            tracing::debug!(
-                partition = sink.partition,
-                offset,
-                reason,
-                "Invalid ticket sent to the dead-letter topic."
-            );
-            let letter = DeadLetter {
-                partition: sink.partition,
-                offset,
-                key,
-                payload,
-                reason: &reason,
-            };
-            match ctx.dead_letters.enqueue(&letter, &ctx.retry.abort).await {
-                Ok(f) => queued.push(f),
-                Err(e) => return (0, 0, Err(dead_letter_failure(e))),
+    for m in job.buf.iter() {
+        let ticket = match decode_ref(m.payload) {
+            Ok(t) => t,
+            Err(reason) => {
+                let reason = reason.to_string();
+                tracing::debug!(
+                    partition = sink.partition,
+                    offset = m.offset,
+                    reason,
+                    "Invalid ticket sent to the dead-letter topic."
+                );
+                let letter = DeadLetter {
+                    partition: sink.partition,
+                    offset: m.offset,
+                    key: m.key,
+                    payload: m.payload,
+                    reason: &reason,
+                };
+                match ctx.dead_letters.enqueue(&letter, &ctx.retry.abort).await {
+                    Ok(f) => queued.push(f),
+                    Err(e) => return (0, 0, Err(dead_letter_failure(e))),
+                }
+                continue;
             }
-        }
+        };
+        // A message without a timestamp (a producer older than Kafka 0.10) goes by the
+        // ticket's own time.
+        let hour = m
+            .timestamp
+            .map_or_else(|| Hour::of(&ticket.created_at()), Hour::from_millis);
+        let part = hours.entry(hour).or_insert_with(|| HourPart {
+            first: m.offset,
+            last: m.offset,
+            builder: BatchBuilder::new(ctx.format),
+        });
+        part.last = m.offset;
+        part.builder.push_ticket(&ctx.routing, &ticket);
     }
-    let (valid, dead) = (builder.valid, queued.len() as u64);
+    let dead = queued.len() as u64;
+    let valid: u64 = hours.values().map(|p| p.builder.valid).sum();
     // Dead letters must be durable before the batch's offsets count as done.
     for f in queued {
         if let Err(e) = ctx.dead_letters.delivered(f).await {
@@ -220,15 +265,30 @@ async fn write_batch(
         }
         ctx.metrics.dead_lettered.inc();
     }
-    let counts = match ctx.aggregator.count(vec![builder.columns.finish()]).await {
+    let mut columns = Vec::with_capacity(hours.len());
+    let mut objects = Vec::with_capacity(hours.len());
+    for (hour, part) in hours {
+        columns.push(part.builder.columns.finish());
+        match part.builder.rows.into_object() {
+            Ok(body) => objects.push(Object {
+                hour,
+                first: part.first,
+                last: part.last,
+                body: Bytes::from(body),
+            }),
+            Err(e) => return (valid, dead, Err(Failure::Fatal(e))),
+        }
+    }
+    let counts = match ctx.aggregator.count(columns).await {
         Ok(c) => c,
         Err(e) => return (valid, dead, Err(Failure::Fatal(e))),
     };
     let batch = Batch {
         first: job.first,
         last: job.last,
+        objects,
+        extension: ctx.format.extension(),
         valid,
-        body: Bytes::from(builder.body),
         dead_letters: dead,
         counts,
     };
@@ -270,16 +330,19 @@ mod tests {
     #[test]
     fn a_raw_batch_gives_back_each_message_as_read() {
         let mut b = RawBatch::default();
-        b.push(7, Some(b"k1"), b"first");
-        b.push(8, None, b"");
-        b.push(9, Some(b""), b"third");
-        let got: Vec<_> = b.iter().collect();
+        b.push(7, Some(1_000), Some(b"k1"), b"first");
+        b.push(8, None, None, b"");
+        b.push(9, Some(-1), Some(b""), b"third");
+        let got: Vec<_> = b
+            .iter()
+            .map(|m| (m.offset, m.timestamp, m.key, m.payload))
+            .collect();
         assert_eq!(
             got,
             vec![
-                (7, Some(&b"k1"[..]), &b"first"[..]),
-                (8, None, &b""[..]),
-                (9, Some(&b""[..]), &b"third"[..]),
+                (7, Some(1_000), Some(&b"k1"[..]), &b"first"[..]),
+                (8, None, None, &b""[..]),
+                (9, Some(-1), Some(&b""[..]), &b"third"[..]),
             ]
         );
         assert_eq!(b.bytes(), 12);

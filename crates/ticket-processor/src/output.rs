@@ -1,0 +1,189 @@
+//! The formats ticket objects are written in: JSON Lines (the original's contract, the
+//! default) or Parquet (typed, compressed). Both hold the same tickets with the same fields;
+//! [`ticket_schema`] is the Parquet files' schema and the one `query` reads both with.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use anyhow::Context;
+use datafusion::arrow::array::{
+    ArrayRef, Int64Builder, RecordBatch, StringBuilder, TimestampMicrosecondBuilder,
+};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::parquet::arrow::ArrowWriter;
+use datafusion::parquet::basic::{Compression, ZstdLevel};
+use datafusion::parquet::file::properties::WriterProperties;
+use ticket_core::TicketRef;
+
+/// How ticket objects are written (`OUTPUT_FORMAT`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// One JSON object per line, as the original wrote.
+    #[default]
+    Jsonl,
+    /// Parquet: typed columns (client_id integer, created_at timestamp UTC), zstd-compressed.
+    Parquet,
+}
+
+impl OutputFormat {
+    /// The file extension of its objects, which is also how `query` tells them apart.
+    pub fn extension(self) -> &'static str {
+        match self {
+            OutputFormat::Jsonl => "jsonl",
+            OutputFormat::Parquet => "parquet",
+        }
+    }
+}
+
+/// The columns of a ticket with its team, typed. `nullable` is for readers that must accept
+/// what other tools may have written; our files never hold nulls.
+pub fn ticket_schema(nullable: bool) -> SchemaRef {
+    let utf8 = |name| Field::new(name, DataType::Utf8, nullable);
+    Arc::new(Schema::new(vec![
+        utf8("ticket_id"),
+        Field::new("client_id", DataType::Int64, nullable),
+        Field::new(
+            "created_at",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            nullable,
+        ),
+        utf8("request"),
+        utf8("request_type"),
+        utf8("priority"),
+        utf8("support_team"),
+    ]))
+}
+
+/// Rows of one object as they are added: JSON Lines bytes, or columns for Parquet.
+pub enum Rows {
+    Jsonl(Vec<u8>),
+    Parquet(Box<TicketColumns>),
+}
+
+impl Rows {
+    pub fn new(format: OutputFormat) -> Rows {
+        match format {
+            OutputFormat::Jsonl => Rows::Jsonl(Vec::new()),
+            OutputFormat::Parquet => Rows::Parquet(Box::default()),
+        }
+    }
+
+    pub fn push(&mut self, ticket: &TicketRef<'_>, team: &str) {
+        match self {
+            Rows::Jsonl(body) => {
+                ticket.write_with_team(team, body);
+                body.push(b'\n');
+            }
+            Rows::Parquet(columns) => columns.push(ticket, team),
+        }
+    }
+
+    /// The rows as one whole object in its format.
+    pub fn into_object(self) -> anyhow::Result<Vec<u8>> {
+        match self {
+            Rows::Jsonl(body) => Ok(body),
+            Rows::Parquet(columns) => {
+                let mut w = ObjectWriter::new(OutputFormat::Parquet, Vec::new())?;
+                w.write(Rows::Parquet(columns))?;
+                w.finish()
+            }
+        }
+    }
+}
+
+/// A ticket's columns, one builder per field of [`ticket_schema`].
+pub struct TicketColumns {
+    ticket_id: StringBuilder,
+    client_id: Int64Builder,
+    created_at: TimestampMicrosecondBuilder,
+    request: StringBuilder,
+    request_type: StringBuilder,
+    priority: StringBuilder,
+    support_team: StringBuilder,
+}
+
+impl Default for TicketColumns {
+    fn default() -> Self {
+        TicketColumns {
+            ticket_id: StringBuilder::new(),
+            client_id: Int64Builder::new(),
+            created_at: TimestampMicrosecondBuilder::new().with_timezone("UTC"),
+            request: StringBuilder::new(),
+            request_type: StringBuilder::new(),
+            priority: StringBuilder::new(),
+            support_team: StringBuilder::new(),
+        }
+    }
+}
+
+impl TicketColumns {
+    fn push(&mut self, t: &TicketRef<'_>, team: &str) {
+        self.ticket_id.append_value(t.ticket_id());
+        self.client_id.append_value(t.client_id());
+        self.created_at
+            .append_value(t.created_at().timestamp_micros());
+        self.request.append_value(t.request());
+        self.request_type.append_value(t.request_type());
+        self.priority.append_value(t.priority().as_str());
+        self.support_team.append_value(team);
+    }
+
+    fn finish(&mut self) -> anyhow::Result<RecordBatch> {
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(self.ticket_id.finish()),
+            Arc::new(self.client_id.finish()),
+            Arc::new(self.created_at.finish()),
+            Arc::new(self.request.finish()),
+            Arc::new(self.request_type.finish()),
+            Arc::new(self.priority.finish()),
+            Arc::new(self.support_team.finish()),
+        ];
+        RecordBatch::try_new(ticket_schema(false), columns).context("building ticket columns")
+    }
+}
+
+/// Writes rows, added in pieces, as one object or file in its format.
+pub enum ObjectWriter<W: Write + Send> {
+    Jsonl(W),
+    Parquet(Box<ArrowWriter<W>>),
+}
+
+impl<W: Write + Send> ObjectWriter<W> {
+    pub fn new(format: OutputFormat, out: W) -> anyhow::Result<ObjectWriter<W>> {
+        Ok(match format {
+            OutputFormat::Jsonl => ObjectWriter::Jsonl(out),
+            OutputFormat::Parquet => {
+                let props = WriterProperties::builder()
+                    .set_compression(Compression::ZSTD(ZstdLevel::default()))
+                    // Bounds what a writer holds before it encodes a row group.
+                    .set_max_row_group_row_count(Some(128 * 1024))
+                    .build();
+                let w = ArrowWriter::try_new(out, ticket_schema(false), Some(props))
+                    .context("starting a Parquet file")?;
+                ObjectWriter::Parquet(Box::new(w))
+            }
+        })
+    }
+
+    /// Adds rows; they must be of this writer's format.
+    pub fn write(&mut self, rows: Rows) -> anyhow::Result<()> {
+        match (self, rows) {
+            (ObjectWriter::Jsonl(w), Rows::Jsonl(body)) => Ok(w.write_all(&body)?),
+            (ObjectWriter::Parquet(w), Rows::Parquet(mut columns)) => {
+                Ok(w.write(&columns.finish()?)?)
+            }
+            _ => anyhow::bail!("rows of another format than the writer's"),
+        }
+    }
+
+    /// Ends the object (Parquet writes its footer) and gives the output back.
+    pub fn finish(self) -> anyhow::Result<W> {
+        match self {
+            ObjectWriter::Jsonl(mut w) => {
+                w.flush()?;
+                Ok(w)
+            }
+            ObjectWriter::Parquet(w) => Ok(w.into_inner().context("ending a Parquet file")?),
+        }
+    }
+}
