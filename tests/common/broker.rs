@@ -122,6 +122,25 @@ impl Broker {
         }
     }
 
+    /// Publishes messages (key, value, Kafka timestamp in ms) in order, then waits for every
+    /// delivery.
+    pub async fn publish_at(&self, topic: &str, messages: &[(String, String, i64)]) {
+        let p: FutureProducer = self
+            .config()
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .create()
+            .expect("producer");
+        let mut deliveries = Vec::new();
+        for (k, v, ts) in messages {
+            let r = FutureRecord::to(topic).key(k).payload(v).timestamp(*ts);
+            deliveries.push(p.send(r, Duration::from_secs(30)));
+        }
+        for d in deliveries {
+            d.await.expect("delivered");
+        }
+    }
+
     /// Publishes one message with headers, waiting for its delivery.
     pub async fn publish_with_headers(
         &self,

@@ -9,6 +9,8 @@
 //! - [`enrich`] and [`aggregate`]: bytes to output rows, counts with DataFusion;
 //! - [`output`]: the output formats, JSON Lines and Parquet;
 //! - [`file`]: `process-file`, the same processing on a local JSON Lines file;
+//! - [`query`]: `query`, SQL over the results in the bucket or a directory;
+//! - [`report`]: `report`, the lake's figures as a self-contained HTML page;
 //! - [`replay`]: `replay-dlq`, dead letters back into the tickets topic, exactly once;
 //! - [`http`] and [`metrics`]: health and Prometheus metrics.
 
@@ -18,7 +20,9 @@ pub mod file;
 pub mod http;
 pub mod metrics;
 pub mod output;
+pub mod query;
 pub mod replay;
+pub mod report;
 pub mod s3;
 pub mod sink;
 pub mod store;
@@ -55,6 +59,11 @@ pub enum Command {
     ProcessFile(FileArgs),
     /// Re-inject dead letters into the tickets topic after a fix, each exactly once.
     ReplayDlq(replay::ReplayArgs),
+    /// Run SQL over the results (tables `tickets` and `counts`) in the bucket or a directory.
+    Query(query::QueryArgs),
+    /// Write reports/index.html (charts of tickets per hour, load per team) into the bucket or
+    /// a directory; once, or every --every seconds.
+    Report(report::ReportArgs),
     /// Exit 0 if the processor on this host answers ready at HTTP_ADDR (the image's HEALTHCHECK;
     /// needs no curl or shell in the image).
     HealthCheck {

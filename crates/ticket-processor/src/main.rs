@@ -17,6 +17,12 @@ async fn main() -> std::process::ExitCode {
                 r.read, r.replayed, r.skipped, r.duplicates
             );
         }),
+        Some(Command::Query(args)) => ticket_processor::query::query(&args).await,
+        Some(Command::Report(args)) => {
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            tokio::spawn(ticket_kafka::cancel_on_signal(shutdown.clone()));
+            ticket_processor::report::report(&args, shutdown).await
+        }
         Some(Command::HealthCheck { http_addr }) => ticket_processor::health_check(http_addr).await,
         None => {
             let shutdown = tokio_util::sync::CancellationToken::new();
@@ -26,6 +32,11 @@ async fn main() -> std::process::ExitCode {
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // A query DataFusion rejects is the user's to fix, like a bad flag: exit 2.
+        Err(e) if e.is::<ticket_processor::query::BadQuery>() => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("error: {e:#}");

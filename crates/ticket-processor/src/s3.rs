@@ -49,6 +49,23 @@ pub struct Store {
     prefix_hint: String,
 }
 
+/// The AWS settings of the processor: region, the default credentials chain, timeouts.
+pub async fn sdk_config(args: &S3Args) -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(args.region.clone()))
+        // One retry layer only: the sink's own (`sink::Retrier`) decides what is worth
+        // retrying and for how long, so the SDK makes each request once.
+        .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(1))
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(3))
+                .operation_attempt_timeout(Duration::from_secs(30))
+                .build(),
+        )
+        .load()
+        .await
+}
+
 impl Store {
     pub async fn connect(args: &S3Args) -> anyhow::Result<Store> {
         if args.bucket.trim().is_empty() {
@@ -60,19 +77,7 @@ impl Store {
         {
             bail!("S3_ENDPOINT must be a URL such as http://minio:9000, got {ep:?}");
         }
-        let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new(args.region.clone()))
-            // One retry layer only: the sink's own (`sink::Retrier`) decides what is worth
-            // retrying and for how long, so the SDK makes each request once.
-            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(1))
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(3))
-                    .operation_attempt_timeout(Duration::from_secs(30))
-                    .build(),
-            )
-            .load()
-            .await;
+        let shared = sdk_config(args).await;
         let mut conf = aws_sdk_s3::config::Builder::from(&shared);
         if let Some(ep) = endpoint {
             conf = conf.endpoint_url(ep).force_path_style(true);

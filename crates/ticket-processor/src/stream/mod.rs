@@ -773,13 +773,16 @@ impl Processor {
     }
 }
 
+/// A message as [`accept`] takes it: offset, Kafka timestamp (ms), key, payload.
+type Incoming<'a> = (i64, Option<i64>, Option<&'a [u8]>, Option<&'a [u8]>);
+
 /// Adds a message to its partition's open batch; `false` if the partition is not known yet
 /// (its checkpoint must be loaded first). A message of a partition being loaded, or below
 /// the offset already handled, is dropped.
 fn accept(
     slots: &mut HashMap<i32, Slot>,
     partition: i32,
-    (offset, timestamp, key, payload): (i64, Option<i64>, Option<&[u8]>, Option<&[u8]>),
+    (offset, timestamp, key, payload): Incoming<'_>,
     now: Instant,
     metrics: &Metrics,
 ) -> bool {

@@ -1,0 +1,333 @@
+//! `query`: DataFusion SQL over the results, in the bucket (with the processor's own S3
+//! settings) or in a local directory (`process-file`'s output, or a copy of the bucket).
+//!
+//! Two tables:
+//!
+//! - `tickets`: every ticket object under `tickets_with_team/`, JSON Lines and Parquet alike,
+//!   with the columns of [`crate::output::ticket_schema`] and the partition columns `topic`,
+//!   `date` (DATE), `hour` (INT) and `partition` (INT) read from the keys. Objects written
+//!   before time partitions (`topic=…/partition=…/`) have NULL `date` and `hour`; a
+//!   `process-file` directory has NULL in all four.
+//! - `counts`: `counts_by_request_type/latest.jsonl` (empty when it does not exist yet).
+//!
+//! The S3 side goes through DataFusion's own object store (`object_store`'s S3 client), given
+//! the region, endpoint and credentials the processor resolves (the AWS default chain).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use anyhow::Context;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::datasource::MemTable;
+use datafusion::datasource::file_format::FileFormat;
+use datafusion::datasource::file_format::json::JsonFormat;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::error::DataFusionError;
+use datafusion::prelude::{JsonReadOptions, SessionContext};
+use object_store::aws::{AmazonS3Builder, AwsCredential};
+use object_store::{CredentialProvider, ObjectStore, ObjectStoreExt};
+use tokio::sync::Mutex;
+
+use crate::output::ticket_schema;
+use crate::s3::S3Args;
+
+#[derive(clap::Args, Debug)]
+pub struct QueryArgs {
+    /// The SQL to run, e.g. "SELECT request_type, count(*) FROM tickets GROUP BY 1".
+    pub sql: String,
+
+    /// Read a local directory (a process-file --output-dir, or a copy of the bucket's prefix)
+    /// instead of the bucket.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+
+    /// How to print the result: an aligned table, JSON Lines (one object per row) or CSV.
+    #[arg(long, value_enum, default_value_t = Print::Table)]
+    pub format: Print,
+
+    #[command(flatten)]
+    pub s3: S3Args,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Print {
+    Table,
+    Json,
+    Csv,
+}
+
+/// A query DataFusion rejected or could not run: its message, for exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadQuery(pub DataFusionError);
+
+/// Where the results are.
+pub enum Lake<'a> {
+    Dir(&'a Path),
+    Bucket(&'a S3Args),
+}
+
+/// Runs `args.sql` and prints the result on stdout.
+pub async fn query(args: &QueryArgs) -> anyhow::Result<()> {
+    let lake = match &args.dir {
+        Some(dir) => Lake::Dir(dir),
+        None => Lake::Bucket(&args.s3),
+    };
+    let lake = open(&lake).await?;
+    let batches = run_sql(&lake.ctx, &args.sql).await?;
+    print!("{}", render(&batches, args.format)?);
+    Ok(())
+}
+
+/// Plans and runs a query; what DataFusion rejects is a [`BadQuery`].
+pub async fn run_sql(ctx: &SessionContext, sql: &str) -> anyhow::Result<Vec<RecordBatch>> {
+    let df = ctx.sql(sql).await.map_err(BadQuery)?;
+    match df.collect().await {
+        Ok(batches) => Ok(batches),
+        // Reading failed: not the query's fault.
+        Err(e @ DataFusionError::ObjectStore(_)) => {
+            Err(anyhow::Error::from(e).context("reading the results"))
+        }
+        Err(e) => Err(BadQuery(e).into()),
+    }
+}
+
+/// The result as text in the chosen form.
+pub fn render(batches: &[RecordBatch], print: Print) -> anyhow::Result<String> {
+    use datafusion::arrow::{csv, json, util::pretty};
+    Ok(match print {
+        Print::Table => format!("{}\n", pretty::pretty_format_batches(batches)?),
+        Print::Json => {
+            let mut w = json::LineDelimitedWriter::new(Vec::new());
+            w.write_batches(&batches.iter().collect::<Vec<_>>())?;
+            w.finish()?;
+            String::from_utf8(w.into_inner())?
+        }
+        Print::Csv => {
+            let mut w = csv::Writer::new(Vec::new());
+            for b in batches {
+                w.write(b)?;
+            }
+            String::from_utf8(w.into_inner())?
+        }
+    })
+}
+
+/// The lake opened for reading: a DataFusion session with its tables, and its store.
+pub struct Opened {
+    pub ctx: SessionContext,
+    pub store: Arc<dyn ObjectStore>,
+    /// Where the layout starts in `store` (the bucket's prefix, or the directory's path).
+    pub root: object_store::path::Path,
+    /// The same as a URL, for people: `s3://bucket/prefix/` or `file:///dir/`.
+    pub url: String,
+}
+
+/// A session with the `tickets` and `counts` tables of the lake registered.
+pub async fn open(lake: &Lake<'_>) -> anyhow::Result<Opened> {
+    let ctx = SessionContext::new();
+    let (url, store, root): (String, Arc<dyn ObjectStore>, String) = match lake {
+        Lake::Dir(dir) => {
+            let dir = std::fs::canonicalize(dir)
+                .with_context(|| format!("no directory {}", dir.display()))?;
+            let path = dir.display().to_string();
+            let url = format!("file://{}/", path.trim_end_matches('/'));
+            let store = Arc::new(object_store::local::LocalFileSystem::new());
+            (url, store, path)
+        }
+        Lake::Bucket(args) => {
+            let store = s3_store(args).await?;
+            let bucket = url::Url::parse(&format!("s3://{}", args.bucket)).with_context(|| {
+                format!("S3_BUCKET_NAME {:?} is not a bucket name", args.bucket)
+            })?;
+            ctx.register_object_store(&bucket, store.clone());
+            let prefix = ticket_core::keys::Layout::new(&args.prefix, "")
+                .prefix()
+                .to_string();
+            (format!("s3://{}/{prefix}", args.bucket), store, prefix)
+        }
+    };
+    register_tickets(&ctx, &url, lake).await?;
+    register_counts(&ctx, &url, &store).await?;
+    Ok(Opened {
+        ctx,
+        store,
+        root: object_store::path::Path::from(root.as_str()),
+        url,
+    })
+}
+
+const PARTITIONED: [(&str, DataType); 4] = [
+    ("topic", DataType::Utf8),
+    ("date", DataType::Date32),
+    ("hour", DataType::Int32),
+    ("partition", DataType::Int32),
+];
+const BEFORE_HOURS: [(&str, DataType); 2] =
+    [("topic", DataType::Utf8), ("partition", DataType::Int32)];
+
+/// `tickets`: the union of one listing table per layout and format that can be present.
+async fn register_tickets(ctx: &SessionContext, root: &str, lake: &Lake<'_>) -> anyhow::Result<()> {
+    let dir = format!("{root}tickets_with_team/");
+    // process-file writes part files straight under tickets_with_team/.
+    let flat = match lake {
+        Lake::Dir(d) => std::fs::read_dir(d.join("tickets_with_team"))
+            .map(|entries| entries.flatten().any(|e| e.path().is_file()))
+            .unwrap_or(false),
+        Lake::Bucket(_) => false,
+    };
+    let layouts: Vec<&[(&str, DataType)]> = if flat {
+        vec![&[]]
+    } else {
+        vec![&PARTITIONED, &BEFORE_HOURS]
+    };
+    let formats: [(&str, Arc<dyn FileFormat>); 2] = [
+        ("jsonl", Arc::new(JsonFormat::default())),
+        ("parquet", Arc::new(ParquetFormat::default())),
+    ];
+    let mut selects = Vec::new();
+    for (i, cols) in layouts.iter().enumerate() {
+        for (ext, format) in &formats {
+            let name = format!("tickets_{ext}_{i}");
+            let options = ListingOptions::new(format.clone())
+                .with_file_extension(format!(".{ext}"))
+                .with_table_partition_cols(
+                    cols.iter()
+                        .map(|(n, t)| (n.to_string(), t.clone()))
+                        .collect(),
+                );
+            let url = ListingTableUrl::parse(&dir)?;
+            let config = ListingTableConfig::new(url)
+                .with_listing_options(options)
+                .with_schema(ticket_schema(true));
+            ctx.register_table(name.as_str(), Arc::new(ListingTable::try_new(config)?))?;
+            let part = |col: &str, t: &DataType| {
+                if cols.iter().any(|(n, _)| *n == col) {
+                    format!("\"{col}\"")
+                } else {
+                    format!("CAST(NULL AS {}) AS \"{col}\"", sql_type(t))
+                }
+            };
+            let partition_cols: Vec<String> = PARTITIONED.iter().map(|(n, t)| part(n, t)).collect();
+            selects.push(format!(
+                "SELECT ticket_id, client_id, created_at, request, request_type, priority, support_team, {} FROM {name}",
+                partition_cols.join(", ")
+            ));
+        }
+    }
+    ctx.sql(&format!(
+        "CREATE VIEW tickets AS {}",
+        selects.join(" UNION ALL ")
+    ))
+    .await?;
+    Ok(())
+}
+
+fn sql_type(t: &DataType) -> &'static str {
+    match t {
+        DataType::Date32 => "DATE",
+        DataType::Int32 => "INT",
+        _ => "VARCHAR",
+    }
+}
+
+/// `counts`: the latest counts, or an empty table of their main columns before there are any.
+async fn register_counts(
+    ctx: &SessionContext,
+    root: &str,
+    store: &Arc<dyn ObjectStore>,
+) -> anyhow::Result<()> {
+    let url = ListingTableUrl::parse(format!("{root}counts_by_request_type/latest.jsonl"))?;
+    let exists = match store.head(url.prefix()).await {
+        Ok(_) => true,
+        Err(object_store::Error::NotFound { .. }) => false,
+        Err(e) => return Err(anyhow::Error::from(e).context(format!("reading {url}"))),
+    };
+    if exists {
+        let options = JsonReadOptions::default().file_extension(".jsonl");
+        ctx.register_json("counts", url.as_str(), options).await?;
+    } else {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("request_type", DataType::Utf8, true),
+            Field::new("count", DataType::Int64, true),
+            Field::new("support_team", DataType::Utf8, true),
+        ]));
+        ctx.register_table("counts", Arc::new(MemTable::try_new(schema, vec![vec![]])?))?;
+    }
+    Ok(())
+}
+
+/// The bucket through `object_store`, with the processor's endpoint, region and credentials.
+async fn s3_store(args: &S3Args) -> anyhow::Result<Arc<dyn ObjectStore>> {
+    if args.bucket.trim().is_empty() {
+        anyhow::bail!(
+            "S3_BUCKET_NAME is empty: set it to the bucket the results are in (or use --dir)"
+        );
+    }
+    let sdk = crate::s3::sdk_config(args).await;
+    let mut builder = AmazonS3Builder::new()
+        .with_bucket_name(&args.bucket)
+        .with_region(&args.region);
+    if let Some(ep) = ticket_kafka::non_empty(&args.endpoint) {
+        builder = builder
+            .with_endpoint(ep)
+            .with_allow_http(ep.starts_with("http://"))
+            .with_virtual_hosted_style_request(false);
+    }
+    match sdk.credentials_provider() {
+        Some(provider) => {
+            builder = builder.with_credentials(Arc::new(SdkCredentials {
+                provider,
+                cached: Mutex::new(None),
+            }));
+        }
+        None => builder = builder.with_skip_signature(true),
+    }
+    Ok(Arc::new(builder.build().context("S3 settings")?))
+}
+
+/// The AWS SDK's credentials chain (environment, profile, role), for `object_store`: the
+/// same credentials the processor writes with. Cached until five minutes before they expire.
+#[derive(Debug)]
+struct SdkCredentials {
+    provider: aws_sdk_s3::config::SharedCredentialsProvider,
+    cached: Mutex<Option<(Arc<AwsCredential>, Option<SystemTime>)>>,
+}
+
+#[async_trait::async_trait]
+impl CredentialProvider for SdkCredentials {
+    type Credential = AwsCredential;
+
+    async fn get_credential(&self) -> object_store::Result<Arc<AwsCredential>> {
+        use aws_sdk_s3::config::ProvideCredentials;
+        let mut cached = self.cached.lock().await;
+        let fresh = |expiry: &Option<SystemTime>| {
+            expiry.is_none_or(|at| SystemTime::now() + std::time::Duration::from_secs(300) < at)
+        };
+        if let Some((c, expiry)) = cached.as_ref()
+            && fresh(expiry)
+        {
+            return Ok(c.clone());
+        }
+        let c = self
+            .provider
+            .provide_credentials()
+            .await
+            .map_err(|e| object_store::Error::Generic {
+                store: "S3",
+                source: format!("no AWS credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile or a role): {e}").into(),
+            })?;
+        let credential = Arc::new(AwsCredential {
+            key_id: c.access_key_id().to_string(),
+            secret_key: c.secret_access_key().to_string(),
+            token: c.session_token().map(str::to_string),
+        });
+        *cached = Some((credential.clone(), c.expiry()));
+        Ok(credential)
+    }
+}

@@ -1,0 +1,506 @@
+//! The reading side, end to end: time partitions from the Kafka timestamps, Parquet read back
+//! by an independent reader (pyarrow), `query` over the tests' S3 server and a directory, and
+//! the report page rendered by headless Chromium against the lake's own figures.
+
+pub mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use common::*;
+use rand::SeedableRng;
+use serde_json::Value;
+use ticket_core::generate::Generator;
+
+/// 2026-11-29T08:59:59.500Z
+const BEFORE_NINE: i64 = 1_795_942_799_500;
+
+/// `n` generated tickets (id, JSON) of a seeded generator.
+fn tickets(n: usize, seed: u64) -> Vec<(String, String)> {
+    let now = chrono::DateTime::from_timestamp_millis(BEFORE_NINE).expect("time");
+    let mut g = Generator::new(rand::rngs::StdRng::seed_from_u64(seed), now, "lake");
+    (0..n)
+        .map(|_| {
+            let t = g.next_ticket();
+            (
+                t.ticket_id.clone(),
+                String::from_utf8(t.to_json()).expect("utf8"),
+            )
+        })
+        .collect()
+}
+
+/// Ticket ids by the `date=…/hour=…` of the object they are in.
+async fn ids_by_hour(fx: &Fixture, prefix: &str) -> BTreeMap<String, Vec<String>> {
+    let mut by_hour: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for key in fx.s3.keys(&format!("{prefix}tickets_with_team/")).await {
+        let hour = key
+            .split('/')
+            .filter(|s| s.starts_with("date=") || s.starts_with("hour="))
+            .collect::<Vec<_>>()
+            .join("/");
+        let body = fx.s3.get(&key).await.expect("object");
+        for line in String::from_utf8_lossy(&body).lines() {
+            let v: Value = serde_json::from_str(line).expect("json line");
+            by_hour
+                .entry(hour.clone())
+                .or_default()
+                .push(v["ticket_id"].as_str().expect("id").to_string());
+        }
+    }
+    by_hour
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tickets_land_in_the_hour_of_their_kafka_timestamp_even_out_of_order() {
+    let fx = Fixture::start().await;
+    fx.create_topic(1).await;
+    // Two producers' clocks half a second apart around 09:00: the timestamps alternate
+    // between the two hours within one batch.
+    let ts: Vec<(String, String, i64)> = tickets(20, 1)
+        .into_iter()
+        .enumerate()
+        .map(|(i, (id, json))| (id, json, BEFORE_NINE + 500 * (i as i64 % 2)))
+        .collect();
+    fx.broker.publish_at(&fx.topic, &ts).await;
+    let env = fx.env().set("BATCH_MAX_AGE_MS", "600000");
+    run_ok("ticket-processor", &env, &["--drain"]).await;
+
+    // One batch, split into one object per hour, each named by its first and last offsets.
+    let keys = fx.s3.keys("tickets_with_team/").await;
+    let topic = &fx.topic;
+    let name = |hour: &str, first: u64, last: u64| {
+        format!(
+            "tickets_with_team/topic={topic}/date=2026-11-29/hour={hour}/partition=0/{first:020}-{last:020}.jsonl"
+        )
+    };
+    assert_eq!(keys, vec![name("08", 0, 18), name("09", 1, 19)]);
+    let by_hour = ids_by_hour(&fx, "").await;
+    let expect = |parity: usize| -> Vec<String> {
+        ts.iter()
+            .enumerate()
+            .filter(|(i, _)| i % 2 == parity)
+            .map(|(_, t)| t.0.clone())
+            .collect()
+    };
+    assert_eq!(by_hour["date=2026-11-29/hour=08"], expect(0));
+    assert_eq!(by_hour["date=2026-11-29/hour=09"], expect(1));
+    fx.assert_exactly_once(&fx.topic_ids()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_after_a_kill_writes_the_same_keys_and_bytes_as_an_uninterrupted_run() {
+    let fx = Fixture::start().await;
+    fx.create_topic(1).await;
+    // Three hours of tickets, 3.6 s apart, every 7th a little late (out of order).
+    let ts: Vec<(String, String, i64)> = tickets(3000, 2)
+        .into_iter()
+        .enumerate()
+        .map(|(i, (id, json))| {
+            let late = if i % 7 == 0 { -5_000 } else { 0 };
+            (id, json, BEFORE_NINE - 3_600_000 + 3_600 * i as i64 + late)
+        })
+        .collect();
+    fx.broker.publish_at(&fx.topic, &ts).await;
+    let env = |prefix: &str| {
+        fx.env()
+            .set("S3_PREFIX", prefix)
+            .set("CONSUMER_GROUP", format!("{}-{prefix}", fx.group()))
+            .set("BATCH_MAX_RECORDS", "400")
+            .set("BATCH_MAX_AGE_MS", "600000")
+    };
+    // Killed right after its third commit point, before that batch's objects are copied.
+    let (ok, _, _) = run(
+        "ticket-processor",
+        &env("killed").failpoint("after-checkpoint:abort:3"),
+        &["--drain"],
+    )
+    .await;
+    assert!(!ok, "the failpoint did not kill the processor");
+    run_ok("ticket-processor", &env("killed"), &["--drain"]).await;
+    run_ok("ticket-processor", &env("clean"), &["--drain"]).await;
+
+    let objects = |prefix: &'static str| {
+        let fx = &fx;
+        async move {
+            let mut out = BTreeMap::new();
+            for key in fx.s3.keys(&format!("{prefix}/tickets_with_team/")).await {
+                let body = fx.s3.get(&key).await.expect("object");
+                out.insert(key.trim_start_matches(prefix).to_string(), body);
+            }
+            out
+        }
+    };
+    let (killed, clean) = (objects("killed").await, objects("clean").await);
+    assert!(killed.len() > 8, "expected objects in several hours");
+    assert_eq!(
+        killed.keys().collect::<Vec<_>>(),
+        clean.keys().collect::<Vec<_>>()
+    );
+    assert!(killed == clean, "same keys, different bytes");
+    let hours = ids_by_hour(&fx, "killed/").await;
+    assert_eq!(hours.len(), 4, "07:59 to 10:59: {:?}", hours.keys());
+    assert_eq!(hours.values().map(Vec::len).sum::<usize>(), 3000);
+}
+
+/// The rows of Parquet files as read by pyarrow, as JSON objects (timestamps in RFC 3339),
+/// with the file's schema as `{"schema": ...}` first.
+fn read_parquet_with_pyarrow(dir: &Path) -> (String, Vec<Value>) {
+    let script = r#"
+import json, sys, glob
+import pyarrow.parquet as pq
+files = sorted(glob.glob(sys.argv[1] + "/*.parquet"))
+table = pq.read_table(files[0]) if len(files) == 1 else __import__("pyarrow").concat_tables([pq.read_table(f) for f in files])
+print(json.dumps({"schema": ",".join(f"{f.name}:{f.type}" for f in table.schema)}))
+for row in table.to_pylist():
+    row["created_at"] = row["created_at"].isoformat()
+    print(json.dumps(row))
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(dir)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "pyarrow could not read the Parquet files (tests/run.sh installs it): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut lines = out.stdout.split(|b| *b == b'\n').filter(|l| !l.is_empty());
+    let head: Value = serde_json::from_slice(lines.next().expect("schema")).expect("json");
+    let rows = lines
+        .map(|l| serde_json::from_slice(l).expect("json row"))
+        .collect();
+    (head["schema"].as_str().expect("schema").to_string(), rows)
+}
+
+/// A JSON Lines ticket as pyarrow prints the Parquet one: the same fields, the instant in UTC.
+fn normalised(mut v: Value) -> Value {
+    let t = chrono::DateTime::parse_from_rfc3339(v["created_at"].as_str().expect("created_at"))
+        .expect("RFC 3339");
+    v["created_at"] = Value::from(t.to_utc().to_rfc3339());
+    v
+}
+
+/// `query` with the fixture's S3 settings (or `--dir`), its output in `format`.
+async fn query(env: &Env, args: &[&str]) -> (bool, String, String) {
+    let mut all = vec!["query"];
+    all.extend_from_slice(args);
+    run("ticket-processor", env, &all).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parquet_holds_what_jsonl_holds_and_query_reads_both_the_bucket_and_a_directory() {
+    let fx = Fixture::start().await;
+    fx.create_topic(2).await;
+    let input = tickets(500, 3);
+    let ts: Vec<(String, String, i64)> = input
+        .iter()
+        .enumerate()
+        .map(|(i, (id, json))| (id.clone(), json.clone(), BEFORE_NINE + 500 + 10 * i as i64))
+        .collect();
+    fx.broker.publish_at(&fx.topic, &ts).await;
+    let env = |prefix: &str, format: &str| {
+        fx.env()
+            .set("S3_PREFIX", prefix)
+            .set("CONSUMER_GROUP", format!("{}-{prefix}", fx.group()))
+            .set("OUTPUT_FORMAT", format)
+    };
+    run_ok("ticket-processor", &env("j", "jsonl"), &["--drain"]).await;
+    run_ok("ticket-processor", &env("p", "parquet"), &["--drain"]).await;
+
+    // The same objects in both formats...
+    let jkeys = fx.s3.keys("j/tickets_with_team/").await;
+    let pkeys = fx.s3.keys("p/tickets_with_team/").await;
+    let strip = |keys: &[String], prefix: &str, ext: &str| -> Vec<String> {
+        keys.iter()
+            .map(|k| {
+                k.trim_start_matches(prefix)
+                    .trim_end_matches(ext)
+                    .to_string()
+            })
+            .collect()
+    };
+    assert_eq!(
+        strip(&jkeys, "j/", ".jsonl"),
+        strip(&pkeys, "p/", ".parquet")
+    );
+    // ... holding the same tickets, as an independent reader sees them.
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (i, key) in pkeys.iter().enumerate() {
+        let body = fx.s3.get(key).await.expect("object");
+        assert_eq!(&body[..4], b"PAR1", "{key} is not Parquet");
+        std::fs::write(dir.path().join(format!("{i:03}.parquet")), body).expect("write");
+    }
+    let (schema, rows) = read_parquet_with_pyarrow(dir.path());
+    assert_eq!(
+        schema,
+        "ticket_id:string,client_id:int64,created_at:timestamp[us, tz=UTC],request:string,request_type:string,priority:string,support_team:string"
+    );
+    let by_id = |rows: Vec<Value>| -> BTreeMap<String, Value> {
+        rows.into_iter()
+            .map(|v| {
+                (
+                    v["ticket_id"].as_str().expect("id").to_string(),
+                    normalised(v),
+                )
+            })
+            .collect()
+    };
+    let jsonl = by_id(fx.s3.json_lines("j/tickets_with_team/").await);
+    assert_eq!(jsonl.len(), 500);
+    assert!(
+        by_id(rows) == jsonl,
+        "Parquet rows differ from the JSON Lines"
+    );
+
+    // query reads both the same way: counts per request type equal the tickets'.
+    let mut expected: BTreeMap<String, u64> = BTreeMap::new();
+    for v in jsonl.values() {
+        *expected
+            .entry(v["request_type"].as_str().expect("type").to_string())
+            .or_default() += 1;
+    }
+    let sql = "SELECT request_type, count(*) AS n FROM tickets WHERE date = '2026-11-29' AND hour = 9 GROUP BY request_type ORDER BY request_type";
+    let mut expected_csv = "request_type,n\n".to_string();
+    for (t, n) in &expected {
+        expected_csv += &format!("{t},{n}\n");
+    }
+    for prefix in ["j", "p"] {
+        let (ok, out, err) = query(&env(prefix, "jsonl"), &["--format", "csv", sql]).await;
+        assert!(ok, "query failed: {err}");
+        assert_eq!(out, expected_csv, "query over {prefix}/");
+    }
+    // JSON output, the partition columns, and the counts table.
+    let (ok, out, err) = query(
+        &env("p", "jsonl"),
+        &[
+            "--format",
+            "json",
+            "SELECT topic, partition, count(*) AS n FROM tickets GROUP BY 1, 2 ORDER BY 2",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let parts: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(parts.len(), 2, "{out}");
+    assert_eq!(parts[0]["topic"], fx.topic.as_str());
+    assert_eq!(
+        parts
+            .iter()
+            .map(|p| p["n"].as_u64().expect("n"))
+            .sum::<u64>(),
+        500
+    );
+    let (ok, out, err) = query(
+        &env("j", "jsonl"),
+        &["--format", "csv", "SELECT sum(count) AS total FROM counts"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert_eq!(out, "total\n500\n");
+
+    // A bad query: DataFusion's message, exit code 2.
+    let (ok, _, err) = query(&env("j", "jsonl"), &["SELECT nope FROM tickets"]).await;
+    assert!(!ok && err.contains("nope"), "{err}");
+    let status = std::process::Command::new(bin("ticket-processor"))
+        .args(["query", "--dir", ".", "SELEKT 1"])
+        .status()
+        .expect("runs");
+    assert_eq!(status.code(), Some(2));
+
+    // A process-file directory, in Parquet.
+    let file = dir.path().join("tickets.jsonl");
+    let text: String = input.iter().map(|(_, j)| format!("{j}\n")).collect();
+    std::fs::write(&file, text + "not a ticket\n").expect("write");
+    let out_dir = dir.path().join("out");
+    let out_dir = out_dir.to_str().expect("utf8 path");
+    run_ok(
+        "ticket-processor",
+        &Env::default(),
+        &[
+            "process-file",
+            file.to_str().expect("utf8"),
+            "--output-dir",
+            out_dir,
+            "--output-format",
+            "parquet",
+        ],
+    )
+    .await;
+    let (ok, out, err) = query(
+        &Env::default(),
+        &[
+            "--dir",
+            out_dir,
+            "--format",
+            "csv",
+            sql.replace(" WHERE date = '2026-11-29' AND hour = 9", "")
+                .as_str(),
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert_eq!(out, expected_csv, "query over a process-file directory");
+}
+
+/// The attributes of every `<tag …>` that has `attr`, from HTML as Chromium serialises it.
+fn tags_with(html: &str, tag: &str, attr: &str) -> Vec<BTreeMap<String, String>> {
+    let open = format!("<{tag} ");
+    let mut found = Vec::new();
+    for piece in html.split(open.as_str()).skip(1) {
+        let Some(end) = piece.find('>') else { continue };
+        let mut attrs = BTreeMap::new();
+        let mut rest = &piece[..end];
+        while let Some(eq) = rest.find("=\"") {
+            let name = rest[..eq].trim().to_string();
+            let after = &rest[eq + 2..];
+            let close = after.find('"').unwrap_or(after.len());
+            let value = after[..close]
+                .replace("&lt;", "<")
+                .replace("&gt;", ">")
+                .replace("&quot;", "\"")
+                .replace("&amp;", "&");
+            attrs.insert(name, value);
+            rest = after.get(close + 1..).unwrap_or("");
+        }
+        if attrs.contains_key(attr) {
+            found.push(attrs);
+        }
+    }
+    found
+}
+
+/// The page as headless Chromium renders it (its DOM after layout), and a screenshot when
+/// `REPORT_SCREENSHOT` names a file (how docs/report.png is made).
+async fn render_in_chromium(page: &Path) -> String {
+    let profile = tempfile::tempdir().expect("tempdir");
+    let chromium = |extra: &[String]| {
+        let mut cmd = tokio::process::Command::new("chromium");
+        cmd.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(extra)
+        .arg(format!("file://{}", page.display()))
+        .kill_on_drop(true);
+        cmd
+    };
+    if let Ok(shot) = std::env::var("REPORT_SCREENSHOT") {
+        let args = [
+            format!("--screenshot={shot}"),
+            "--window-size=1280,1700".to_string(),
+        ];
+        let status = tokio::time::timeout(
+            std::time::Duration::from_secs(120),
+            chromium(&args).status(),
+        )
+        .await
+        .expect("chromium hung")
+        .expect("chromium runs");
+        assert!(status.success(), "screenshot failed");
+    }
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        chromium(&["--dump-dom".to_string()]).output(),
+    )
+    .await
+    .expect("chromium hung")
+    .expect("chromium runs (tests/run.sh installs Debian's chromium)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf8 DOM")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_report_in_the_bucket_shows_the_lakes_numbers_when_rendered_by_chromium() {
+    let fx = Fixture::start().await;
+    fx.create_topic(1).await;
+    // 400 tickets over two hours, and three messages that are not tickets.
+    let mut ts: Vec<(String, String, i64)> = tickets(400, 4)
+        .into_iter()
+        .enumerate()
+        .map(|(i, (id, json))| (id, json, BEFORE_NINE - 1_800_000 + 9_000 * i as i64))
+        .collect();
+    for i in 0..3 {
+        ts.push((format!("bad-{i}"), "not a ticket".to_string(), BEFORE_NINE));
+    }
+    fx.broker.publish_at(&fx.topic, &ts).await;
+    run_ok("ticket-processor", &fx.env(), &["--drain"]).await;
+    run_ok("ticket-processor", &fx.env(), &["report"]).await;
+
+    // What the lake holds, read here from the objects and their keys (not through `query`).
+    let mut per_hour: BTreeMap<(String, String), u64> = BTreeMap::new();
+    let mut load: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for key in fx.s3.keys("tickets_with_team/").await {
+        let part = |name: &str| -> String {
+            key.split('/')
+                .find_map(|s| s.strip_prefix(name))
+                .expect("partition in key")
+                .to_string()
+        };
+        let hour = format!("{} {}:00", part("date="), part("hour="));
+        let body = fx.s3.get(&key).await.expect("object");
+        for line in String::from_utf8_lossy(&body).lines() {
+            let v: Value = serde_json::from_str(line).expect("json");
+            let s = |f: &str| v[f].as_str().expect("text").to_string();
+            *per_hour
+                .entry((hour.clone(), s("request_type")))
+                .or_default() += 1;
+            *load.entry((s("support_team"), s("priority"))).or_default() += 1;
+        }
+    }
+    assert_eq!(per_hour.len() / 4, 2, "two hours of four request types");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let page = dir.path().join("index.html");
+    let html = fx
+        .s3
+        .get("reports/index.html")
+        .await
+        .expect("reports/index.html in the bucket");
+    let html = String::from_utf8(html).expect("utf8");
+    assert!(!html.contains("http://") && !html.contains("https://") && !html.contains("<script"));
+    std::fs::write(&page, &html).expect("write");
+    let dom = render_in_chromium(&page).await;
+
+    let count = |a: &BTreeMap<String, String>| a["data-count"].parse::<u64>().expect("count");
+    let shown_hours: BTreeMap<(String, String), u64> = tags_with(&dom, "td", "data-count")
+        .iter()
+        .filter(|a| a.contains_key("data-hour"))
+        .map(|a| {
+            (
+                (a["data-hour"].clone(), a["data-request-type"].clone()),
+                count(a),
+            )
+        })
+        .collect();
+    let shown_load: BTreeMap<(String, String), u64> = tags_with(&dom, "td", "data-count")
+        .iter()
+        .filter(|a| a.contains_key("data-team"))
+        .map(|a| {
+            (
+                (a["data-team"].clone(), a["data-priority"].clone()),
+                count(a),
+            )
+        })
+        .collect();
+    assert_eq!(shown_hours, per_hour, "tickets per hour by type");
+    assert_eq!(shown_load, load, "load per team and priority");
+    let totals: BTreeMap<String, String> = tags_with(&dom, "div", "data-total")
+        .iter()
+        .map(|a| (a["data-total"].clone(), a["data-value"].clone()))
+        .collect();
+    assert_eq!(totals["tickets"], "400");
+    assert_eq!(totals["dead_letters"], "3");
+    assert_eq!(totals["hours"], "2");
+}
