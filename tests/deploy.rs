@@ -245,6 +245,22 @@ fn every_variable_the_binaries_read_is_documented_and_passed_by_compose() {
             );
         }
     }
+    // The report service runs the processor's image with `report`: what it is given is read
+    // by that subcommand, and what that subcommand adds is documented.
+    let cli = ticket_processor::Cli::command();
+    let report = clap_env(cli.find_subcommand("report").expect("a report subcommand"));
+    for k in environment(service(&compose, "ticket-report")).keys() {
+        assert!(
+            report.contains(k) || SDK_VARS.contains(&k.as_str()),
+            "ticket-report gets {k}, which `ticket-processor report` does not read"
+        );
+    }
+    for v in report.difference(&processor) {
+        assert!(
+            readme.contains(&format!("`{v}`")) && example.contains(v),
+            "{v} (read by `ticket-processor report`) is not in README's table and .env.example"
+        );
+    }
     // The topics job runs the producer's image.
     for k in environment(service(&compose, "topics")).keys() {
         assert!(

