@@ -246,7 +246,11 @@ async fn register_counts(
     let exists = match store.head(url.prefix()).await {
         Ok(_) => true,
         Err(object_store::Error::NotFound { .. }) => false,
-        Err(e) => return Err(anyhow::Error::from(e).context(format!("reading {url}"))),
+        Err(e) => {
+            return Err(anyhow::Error::from(e).context(format!(
+                "cannot read {url} (check S3_ENDPOINT, S3_BUCKET_NAME, AWS_REGION and the credentials)"
+            )));
+        }
     };
     if exists {
         let options = JsonReadOptions::default().file_extension(".jsonl");
