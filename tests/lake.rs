@@ -505,3 +505,96 @@ async fn the_report_in_the_bucket_shows_the_lakes_numbers_when_rendered_by_chrom
     assert_eq!(totals["dead_letters"], "3");
     assert_eq!(totals["hours"], "7");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_of_the_earlier_layout_keeps_working_and_query_reads_both() {
+    let fx = Fixture::start().await;
+    fx.create_topic(1).await;
+    let input = tickets(30, 5);
+    let ts: Vec<(String, String, i64)> = input
+        .iter()
+        .enumerate()
+        .map(|(i, (id, json))| (id.clone(), json.clone(), BEFORE_NINE + 500 + i as i64))
+        .collect();
+    fx.broker.publish_at(&fx.topic, &ts).await;
+
+    // What the previous version left: offsets 0-9 under the old keys, 10-19 committed but
+    // not yet copied (its checkpoint names one pending object, the old format).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("first20.jsonl");
+    let text: String = input[..20].iter().map(|(_, j)| format!("{j}\n")).collect();
+    std::fs::write(&file, text).expect("write");
+    let out = dir.path().join("out");
+    let (file, out_s) = (file.to_str().expect("utf8"), out.to_str().expect("utf8"));
+    run_ok(
+        "ticket-processor",
+        &Env::default(),
+        &["process-file", file, "--output-dir", out_s],
+    )
+    .await;
+    let enriched =
+        std::fs::read_to_string(out.join("tickets_with_team/part-00000.jsonl")).expect("output");
+    let lines: Vec<&str> = enriched.lines().collect();
+    assert_eq!(lines.len(), 20);
+    let topic = &fx.topic;
+    let old_key = |first: u64, last: u64| {
+        format!("tickets_with_team/topic={topic}/partition=0/{first:020}-{last:020}.jsonl")
+    };
+    let body = |range: std::ops::Range<usize>| lines[range].join("\n").into_bytes();
+    fx.s3
+        .put(&old_key(0, 9), [body(0..10), b"\n".to_vec()].concat())
+        .await;
+    let staging = format!(
+        "_staging/topic={topic}/partition=0/{:020}-oldattempt.jsonl",
+        10
+    );
+    fx.s3
+        .put(&staging, [body(10..20), b"\n".to_vec()].concat())
+        .await;
+    let mut counts: BTreeMap<(String, String, String), u64> = BTreeMap::new();
+    for l in &lines {
+        let v: Value = serde_json::from_str(l).expect("json");
+        let s = |f: &str| v[f].as_str().expect("text").to_string();
+        *counts
+            .entry((s("request_type"), s("priority"), s("support_team")))
+            .or_default() += 1;
+    }
+    let counts: Vec<Value> = counts
+        .into_iter()
+        .map(|((r, p, t), n)| {
+            serde_json::json!({"request_type": r, "priority": p, "support_team": t, "count": n})
+        })
+        .collect();
+    let checkpoint = serde_json::json!({
+        "next_offset": 20, "tickets": 20, "dead_letters": 0, "counts": counts,
+        "pending": {"staging_key": staging, "final_key": old_key(10, 19)},
+    });
+    fx.s3
+        .put(
+            &format!("_checkpoints/topic={topic}/partition=0.json"),
+            serde_json::to_vec_pretty(&checkpoint).expect("json"),
+        )
+        .await;
+
+    // This version finishes the old pending batch, then writes the rest under date=/hour=.
+    run_ok("ticket-processor", &fx.env(), &["--drain"]).await;
+    let keys = fx.s3.keys("tickets_with_team/").await;
+    let new_key = format!(
+        "tickets_with_team/topic={topic}/date=2026-11-29/hour=09/partition=0/{:020}-{:020}.jsonl",
+        20, 29
+    );
+    assert_eq!(keys, vec![new_key, old_key(0, 9), old_key(10, 19)]);
+    fx.assert_exactly_once(&fx.topic_ids()).await;
+    assert!(fx.s3.keys("_staging/").await.is_empty());
+    let (ok, out, err) = query(
+        &fx.env(),
+        &[
+            "--format",
+            "csv",
+            "SELECT count(*) AS all_tickets, count(date) AS with_hour FROM tickets",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert_eq!(out, "all_tickets,with_hour\n30,10\n");
+}

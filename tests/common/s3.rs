@@ -175,6 +175,18 @@ impl S3 {
         keys
     }
 
+    /// Writes an object (to set up a bucket as an earlier version left it).
+    pub async fn put(&self, key: &str, body: Vec<u8>) {
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .body(body.into())
+            .send()
+            .await
+            .expect("put");
+    }
+
     /// The object's bytes, or `None` if it does not exist. s3s-fs keeps an object's checksum
     /// beside it, so a read racing an overwrite can fail its checksum: such reads are retried.
     pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
