@@ -68,7 +68,12 @@ pub async fn report(args: &ReportArgs, shutdown: CancellationToken) -> anyhow::R
 }
 
 async fn write_once(lake: &Opened, args: &ReportArgs) -> anyhow::Result<String> {
-    let data = gather(lake).await?;
+    // A process-file directory always has dead_letters/, empty when none were found.
+    let counted_dir = args
+        .dir
+        .as_ref()
+        .is_some_and(|d| d.join("dead_letters").is_dir());
+    let data = gather(lake, counted_dir).await?;
     let page = render(&data);
     match &args.output {
         Some(path) => {
@@ -87,8 +92,9 @@ async fn write_once(lake: &Opened, args: &ReportArgs) -> anyhow::Result<String> 
     }
 }
 
-/// The figures of the page, from the lake's SQL tables and its checkpoints.
-pub async fn gather(lake: &Opened) -> anyhow::Result<ReportData> {
+/// The figures of the page, from the lake's SQL tables and its checkpoints
+/// (`dead_letters_dir`: the lake has a `dead_letters/` directory, so none there means 0).
+pub async fn gather(lake: &Opened, dead_letters_dir: bool) -> anyhow::Result<ReportData> {
     let per_hour = run_sql(
         &lake.ctx,
         "SELECT CAST(date AS VARCHAR), CAST(hour AS BIGINT), request_type, count(*) \
@@ -106,7 +112,7 @@ pub async fn gather(lake: &Opened) -> anyhow::Result<ReportData> {
         generated_at: chrono::Utc::now()
             .format("%Y-%m-%d %H:%M:%S UTC")
             .to_string(),
-        dead_letters: dead_letters(lake).await?,
+        dead_letters: dead_letters(lake).await?.or(dead_letters_dir.then_some(0)),
         per_hour: Vec::new(),
         load: Vec::new(),
     };
