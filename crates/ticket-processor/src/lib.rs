@@ -1,5 +1,5 @@
 //! `ticket-processor`: consumes tickets, adds `support_team`, aggregates with DataFusion and
-//! writes JSON Lines to S3 exactly once.
+//! writes JSON Lines or Parquet to S3 exactly once; and reads the results back (`query`, `report`).
 //!
 //! - [`stream`]: the Kafka consumer loop (continuous, or `--drain`), with its parts:
 //!   partition state, writers, dead letters, drain, counts;
@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 #[command(
     name = "ticket-processor",
     version,
-    about = "Consume support tickets, route them to teams, aggregate with DataFusion, write JSON Lines to S3 exactly once.",
+    about = "Consume support tickets, route them to teams, aggregate with DataFusion, write JSON Lines or Parquet to S3 exactly once; query and report on the results.",
     args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
