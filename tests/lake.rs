@@ -345,6 +345,31 @@ async fn parquet_holds_what_jsonl_holds_and_query_reads_both_the_bucket_and_a_di
     .await;
     assert!(ok, "{err}");
     assert_eq!(out, expected_csv, "query over a process-file directory");
+
+    // query only reads: no COPY (or DDL) into the lake.
+    let copy = format!("COPY (SELECT * FROM tickets) TO '{out_dir}/tickets_with_team/dup.csv'");
+    let (ok, _, err) = query(&Env::default(), &["--dir", out_dir, copy.as_str()]).await;
+    assert!(!ok && err.contains("COPY"), "{err}");
+    assert!(
+        !Path::new(out_dir)
+            .join("tickets_with_team/dup.csv")
+            .exists()
+    );
+
+    // The report of that directory: its dead letter counted, its tickets without an hour
+    // explained rather than flagged.
+    run_ok(
+        "ticket-processor",
+        &Env::default(),
+        &["report", "--dir", out_dir],
+    )
+    .await;
+    let page = std::fs::read_to_string(Path::new(out_dir).join("reports/index.html"))
+        .expect("reports/index.html in the directory");
+    assert!(page.contains(r#"data-total="tickets" data-value="500""#));
+    assert!(page.contains(r#"data-total="dead_letters" data-value="1""#));
+    assert!(page.contains(r#"data-undated="500""#));
+    assert!(!page.contains("did not see the same tickets"));
 }
 
 /// The attributes of every `<tag …>` that has `attr`, from HTML as Chromium serialises it.

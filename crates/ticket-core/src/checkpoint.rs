@@ -23,15 +23,24 @@ pub struct Checkpoint {
     /// written yet (one per hour the batch's tickets fall in): whoever loads this checkpoint
     /// finishes each by copying `staging_key` to `final_key`.
     ///
-    /// Written as a list, and left out when empty. Checkpoints of earlier versions, with one
-    /// object or `null`, read as a list of one or none; an earlier version reading a
-    /// checkpoint with a list fails loudly rather than skip it.
+    /// Written as the earlier versions wrote it while it is one object (nearly always), so
+    /// that they can still read it (a rollback, a rolling upgrade); as a list only for a batch
+    /// that spans hours, which an earlier version then refuses loudly rather than skip it.
+    /// Left out when empty; `null`, one object or a list all read back.
     #[serde(
         default,
         deserialize_with = "one_or_many",
+        serialize_with = "one_or_list",
         skip_serializing_if = "Vec::is_empty"
     )]
     pub pending: Vec<Pending>,
+}
+
+fn one_or_list<S: serde::Serializer>(pending: &[Pending], s: S) -> Result<S::Ok, S::Error> {
+    match pending {
+        [one] => one.serialize(s),
+        many => many.serialize(s),
+    }
 }
 
 fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Pending>, D::Error> {
@@ -106,6 +115,11 @@ mod tests {
                 final_key: "f1".into(),
             },
         ];
+        assert_eq!(Checkpoint::from_json(&cp.to_json()).expect("json"), cp);
+        // One pending object is written in the earlier versions' form.
+        cp.pending.truncate(1);
+        let v: serde_json::Value = serde_json::from_slice(&cp.to_json()).expect("json");
+        assert_eq!(v["pending"]["final_key"], "f0");
         assert_eq!(Checkpoint::from_json(&cp.to_json()).expect("json"), cp);
     }
 }

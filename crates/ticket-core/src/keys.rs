@@ -33,6 +33,12 @@ impl Hour {
         }
     }
 
+    /// The hour of a Kafka timestamp if it is a date at all (a producer sending nanoseconds
+    /// or garbage gives years past 262,000): `None` then, for the caller's fallback.
+    pub fn of_timestamp(ms: i64) -> Option<Hour> {
+        DateTime::from_timestamp_millis(ms).map(|t| Hour::of(&t))
+    }
+
     /// The hour of an instant, in UTC whatever its offset.
     pub fn of<Tz: chrono::TimeZone>(t: &DateTime<Tz>) -> Hour {
         Hour::from_millis(t.timestamp_millis())
@@ -40,8 +46,9 @@ impl Hour {
 
     /// The start of the hour, in UTC.
     pub fn start(self) -> DateTime<chrono::Utc> {
-        // Any i64 of milliseconds divided into hours is back in chrono's range.
-        DateTime::from_timestamp(self.since_epoch * 3600, 0).unwrap_or_default()
+        // In range for every hour made by `of` or `of_timestamp` (`from_millis` of a value out
+        // of chrono's range reads as the epoch).
+        DateTime::from_timestamp(self.since_epoch.saturating_mul(3600), 0).unwrap_or_default()
     }
 
     /// `date=YYYY-MM-DD/hour=HH`, the Hive-style path segments.
@@ -206,5 +213,13 @@ mod tests {
         // Before the epoch, hours still start on the hour.
         assert_eq!(Hour::from_millis(-1).path(), "date=1969-12-31/hour=23");
         assert!(Hour::from_millis(3_600_000) > Hour::from_millis(3_599_999));
+        // Nanoseconds sent as milliseconds: not a date.
+        assert_eq!(Hour::of_timestamp(1_795_942_799_500_000_000), None);
+        assert_eq!(
+            Hour::of_timestamp(1_795_942_799_500)
+                .map(Hour::path)
+                .as_deref(),
+            Some("date=2026-11-29/hour=08")
+        );
     }
 }

@@ -62,6 +62,9 @@ pub struct ReportData {
     pub dead_letters: Option<u64>,
     pub per_hour: Vec<HourTypeCount>,
     pub load: Vec<TeamPriorityCount>,
+    /// Tickets in `load` that have no hour (objects written before time partitions, or a
+    /// `process-file` directory): counted in the totals, not in `per_hour`.
+    pub undated: u64,
 }
 
 /// The page for `data`: a complete HTML document that needs nothing else to display.
@@ -72,7 +75,8 @@ pub fn render(data: &ReportData) -> String {
         empty_state()
     } else {
         [
-            consistency_note(per_hour.total(), load.total()),
+            consistency_note(per_hour.total() + data.undated, load.total()),
+            undated_note(data.undated),
             per_hour_section(&per_hour),
             load_section(&load),
         ]
@@ -357,6 +361,18 @@ fn empty_state() -> String {
     r#"<section class="card empty"><h2>No tickets yet</h2><p>The lake holds no valid tickets at this source. Once the processor has written a batch, the next report shows them per hour and per team.</p></section>
 "#
     .to_owned()
+}
+
+/// Why some tickets are in the totals but not in the hours.
+fn undated_note(undated: u64) -> String {
+    if undated == 0 {
+        return String::new();
+    }
+    format!(
+        r#"<p class="note" role="note" data-undated="{undated}">{} tickets have no hour (written before time partitions, or by process-file): they are in the totals and the load per team, not in the tickets per hour.</p>
+"#,
+        thousands(undated)
+    )
 }
 
 /// A visible note when the two groupings disagree on the number of tickets.
@@ -826,7 +842,21 @@ mod tests {
                 load("Billing Team", "low", 203),
                 load(r#"<b>&"x"</b>"#, "urgent", 9),
             ],
+            undated: 0,
         }
+    }
+
+    #[test]
+    fn tickets_without_an_hour_are_explained_not_flagged() {
+        let mut data = sample();
+        let hours: u64 = data.per_hour.iter().map(|h| h.count).sum();
+        data.load.push(load("Billing Team", "medium", 40));
+        data.undated = data.load.iter().map(|l| l.count).sum::<u64>() - hours;
+        let page = render(&data);
+        assert!(page.contains(&format!(r#"data-undated="{}""#, data.undated)));
+        assert!(!page.contains("did not see the same tickets"));
+        data.undated = 0;
+        assert!(render(&data).contains("did not see the same tickets"));
     }
 
     /// The attributes of every `<{tag} ...>` start tag that has `attr`, in page order.

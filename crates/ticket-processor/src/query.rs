@@ -28,7 +28,7 @@ use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
 use datafusion::error::DataFusionError;
-use datafusion::prelude::{JsonReadOptions, SessionContext};
+use datafusion::prelude::{JsonReadOptions, SQLOptions, SessionContext};
 use object_store::aws::{AmazonS3Builder, AwsCredential};
 use object_store::{CredentialProvider, ObjectStore, ObjectStoreExt};
 use tokio::sync::Mutex;
@@ -84,16 +84,40 @@ pub async fn query(args: &QueryArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Plans and runs a query; what DataFusion rejects is a [`BadQuery`].
+/// Plans and runs a read-only query (no DDL, no `COPY` or `INSERT` into the lake); what
+/// DataFusion rejects is a [`BadQuery`], a failure to read the objects is not.
 pub async fn run_sql(ctx: &SessionContext, sql: &str) -> anyhow::Result<Vec<RecordBatch>> {
-    let df = ctx.sql(sql).await.map_err(BadQuery)?;
+    let read_only = SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false);
+    let df = ctx
+        .sql_with_options(sql, read_only)
+        .await
+        .map_err(BadQuery)?;
     match df.collect().await {
         Ok(batches) => Ok(batches),
-        // Reading failed: not the query's fault.
-        Err(e @ DataFusionError::ObjectStore(_)) => {
-            Err(anyhow::Error::from(e).context("reading the results"))
-        }
+        Err(e) if is_read_failure(&e) => Err(anyhow::Error::from(e).context("reading the results")),
         Err(e) => Err(BadQuery(e).into()),
+    }
+}
+
+/// The store, the network or an object's content failed, not the SQL.
+fn is_read_failure(e: &DataFusionError) -> bool {
+    use datafusion::arrow::error::ArrowError;
+    match e.find_root() {
+        DataFusionError::ObjectStore(_)
+        | DataFusionError::ParquetError(_)
+        | DataFusionError::IoError(_)
+        | DataFusionError::External(_) => true,
+        DataFusionError::ArrowError(a, _) => matches!(
+            a.as_ref(),
+            ArrowError::ExternalError(_)
+                | ArrowError::IoError(..)
+                | ArrowError::JsonError(_)
+                | ArrowError::ParquetError(_)
+        ),
+        _ => false,
     }
 }
 
@@ -177,7 +201,14 @@ async fn register_tickets(ctx: &SessionContext, root: &str, lake: &Lake<'_>) -> 
     // process-file writes part files straight under tickets_with_team/.
     let flat = match lake {
         Lake::Dir(d) => std::fs::read_dir(d.join("tickets_with_team"))
-            .map(|entries| entries.flatten().any(|e| e.path().is_file()))
+            .map(|entries| {
+                entries.flatten().any(|e| {
+                    let p = e.path();
+                    p.is_file()
+                        && p.extension()
+                            .is_some_and(|x| x == "jsonl" || x == "parquet")
+                })
+            })
             .unwrap_or(false),
         Lake::Bucket(_) => false,
     };
@@ -243,8 +274,9 @@ async fn register_counts(
     store: &Arc<dyn ObjectStore>,
 ) -> anyhow::Result<()> {
     let url = ListingTableUrl::parse(format!("{root}counts_by_request_type/latest.jsonl"))?;
+    // Empty (no valid ticket yet) reads as absent: nothing to infer the columns from.
     let exists = match store.head(url.prefix()).await {
-        Ok(_) => true,
+        Ok(meta) => meta.size > 0,
         Err(object_store::Error::NotFound { .. }) => false,
         Err(e) => {
             return Err(anyhow::Error::from(e).context(format!(

@@ -11,7 +11,9 @@ use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Int64Type};
 use futures::TryStreamExt;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{
+    Attribute, AttributeValue, Attributes, ObjectStore, ObjectStoreExt, PutOptions, PutPayload,
+};
 use ticket_core::checkpoint::Checkpoint;
 use ticket_core::report::{HourTypeCount, ReportData, TeamPriorityCount, render};
 use tokio_util::sync::CancellationToken;
@@ -47,9 +49,14 @@ pub async fn report(args: &ReportArgs, shutdown: CancellationToken) -> anyhow::R
         Some(dir) => Lake::Dir(dir),
         None => Lake::Bucket(&args.s3),
     };
-    let opened = open(&lake).await?;
     loop {
-        match write_once(&opened, args).await {
+        // A fresh session each time: DataFusion caches directory listings per session, and a
+        // long-lived one would not see the objects written since.
+        let written = match open(&lake).await {
+            Ok(opened) => write_once(&opened, args).await,
+            Err(e) => Err(e),
+        };
+        match written {
             Ok(target) => tracing::info!(%target, "Report written."),
             // Kept alive through an outage when it runs as a service.
             Err(e) if args.every.is_some() => {
@@ -83,8 +90,22 @@ async fn write_once(lake: &Opened, args: &ReportArgs) -> anyhow::Result<String> 
         }
         None => {
             let key = lake.root.clone().join("reports").join("index.html");
+            // Served as a web page (the MinIO console, a presigned URL), not as a download.
+            let html = Attributes::from_iter([(
+                Attribute::ContentType,
+                AttributeValue::from("text/html; charset=utf-8"),
+            )]);
+            let options = PutOptions {
+                // A local directory keeps no content type (its store refuses attributes).
+                attributes: if args.dir.is_some() {
+                    Attributes::new()
+                } else {
+                    html
+                },
+                ..PutOptions::default()
+            };
             lake.store
-                .put(&key, PutPayload::from(page))
+                .put_opts(&key, PutPayload::from(page), options)
                 .await
                 .with_context(|| format!("writing {REPORT_KEY} in {}", lake.url))?;
             Ok(format!("{}{REPORT_KEY}", lake.url))
@@ -106,6 +127,7 @@ pub async fn gather(lake: &Opened, dead_letters_dir: bool) -> anyhow::Result<Rep
         "SELECT support_team, priority, count(*) FROM tickets GROUP BY 1, 2 ORDER BY 1, 2",
     )
     .await?;
+    let undated = run_sql(&lake.ctx, "SELECT count(*) FROM tickets WHERE date IS NULL").await?;
     let mut data = ReportData {
         title: "Support tickets".to_string(),
         source: lake.url.clone(),
@@ -115,6 +137,10 @@ pub async fn gather(lake: &Opened, dead_letters_dir: bool) -> anyhow::Result<Rep
         dead_letters: dead_letters(lake).await?.or(dead_letters_dir.then_some(0)),
         per_hour: Vec::new(),
         load: Vec::new(),
+        undated: undated
+            .first()
+            .and_then(|b| ints(b, 0).ok()?.first().copied())
+            .unwrap_or(0) as u64,
     };
     for b in &per_hour {
         let (dates, hours, types, counts) = (text(b, 0)?, ints(b, 1)?, text(b, 2)?, ints(b, 3)?);

@@ -339,6 +339,8 @@ impl ObjectStore for Store {
 fn content_type(key: &str) -> &'static str {
     if key.ends_with(".json") {
         "application/json"
+    } else if key.ends_with(".parquet") {
+        "application/vnd.apache.parquet"
     } else {
         "application/x-ndjson"
     }

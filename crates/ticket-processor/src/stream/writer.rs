@@ -243,11 +243,12 @@ async fn write_batch(
                 continue;
             }
         };
-        // A message without a timestamp (a producer older than Kafka 0.10) goes by the
-        // ticket's own time.
+        // A message without a timestamp (a producer older than Kafka 0.10), or with one that
+        // is not a date, goes by the ticket's own time.
         let hour = m
             .timestamp
-            .map_or_else(|| Hour::of(&ticket.created_at()), Hour::from_millis);
+            .and_then(Hour::of_timestamp)
+            .unwrap_or_else(|| Hour::of(&ticket.created_at()));
         let part = hours.entry(hour).or_insert_with(|| HourPart {
             first: m.offset,
             last: m.offset,
