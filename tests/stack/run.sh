@@ -546,6 +546,8 @@ scenario() {
   wait_for 300 "catch-up: $total tickets in S3" s3_has "$total"
   assert_exactly_once "$total" "[$NB_TICKETS, 20000]"
   result "catch-up: all $total tickets exactly once, right teams, counts match ($(json 'objects' <<<"$S3_LAST") objects)"
+  wait_for 120 "reports/index.html showing $total tickets" report_shows "$total"
+  result "report: the page followed the new tickets ($total on it)"
 
   log "scenario: docker compose stop"
   local procs; procs=$(ids ticket-processor)
