@@ -330,12 +330,7 @@ impl PartitionSink {
         self.checkpoint = next;
         failpoint("after-checkpoint").await;
 
-        futures::future::try_join_all(staged.iter().map(|p| {
-            retry.run("copy tickets object", || {
-                store.copy(&p.staging_key, &p.final_key)
-            })
-        }))
-        .await?;
+        futures::future::try_join_all(staged.iter().map(|p| copy_pending(store, p, retry))).await?;
         if !staged.is_empty() {
             failpoint("after-final").await;
         }
@@ -395,6 +390,31 @@ async fn failpoint(point: &str) {
 #[cfg(not(debug_assertions))]
 async fn failpoint(_point: &str) {}
 
+/// Copies a pending object to its final key. Another owner finishing the same checkpoint
+/// (a rebalance) may have copied it and deleted the staging object in between: then the copy
+/// fails, the final object is there, and that is success, not a reason to stop.
+async fn copy_pending(store: &SharedStore, p: &Pending, retry: &Retrier) -> Result<(), SinkError> {
+    let copied = retry
+        .run("copy tickets object", || {
+            store.copy(&p.staging_key, &p.final_key)
+        })
+        .await;
+    match copied {
+        Err(SinkError::Fatal(e)) => {
+            if retry
+                .run("check tickets object", || store.exists(&p.final_key))
+                .await?
+            {
+                tracing::info!(key = %p.final_key, "Another owner finished this object first.");
+                Ok(())
+            } else {
+                Err(SinkError::Fatal(e))
+            }
+        }
+        other => other,
+    }
+}
+
 /// Completes a batch whose checkpoint is durable: the final object gets the staged bytes.
 async fn finish_pending(
     store: &SharedStore,
@@ -419,11 +439,7 @@ async fn finish_pending(
             )));
         }
         tracing::info!(key = %p.final_key, "Finishing a batch a previous run left pending.");
-        retry
-            .run("copy tickets object", || {
-                store.copy(&p.staging_key, &p.final_key)
-            })
-            .await?;
+        copy_pending(store, p, retry).await?;
     }
     retry
         .run("delete staging object", || store.delete(&p.staging_key))
@@ -721,6 +737,33 @@ mod tests {
             msg.contains("403") && msg.contains("grant"),
             "message: {msg}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_copy_whose_staging_object_another_owner_already_moved_is_done() {
+        let (mem, store) = new_store();
+        let p = Pending {
+            staging_key: "_staging/t/a".into(),
+            final_key: "tickets_with_team/t/a.jsonl".into(),
+        };
+        // The other owner copied and deleted the staging object: done, not an error.
+        store
+            .put(&p.final_key, Bytes::from_static(b"1\n"), Expect::Any)
+            .await
+            .expect("put");
+        copy_pending(&store, &p, &patient())
+            .await
+            .expect("the final object is there");
+        // Neither object: a real error, with what is missing.
+        mem.inject(None);
+        let q = Pending {
+            final_key: "tickets_with_team/t/b.jsonl".into(),
+            ..p
+        };
+        assert!(matches!(
+            copy_pending(&store, &q, &patient()).await,
+            Err(SinkError::Fatal(_))
+        ));
     }
 
     #[tokio::test]
