@@ -399,6 +399,18 @@ fn tags_with(html: &str, tag: &str, attr: &str) -> Vec<BTreeMap<String, String>>
     found
 }
 
+/// The `data-count` cells of the table whose rows are `row` and columns `col`, by (row, col).
+fn count_cells(dom: &str, row: &str, col: &str) -> BTreeMap<(String, String), u64> {
+    tags_with(dom, "td", "data-count")
+        .iter()
+        .filter(|a| a.contains_key(row))
+        .map(|a| {
+            let n = a["data-count"].parse::<u64>().expect("count");
+            ((a[row].clone(), a[col].clone()), n)
+        })
+        .collect()
+}
+
 /// The page as headless Chromium renders it (its DOM after layout), and a screenshot when
 /// `REPORT_SCREENSHOT` names a file (how docs/report.png is made).
 async fn render_in_chromium(page: &Path) -> String {
@@ -499,27 +511,8 @@ async fn the_report_in_the_bucket_shows_the_lakes_numbers_when_rendered_by_chrom
     std::fs::write(&page, &html).expect("write");
     let dom = render_in_chromium(&page).await;
 
-    let count = |a: &BTreeMap<String, String>| a["data-count"].parse::<u64>().expect("count");
-    let shown_hours: BTreeMap<(String, String), u64> = tags_with(&dom, "td", "data-count")
-        .iter()
-        .filter(|a| a.contains_key("data-hour"))
-        .map(|a| {
-            (
-                (a["data-hour"].clone(), a["data-request-type"].clone()),
-                count(a),
-            )
-        })
-        .collect();
-    let shown_load: BTreeMap<(String, String), u64> = tags_with(&dom, "td", "data-count")
-        .iter()
-        .filter(|a| a.contains_key("data-team"))
-        .map(|a| {
-            (
-                (a["data-team"].clone(), a["data-priority"].clone()),
-                count(a),
-            )
-        })
-        .collect();
+    let shown_hours = count_cells(&dom, "data-hour", "data-request-type");
+    let shown_load = count_cells(&dom, "data-team", "data-priority");
     assert_eq!(shown_hours, per_hour, "tickets per hour by type");
     assert_eq!(shown_load, load, "load per team and priority");
     let totals: BTreeMap<String, String> = tags_with(&dom, "div", "data-total")
