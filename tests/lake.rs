@@ -316,7 +316,8 @@ async fn parquet_holds_what_jsonl_holds_and_query_reads_both_the_bucket_and_a_di
     let file = dir.path().join("tickets.jsonl");
     let text: String = input.iter().map(|(_, j)| format!("{j}\n")).collect();
     std::fs::write(&file, text + "not a ticket\n").expect("write");
-    let out_dir = dir.path().join("out");
+    // A name that must be percent-encoded in a URL (and would decode to "A" if it were not).
+    let out_dir = dir.path().join("process-file out %41");
     let out_dir = out_dir.to_str().expect("utf8 path");
     run_ok(
         "ticket-processor",
