@@ -241,7 +241,7 @@ def lake(tickets):
             duck.append(d["seconds"])
         o, dd = statistics.median(ours), statistics.median(duck)
         row(f"query GROUP BY over {N:,} tickets, {'JSON Lines' if fmt == 'jsonl' else 'Parquet'} (median of {RUNS})",
-            f"{o:.2f} s, {r:.0f} MiB", f"{dd:.2f} s (DuckDB {duckdb_version()}, same files)", f"{o / dd:.2f}x DuckDB's time",
+            f"{o:.3f} s, {r:.0f} MiB", f"{dd:.3f} s (DuckDB {duckdb_version()}, same files)", f"{o / dd:.2f}x DuckDB's time",
             "ours: the whole process; DuckDB: connect and query inside Python")
 
 

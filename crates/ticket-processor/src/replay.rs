@@ -63,9 +63,7 @@ pub async fn replay_dlq(args: ReplayArgs) -> anyhow::Result<ReplayReport> {
     };
     let replay_group = format!("{}-dlq-replay", args.group);
     let mut config = args.kafka.client_config();
-    if config.get("session.timeout.ms").is_none() {
-        config.set("session.timeout.ms", "10000");
-    }
+    crate::stream::with_consumer_defaults(&mut config);
     let consumer: StreamConsumer = config
         .set("group.id", &replay_group)
         .set("enable.auto.commit", "false")

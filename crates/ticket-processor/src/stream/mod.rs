@@ -29,9 +29,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::message::Message;
-use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::{ClientConfig, ClientContext, Offset, Statistics, TopicPartitionList};
 use ticket_core::Routing;
 use ticket_core::batch::BatchPolicy;
 use ticket_core::keys::Layout;
@@ -58,9 +60,37 @@ pub const TICK: Duration = Duration::from_millis(200);
 /// How long a seek to a checkpoint's offset may block the loop.
 pub const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Messages taken from the consumer's queue in one turn of the loop, when they are there
+/// already (the loop's other work, timers and reports, waits for at most this many).
+pub const BURST: usize = 256;
+
 /// After SIGTERM/SIGINT, how much longer than `SHUTDOWN_TIMEOUT_SECS` the process may take
 /// (closing the Kafka clients) before it exits regardless.
 pub const EXIT_GRACE: Duration = Duration::from_secs(5);
+
+/// librdkafka consumer properties the processors set unless `KAFKA_OPTIONS` does (README,
+/// "Running it"), each with why.
+pub const CONSUMER_DEFAULTS: [(&str, &str); 3] = [
+    // Failover within seconds rather than librdkafka's 45 s.
+    ("session.timeout.ms", "10000"),
+    // A fetch with nothing new returns after this long (librdkafka's default is 500 ms, and a
+    // broker that does not answer early makes every message that late): part of the latency.
+    ("fetch.wait.max.ms", "100"),
+    // When the writers hold the consumer back (two batches per partition), librdkafka's local
+    // queue fills and it pauses fetching for this long, 1 s by default: the consumer then
+    // emptied the queue and sat idle for most of that second, about half of a 1M-ticket drain
+    // (BENCHMARKS.md).
+    ("fetch.queue.backoff.ms", "20"),
+];
+
+/// Adds [`CONSUMER_DEFAULTS`] to `config` where it has no value of its own.
+pub fn with_consumer_defaults(config: &mut ClientConfig) {
+    for (key, value) in CONSUMER_DEFAULTS {
+        if config.get(key).is_none() {
+            config.set(key, value);
+        }
+    }
+}
 
 /// Everything the streaming processor needs, already validated.
 pub struct Settings {
@@ -159,7 +189,8 @@ enum Slot {
 
 struct Processor {
     settings: Settings,
-    consumer: Kafka,
+    /// Shared with the loop's message stream (one for the whole run, not one per message).
+    consumer: Arc<Kafka>,
     writers: Arc<WriterContext>,
     /// `None` once finished.
     counts: Option<CountsPublisher>,
@@ -210,22 +241,7 @@ pub async fn run(
         metrics: metrics.clone(),
     };
     let mut config = settings.kafka.client_config();
-    // Failover within seconds rather than librdkafka's 45 s; KAFKA_OPTIONS may override.
-    if config.get("session.timeout.ms").is_none() {
-        config.set("session.timeout.ms", "10000");
-    }
-    // A fetch with nothing new returns after this long (librdkafka's default is 500 ms, and a
-    // broker that does not answer early makes every message that late): part of the latency.
-    if config.get("fetch.wait.max.ms").is_none() {
-        config.set("fetch.wait.max.ms", "100");
-    }
-    // When the writers hold the consumer back (two batches per partition), librdkafka's local
-    // queue fills and it pauses fetching for `fetch.queue.backoff.ms`, 1 s by default: the
-    // consumer then emptied the queue and sat idle for most of that second, about half of a
-    // 1M-ticket drain (BENCHMARKS.md). Fetching resumes within 20 ms instead.
-    if config.get("fetch.queue.backoff.ms").is_none() {
-        config.set("fetch.queue.backoff.ms", "20");
-    }
+    with_consumer_defaults(&mut config);
     let consumer: Kafka = config
         .set("group.id", &settings.group)
         .set("enable.auto.commit", "false")
@@ -268,7 +284,7 @@ pub async fn run(
         events_tx.clone(),
     );
     let mut p = Processor {
-        consumer,
+        consumer: Arc::new(consumer),
         writers,
         counts: Some(counts),
         metrics,
@@ -357,6 +373,8 @@ impl Processor {
         // a new timer per message).
         let mut deadline_timer = std::pin::pin!(tokio::time::sleep(TICK));
         let mut armed: Option<Instant> = None;
+        let consumer = self.consumer.clone();
+        let mut messages = consumer.stream();
         loop {
             if self.drain.as_ref().is_some_and(Drain::finished) {
                 tracing::info!("Reached the end of the topic as of start.");
@@ -382,36 +400,56 @@ impl Processor {
                 _ = &mut deadline_timer, if due.is_some() => {
                     self.hand_over_due(Instant::now());
                 }
-                m = self.consumer.recv(), if self.held.is_none() => match m {
-                    Ok(m) => {
-                        let (partition, offset) = (m.partition(), m.offset());
-                        let now = Instant::now();
-                        if let Some(d) = &mut self.drain {
-                            d.message(partition, now);
+                m = messages.next(), if self.held.is_none() => {
+                    self.on_message(m.expect("Kafka message streams never end"))?;
+                    // Then what is already fetched, without a turn of this loop for each:
+                    // until the queue is empty, a batch waits for its writer or the drain
+                    // ends, BURST at most (a stop request waits for no more than that).
+                    for _ in 1..BURST {
+                        if self.held.is_some() || self.drain.as_ref().is_some_and(Drain::finished) {
+                            break;
                         }
-                        let message = (offset, m.timestamp().to_millis(), m.key(), m.payload());
-                        let known = accept(&mut self.slots, partition, message, now, &self.metrics);
-                        drop(m);
-                        // A revocation seen inside recv() comes first.
-                        while let Ok(event) = self.events.try_recv() {
-                            self.on_event(event)?;
-                        }
-                        if !known {
-                            self.load(partition);
-                        } else {
-                            self.hand_over(partition, now, true);
+                        match messages.next().now_or_never() {
+                            Some(m) => self.on_message(m.expect("Kafka message streams never end"))?,
+                            None => break,
                         }
                     }
-                    Err(rdkafka::error::KafkaError::PartitionEOF(p)) => {
-                        let position = self.position(p);
-                        if let Some(d) = &mut self.drain {
-                            d.end_of_partition(p, position);
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "Kafka error (librdkafka retries by itself)."),
-                },
+                }
             }
         }
+    }
+
+    /// One message (or error) from the consumer.
+    fn on_message(&mut self, m: KafkaResult<BorrowedMessage<'_>>) -> anyhow::Result<()> {
+        match m {
+            Ok(m) => {
+                let (partition, offset) = (m.partition(), m.offset());
+                let now = Instant::now();
+                if let Some(d) = &mut self.drain {
+                    d.message(partition, now);
+                }
+                let message = (offset, m.timestamp().to_millis(), m.key(), m.payload());
+                let known = accept(&mut self.slots, partition, message, now, &self.metrics);
+                drop(m);
+                // A revocation seen inside recv() comes first.
+                while let Ok(event) = self.events.try_recv() {
+                    self.on_event(event)?;
+                }
+                if !known {
+                    self.load(partition);
+                } else {
+                    self.hand_over(partition, now, true);
+                }
+            }
+            Err(rdkafka::error::KafkaError::PartitionEOF(p)) => {
+                let position = self.position(p);
+                if let Some(d) = &mut self.drain {
+                    d.end_of_partition(p, position);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "Kafka error (librdkafka retries by itself)."),
+        }
+        Ok(())
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -803,5 +841,20 @@ fn accept(
             }
             true
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consumer_defaults_fill_gaps_and_keep_what_kafka_options_set() {
+        let mut config = ClientConfig::new();
+        config.set("fetch.queue.backoff.ms", "1000");
+        with_consumer_defaults(&mut config);
+        assert_eq!(config.get("fetch.queue.backoff.ms"), Some("1000"));
+        assert_eq!(config.get("session.timeout.ms"), Some("10000"));
+        assert_eq!(config.get("fetch.wait.max.ms"), Some("100"));
     }
 }

@@ -35,6 +35,13 @@ pub const MAX_IN_FLIGHT: usize = 2;
 /// What a batch under construction holds; its size counts towards `BATCH_MAX_BYTES`.
 pub trait Buffer: Default {
     fn bytes(&self) -> usize;
+
+    /// An empty buffer with room for a batch of `records` messages and `bytes` bytes (the
+    /// size of the partition's previous batch), so that it does not grow step by step.
+    fn with_room_for(records: usize, bytes: usize) -> Self {
+        let _ = (records, bytes);
+        Self::default()
+    }
 }
 
 /// A batch being built: the offsets it covers (valid or not) and when it started.
@@ -80,6 +87,8 @@ pub struct Partition<B> {
     open: Option<Open<B>>,
     /// Sealed batches handed to the writer, oldest first: `(first, last)`.
     in_flight: VecDeque<(i64, i64)>,
+    /// Records and bytes of the last batch sealed: the room the next one starts with.
+    last_size: (usize, usize),
 }
 
 impl<B: Buffer> Partition<B> {
@@ -90,6 +99,7 @@ impl<B: Buffer> Partition<B> {
             expected: next_offset,
             open: None,
             in_flight: VecDeque::new(),
+            last_size: (0, 0),
         }
     }
 
@@ -122,7 +132,7 @@ impl<B: Buffer> Partition<B> {
             first: offset,
             last: offset,
             started: now,
-            buf: B::default(),
+            buf: B::with_room_for(self.last_size.0, self.last_size.1),
         });
         open.last = offset;
         Some(&mut open.buf)
@@ -154,6 +164,7 @@ impl<B: Buffer> Partition<B> {
             return None;
         }
         let open = self.open.take()?;
+        self.last_size = (open.records(), open.buf.bytes());
         self.in_flight.push_back((open.first, open.last));
         Some(open)
     }
@@ -185,13 +196,17 @@ mod tests {
 
     use super::*;
 
-    /// A buffer that is just the offsets it holds.
+    /// A buffer that is just the offsets it holds (and the room it was made with).
     #[derive(Default, Debug)]
-    struct Offsets(Vec<i64>);
+    struct Offsets(Vec<i64>, (usize, usize));
 
     impl Buffer for Offsets {
         fn bytes(&self) -> usize {
             self.0.len() * 100
+        }
+
+        fn with_room_for(records: usize, bytes: usize) -> Self {
+            Offsets(Vec::with_capacity(records), (records, bytes))
         }
     }
 
@@ -238,6 +253,20 @@ mod tests {
         assert_eq!(p.seal().map(|o| (o.first, o.last)), Some((16, 18)));
         assert_eq!(p.written(1, 16, 18), Written::Commit(19));
         assert!(p.is_settled());
+    }
+
+    #[test]
+    fn a_batch_starts_with_room_for_the_previous_one_and_a_rewind_forgets_it() {
+        let now = Instant::now();
+        let mut p = Partition::<Offsets>::new(1, 0);
+        feed(&mut p, 0..=1, now);
+        assert_eq!(p.seal().map(|o| o.buf.1), Some((0, 0)));
+        feed(&mut p, 2..=4, now);
+        assert_eq!(p.seal().map(|o| o.buf.1), Some((2, 200)));
+        feed(&mut p, 5..=5, now);
+        p.rewind(2, 5);
+        feed(&mut p, 5..=5, now);
+        assert_eq!(p.seal().map(|o| o.buf.1), Some((0, 0)));
     }
 
     #[test]

@@ -86,6 +86,13 @@ impl Buffer for RawBatch {
     fn bytes(&self) -> usize {
         self.data.len()
     }
+
+    fn with_room_for(records: usize, bytes: usize) -> Self {
+        RawBatch {
+            data: Vec::with_capacity(bytes),
+            messages: Vec::with_capacity(records),
+        }
+    }
 }
 
 /// What every writer shares.
