@@ -270,8 +270,8 @@ async fn register_tickets(ctx: &SessionContext, root: &str, lake: &Lake<'_>) -> 
 
 /// The ticket columns as `query` reads them: [`ticket_schema`] with its strings as views.
 /// Parquet's dictionary pages then decode without copying every string, and DataFusion
-/// groups and compares strings of up to 12 bytes (request types, priorities) inline; about
-/// a third less time for a GROUP BY over Parquet (BENCHMARKS.md).
+/// groups and compares strings of up to 12 bytes (request types, priorities) inline
+/// (BENCHMARKS.md, "The reading side": what it did to a GROUP BY over Parquet).
 fn read_schema() -> SchemaRef {
     let schema = ticket_schema(true);
     let fields: Vec<Field> = schema
