@@ -69,7 +69,7 @@ pub const BURST: usize = 256;
 pub const EXIT_GRACE: Duration = Duration::from_secs(5);
 
 /// librdkafka consumer properties the processors set unless `KAFKA_OPTIONS` does (README,
-/// "Running it"), each with why.
+/// "Without Docker"), each with why.
 pub const CONSUMER_DEFAULTS: [(&str, &str); 3] = [
     // Failover within seconds rather than librdkafka's 45 s.
     ("session.timeout.ms", "10000"),
