@@ -16,6 +16,15 @@ use ticket_core::generate::Generator;
 const BEFORE_NINE: i64 = 1_795_942_799_500;
 
 /// `n` generated tickets (id, JSON) of a seeded generator.
+/// The tickets with the Kafka timestamp `at(i)` for the i-th, for `publish_at`.
+fn stamped(input: &[(String, String)], at: impl Fn(i64) -> i64) -> Vec<(String, String, i64)> {
+    input
+        .iter()
+        .enumerate()
+        .map(|(i, (id, json))| (id.clone(), json.clone(), at(i as i64)))
+        .collect()
+}
+
 fn tickets(n: usize, seed: u64) -> Vec<(String, String)> {
     let now = chrono::DateTime::from_timestamp_millis(BEFORE_NINE).expect("time");
     let mut g = Generator::new(rand::rngs::StdRng::seed_from_u64(seed), now, "lake");
@@ -194,11 +203,7 @@ async fn parquet_holds_what_jsonl_holds_and_query_reads_both_the_bucket_and_a_di
     let fx = Fixture::start().await;
     fx.create_topic(2).await;
     let input = tickets(500, 3);
-    let ts: Vec<(String, String, i64)> = input
-        .iter()
-        .enumerate()
-        .map(|(i, (id, json))| (id.clone(), json.clone(), BEFORE_NINE + 500 + 10 * i as i64))
-        .collect();
+    let ts = stamped(&input, |i| BEFORE_NINE + 500 + 10 * i);
     fx.broker.publish_at(&fx.topic, &ts).await;
     let env = |prefix: &str, format: &str| {
         fx.env()
@@ -530,11 +535,7 @@ async fn a_bucket_of_the_earlier_layout_keeps_working_and_query_reads_both() {
     let fx = Fixture::start().await;
     fx.create_topic(1).await;
     let input = tickets(30, 5);
-    let ts: Vec<(String, String, i64)> = input
-        .iter()
-        .enumerate()
-        .map(|(i, (id, json))| (id.clone(), json.clone(), BEFORE_NINE + 500 + i as i64))
-        .collect();
+    let ts = stamped(&input, |i| BEFORE_NINE + 500 + i);
     fx.broker.publish_at(&fx.topic, &ts).await;
 
     // What the previous version left: offsets 0-9 under the old keys, 10-19 committed but

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::Context;
+use clap::ValueEnum;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::datasource::MemTable;
@@ -211,7 +212,7 @@ async fn register_tickets(ctx: &SessionContext, root: &str, lake: &Lake<'_>) -> 
                     let p = e.path();
                     p.is_file()
                         && p.extension().is_some_and(|x| {
-                            [OutputFormat::Jsonl, OutputFormat::Parquet]
+                            OutputFormat::value_variants()
                                 .iter()
                                 .any(|f| x == f.extension())
                         })
@@ -227,7 +228,7 @@ async fn register_tickets(ctx: &SessionContext, root: &str, lake: &Lake<'_>) -> 
     };
     let mut selects = Vec::new();
     for (i, cols) in layouts.iter().enumerate() {
-        for output in [OutputFormat::Jsonl, OutputFormat::Parquet] {
+        for &output in OutputFormat::value_variants() {
             let ext = output.extension();
             let format: Arc<dyn FileFormat> = match output {
                 OutputFormat::Jsonl => Arc::new(JsonFormat::default()),
@@ -271,7 +272,7 @@ async fn register_tickets(ctx: &SessionContext, root: &str, lake: &Lake<'_>) -> 
 /// The ticket columns as `query` reads them: [`ticket_schema`] with its strings as views.
 /// Parquet's dictionary pages then decode without copying every string, and DataFusion
 /// groups and compares strings of up to 12 bytes (request types, priorities) inline
-/// (BENCHMARKS.md, "The reading side": what it did to a GROUP BY over Parquet).
+/// (BENCHMARKS.md, "The fetch stall and view-typed strings": what it did to a GROUP BY).
 fn read_schema() -> SchemaRef {
     let schema = ticket_schema(true);
     let fields: Vec<Field> = schema

@@ -431,7 +431,7 @@ impl Processor {
                 let message = (offset, m.timestamp().to_millis(), m.key(), m.payload());
                 let known = accept(&mut self.slots, partition, message, now, &self.metrics);
                 drop(m);
-                // A revocation seen inside recv() comes first.
+                // A revocation seen while the consumer was polled comes first.
                 while let Ok(event) = self.events.try_recv() {
                     self.on_event(event)?;
                 }
