@@ -110,6 +110,9 @@ impl S3 {
                 let Ok((socket, _)) = listener.accept().await else {
                     continue;
                 };
+                // As real S3 servers do (Go's net package, so MinIO, sets it by default):
+                // without it a small response waits ~40 ms for the client's delayed ACK.
+                let _ = socket.set_nodelay(true);
                 let service = service.clone();
                 tokio::spawn(async move {
                     let builder = hyper_util::server::conn::auto::Builder::new(

@@ -31,6 +31,16 @@ impl Default for Columns {
 }
 
 impl Columns {
+    /// Room for `records` rows of the usual lengths.
+    pub fn with_room_for(records: usize) -> Columns {
+        let column = || StringBuilder::with_capacity(records, records * 16);
+        Columns {
+            request_type: column(),
+            priority: column(),
+            support_team: column(),
+        }
+    }
+
     pub fn push(&mut self, request_type: &str, priority: &str, support_team: &str) {
         self.request_type.append_value(request_type);
         self.priority.append_value(priority);

@@ -23,6 +23,16 @@ impl BatchBuilder {
         }
     }
 
+    /// For about `records` messages of `bytes` bytes in all, so that the output does not
+    /// grow (and get copied) step by step; room never written to costs no memory.
+    pub fn with_room_for(format: OutputFormat, records: usize, bytes: usize) -> BatchBuilder {
+        BatchBuilder {
+            rows: Rows::with_room_for(format, records, bytes),
+            columns: Columns::with_room_for(records),
+            valid: 0,
+        }
+    }
+
     /// Adds one message; an invalid one is left out and its reason returned.
     pub fn push(&mut self, routing: &Routing, bytes: &[u8]) -> Result<(), Invalid> {
         let ticket = decode_ref(bytes)?;

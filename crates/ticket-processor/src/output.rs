@@ -68,6 +68,15 @@ impl Rows {
         }
     }
 
+    /// See [`crate::enrich::BatchBuilder::with_room_for`]. A JSON line is the input plus its
+    /// team (`,"support_team":"…"`) and the time's fixed precision.
+    pub fn with_room_for(format: OutputFormat, records: usize, bytes: usize) -> Rows {
+        match format {
+            OutputFormat::Jsonl => Rows::Jsonl(Vec::with_capacity(bytes + records * 48)),
+            OutputFormat::Parquet => Rows::Parquet(Box::default()),
+        }
+    }
+
     pub fn push(&mut self, ticket: &TicketRef<'_>, team: &str) {
         match self {
             Rows::Jsonl(body) => {

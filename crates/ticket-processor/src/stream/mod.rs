@@ -70,17 +70,20 @@ pub const EXIT_GRACE: Duration = Duration::from_secs(5);
 
 /// librdkafka consumer properties the processors set unless `KAFKA_OPTIONS` does (README,
 /// "Without Docker"), each with why.
-pub const CONSUMER_DEFAULTS: [(&str, &str); 3] = [
+pub const CONSUMER_DEFAULTS: [(&str, &str); 4] = [
     // Failover within seconds rather than librdkafka's 45 s.
     ("session.timeout.ms", "10000"),
     // A fetch with nothing new returns after this long (librdkafka's default is 500 ms, and a
     // broker that does not answer early makes every message that late): part of the latency.
     ("fetch.wait.max.ms", "100"),
-    // When the writers hold the consumer back (two batches per partition), librdkafka's local
-    // queue fills and it pauses fetching for this long, 1 s by default: the consumer then
-    // emptied the queue and sat idle for most of that second, about half of a 1M-ticket drain
-    // (BENCHMARKS.md).
+    // When the writers hold the consumer back (MAX_IN_FLIGHT batches per partition),
+    // librdkafka's local queue fills and it pauses fetching for this long, 1 s by default: the
+    // consumer then emptied the queue and sat idle for most of that second, about half of a
+    // 1M-ticket drain (BENCHMARKS.md).
     ("fetch.queue.backoff.ms", "20"),
+    // Librdkafka's prefetch queue, 64 MB by default: at 16 MB a drain's peak memory is about
+    // 25 MB lower and its speed the same (BENCHMARKS.md); that still holds many fetches.
+    ("queued.max.messages.kbytes", "16384"),
 ];
 
 /// Adds [`CONSUMER_DEFAULTS`] to `config` where it has no value of its own.
@@ -228,12 +231,12 @@ pub async fn run(
             settings.kafka.brokers
         );
     };
+    // Created (if need be) while the consumer starts; awaited before processing begins.
     let kafka = settings.kafka.clone();
     let dlq_topic = settings.dlq_topic.clone();
-    tokio::task::spawn_blocking(move || {
+    let dlq_ready = tokio::task::spawn_blocking(move || {
         futures::executor::block_on(kafka.ensure_topic(&dlq_topic, partitions as i32, 1))
-    })
-    .await??;
+    });
 
     let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
     let context = Ctx {
@@ -329,6 +332,7 @@ pub async fn run(
                 .subscribe(&[&topic])
                 .context("subscribing to the tickets topic")?;
         }
+        dlq_ready.await??;
         anyhow::Ok(())
     };
     let result = match started.await {
@@ -401,7 +405,10 @@ impl Processor {
                     self.hand_over_due(Instant::now());
                 }
                 m = messages.next(), if self.held.is_none() => {
-                    self.on_message(m.expect("Kafka message streams never end"))?;
+                    // One reading of the clock for the burst (a message's arrival only
+                    // matters to the batch age, in milliseconds).
+                    let now = Instant::now();
+                    self.on_message(m.expect("Kafka message streams never end"), now)?;
                     // Then what is already fetched, without a turn of this loop for each:
                     // until the queue is empty, a batch waits for its writer or the drain
                     // ends, BURST at most (a stop request waits for no more than that).
@@ -410,7 +417,7 @@ impl Processor {
                             break;
                         }
                         match messages.next().now_or_never() {
-                            Some(m) => self.on_message(m.expect("Kafka message streams never end"))?,
+                            Some(m) => self.on_message(m.expect("Kafka message streams never end"), now)?,
                             None => break,
                         }
                     }
@@ -420,11 +427,14 @@ impl Processor {
     }
 
     /// One message (or error) from the consumer.
-    fn on_message(&mut self, m: KafkaResult<BorrowedMessage<'_>>) -> anyhow::Result<()> {
+    fn on_message(
+        &mut self,
+        m: KafkaResult<BorrowedMessage<'_>>,
+        now: Instant,
+    ) -> anyhow::Result<()> {
         match m {
             Ok(m) => {
                 let (partition, offset) = (m.partition(), m.offset());
-                let now = Instant::now();
                 if let Some(d) = &mut self.drain {
                     d.message(partition, now);
                 }

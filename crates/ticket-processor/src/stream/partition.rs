@@ -29,7 +29,8 @@ use std::time::Instant;
 use ticket_core::batch::{BatchPolicy, FlushReason};
 
 /// Batches of one partition that may be handed to its writer before the consumer waits: one
-/// being written while the next is queued, so S3 round trips overlap with building.
+/// being committed while the next is encoded, so that S3 round trips, encoding and building
+/// overlap. Each one more costs memory (a batch and its body).
 pub const MAX_IN_FLIGHT: usize = 2;
 
 /// What a batch under construction holds; its size counts towards `BATCH_MAX_BYTES`.
@@ -240,10 +241,10 @@ mod tests {
         );
         feed(&mut p, 13..=15, now);
         let b = p.seal().expect("second batch");
-        assert_eq!(p.phase(), Phase::InFlight(2));
+        assert_eq!(p.phase(), Phase::InFlight(MAX_IN_FLIGHT));
         // A third batch waits for the writer: the consumer is held back, nothing is lost.
         feed(&mut p, 16..=18, now);
-        assert_eq!(p.phase(), Phase::BuildingWhileInFlight(2));
+        assert_eq!(p.phase(), Phase::BuildingWhileInFlight(MAX_IN_FLIGHT));
         assert!(p.seal().is_none());
         // Reports commit in order; one out of order is not this partition's to commit.
         assert_eq!(p.written(1, b.first, b.last), Written::Stale);

@@ -130,11 +130,24 @@ pub enum Failure {
     Aborted,
 }
 
-/// The handle the consumer's loop keeps for a partition's writer task.
+/// The handle the consumer's loop keeps for a partition's writer: two tasks in a pipeline,
+/// so that one batch is decoded and encoded (CPU) while the one before it is committed to S3
+/// (round trips). Librdkafka hands over long runs of one partition's messages, so without the
+/// overlap that partition's writer alone set the pace, one step after the other.
 pub struct Writer {
     jobs: UnboundedSender<Open<RawBatch>>,
     cancel: CancellationToken,
     task: JoinHandle<()>,
+}
+
+/// A batch between the two stages: ready to commit, or what went wrong encoding it.
+struct Encoded {
+    first: i64,
+    last: i64,
+    started: Instant,
+    valid: u64,
+    dead: u64,
+    batch: Result<Batch, Failure>,
 }
 
 impl Writer {
@@ -145,9 +158,13 @@ impl Writer {
         mut sink: PartitionSink,
     ) -> Writer {
         let (jobs, mut rx) = tokio::sync::mpsc::unbounded_channel::<Open<RawBatch>>();
+        // One encoded batch waits while the one before it is committed.
+        let (encoded_tx, mut encoded) = tokio::sync::mpsc::channel::<Encoded>(1);
         let cancel = CancellationToken::new();
         let stop = cancel.clone();
-        let task = tokio::spawn(async move {
+        let encoder_ctx = ctx.clone();
+        tokio::spawn(async move {
+            let ctx = encoder_ctx;
             loop {
                 let job = tokio::select! {
                     biased;
@@ -155,30 +172,54 @@ impl Writer {
                     job = rx.recv() => match job { Some(j) => j, None => break },
                 };
                 let (first, last, started) = (job.first, job.last, job.started);
-                let write = write_batch(&ctx, &mut sink, job);
+                let work = encode(&ctx, partition, job);
                 // A panic must still report, or the partition would wait for this batch forever.
-                let (valid, dead, outcome) =
-                    futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(write))
+                let (valid, dead, batch) =
+                    futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(work))
                         .await
-                        .unwrap_or_else(|_| {
-                            (
-                                0,
-                                0,
-                                Err(Failure::Fatal(anyhow::anyhow!(
-                                    "writing the batch of partition {partition} from offset {first} panicked"
-                                ))),
-                            )
-                        });
+                        .unwrap_or_else(|_| (0, 0, Err(panicked(partition, first))));
+                let failed = batch.is_err();
+                let e = Encoded {
+                    first,
+                    last,
+                    started,
+                    valid,
+                    dead,
+                    batch,
+                };
+                // The committer is gone after a failure: what is queued is rebuilt anyway.
+                if encoded_tx.send(e).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        let stop = cancel.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let e = tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => break,
+                    e = encoded.recv() => match e { Some(e) => e, None => break },
+                };
+                let outcome = match e.batch {
+                    Ok(batch) => {
+                        let work = commit(&ctx, &mut sink, batch);
+                        futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(work))
+                            .await
+                            .unwrap_or_else(|_| Err(panicked(partition, e.first)))
+                    }
+                    Err(failure) => Err(failure),
+                };
                 let failed = outcome.is_err();
                 // The receiver lives as long as the processor; if it is gone, so is the result.
                 let _ = ctx.events.send(Event::Written(Report {
                     partition,
                     epoch,
-                    first,
-                    last,
-                    valid,
-                    dead,
-                    started,
+                    first: e.first,
+                    last: e.last,
+                    valid: e.valid,
+                    dead: e.dead,
+                    started: e.started,
                     outcome,
                 }));
                 if failed {
@@ -192,7 +233,7 @@ impl Writer {
     }
 
     pub fn send(&self, batch: Open<RawBatch>) {
-        // The task only ends after a failure (reported) or a cancel: then the batch is moot.
+        // The tasks only end after a failure (reported) or a cancel: then the batch is moot.
         let _ = self.jobs.send(batch);
     }
 
@@ -202,10 +243,16 @@ impl Writer {
         self.cancel.cancel();
     }
 
-    /// No more batches: the task ends once the queued ones are written.
+    /// No more batches: the returned task ends once the queued ones are written.
     pub fn close(self) -> JoinHandle<()> {
         self.task
     }
+}
+
+fn panicked(partition: i32, first: i64) -> Failure {
+    Failure::Fatal(anyhow::anyhow!(
+        "writing the batch of partition {partition} from offset {first} panicked"
+    ))
 }
 
 /// A batch's tickets of one hour, as they are added.
@@ -215,29 +262,32 @@ struct HourPart {
     builder: BatchBuilder,
 }
 
-/// A batch's work: decode and route, dead letters durable, counts, then the batch into S3
-/// exactly once. Returns the valid and dead-letter counts with the outcome.
-async fn write_batch(
+/// A batch's first stage: decode and route, dead letters durable, counts, the objects'
+/// bodies. Returns the valid and dead-letter counts with the batch to commit.
+async fn encode(
     ctx: &WriterContext,
-    sink: &mut PartitionSink,
+    partition: i32,
     job: Open<RawBatch>,
-) -> (u64, u64, Result<(), Failure>) {
+) -> (u64, u64, Result<Batch, Failure>) {
     // By hour, in the hours' order: the same tickets always make the same objects.
     let mut hours: BTreeMap<Hour, HourPart> = BTreeMap::new();
     let mut queued = Vec::new();
+    // Room for the whole batch in one hour's object, its usual case; the memory of a part
+    // not written to is never touched.
+    let room = (job.buf.messages.len(), job.buf.data.len());
     for m in job.buf.iter() {
         let ticket = match decode_ref(m.payload) {
             Ok(t) => t,
             Err(reason) => {
                 let reason = reason.to_string();
                 tracing::debug!(
-                    partition = sink.partition,
+                    partition,
                     offset = m.offset,
                     reason,
                     "Invalid ticket sent to the dead-letter topic."
                 );
                 let letter = DeadLetter {
-                    partition: sink.partition,
+                    partition,
                     offset: m.offset,
                     key: m.key,
                     payload: m.payload,
@@ -259,11 +309,14 @@ async fn write_batch(
         let part = hours.entry(hour).or_insert_with(|| HourPart {
             first: m.offset,
             last: m.offset,
-            builder: BatchBuilder::new(ctx.format),
+            builder: BatchBuilder::with_room_for(ctx.format, room.0, room.1),
         });
         part.last = m.offset;
         part.builder.push_ticket(&ctx.routing, &ticket);
     }
+    // The messages as read are not needed any more: free them before the upload, which may
+    // wait (peak memory holds one such buffer less per partition).
+    drop(job.buf);
     let dead = queued.len() as u64;
     let valid: u64 = hours.values().map(|p| p.builder.valid).sum();
     // Dead letters must be durable before the batch's offsets count as done.
@@ -300,7 +353,17 @@ async fn write_batch(
         dead_letters: dead,
         counts,
     };
-    let outcome = match sink
+    (valid, dead, Ok(batch))
+}
+
+/// A batch's second stage: into S3 exactly once.
+async fn commit(
+    ctx: &WriterContext,
+    sink: &mut PartitionSink,
+    batch: Batch,
+) -> Result<(), Failure> {
+    let (first, last) = (batch.first, batch.last);
+    match sink
         .commit(&ctx.store, &ctx.layout, batch, &ctx.retry)
         .await
     {
@@ -309,8 +372,8 @@ async fn write_batch(
             ctx.metrics.fenced.inc();
             tracing::warn!(
                 partition = p,
-                first = job.first,
-                last = job.last,
+                first,
+                last,
                 "Another writer committed this partition first; dropped our batch."
             );
             Err(Failure::Rewind(format!(
@@ -319,8 +382,7 @@ async fn write_batch(
         }
         Err(SinkError::Aborted) => Err(Failure::Aborted),
         Err(SinkError::Fatal(e)) => Err(Failure::Fatal(e)),
-    };
-    (valid, dead, outcome)
+    }
 }
 
 fn dead_letter_failure(e: DeadLetterError) -> Failure {
