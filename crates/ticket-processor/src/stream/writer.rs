@@ -1,6 +1,7 @@
-//! A partition's writer: a task that turns the partition's sealed batches, in order, into
-//! results in S3. Decoding, validation, dead letters, counting and the exactly-once commit all
-//! happen here, off the consumer's task, and the writers of different partitions run in
+//! A partition's writer: two tasks that turn the partition's sealed batches, in order, into
+//! results in S3. The first decodes, validates, sends dead letters, counts and encodes
+//! (`encode`); the second commits exactly once (`commit`) while the first works on the next
+//! batch. All of it is off the consumer's task, and the writers of different partitions run in
 //! parallel. Each batch's outcome is reported back to the consumer's loop as an [`Event`].
 
 use std::collections::BTreeMap;
