@@ -24,7 +24,7 @@ impl BatchBuilder {
     }
 
     /// For about `records` messages of `bytes` bytes in all, so that the output does not
-    /// grow (and get copied) step by step; room never written to costs no memory.
+    /// grow (and get copied) step by step.
     pub fn with_room_for(format: OutputFormat, records: usize, bytes: usize) -> BatchBuilder {
         BatchBuilder {
             rows: Rows::with_room_for(format, records, bytes),

@@ -8,8 +8,8 @@
 //!   reaches it as an [`Event`] on one channel;
 //! - [`partition`]: a partition's state (handled offsets, open batch, batches in flight), no
 //!   Kafka in it;
-//! - [`writer`]: a partition's writer task: decode, validate, route, dead letters, counts,
-//!   the exactly-once commit;
+//! - [`writer`]: a partition's writer, two tasks: decode, validate, route, dead letters,
+//!   counts and encode; then the exactly-once commit;
 //! - [`dead_letter`]: the dead-letter producer;
 //! - [`drain`]: when `--drain` is done;
 //! - [`counts`]: `counts_by_request_type/latest.jsonl`, refreshed by a task of its own.
@@ -405,10 +405,11 @@ impl Processor {
                     self.hand_over_due(Instant::now());
                 }
                 m = messages.next(), if self.held.is_none() => {
-                    // One reading of the clock for the burst (a message's arrival only
-                    // matters to the batch age, in milliseconds).
-                    let now = Instant::now();
-                    self.on_message(m.expect("Kafka message streams never end"), now)?;
+                    // One reading of the clock for the burst (a message's arrival matters to
+                    // the batch age and the drain's idle rule, in milliseconds); read again
+                    // after anything that may take longer (an event handled, a seek).
+                    let mut now = Instant::now();
+                    self.on_message(m.expect("Kafka message streams never end"), &mut now)?;
                     // Then what is already fetched, without a turn of this loop for each:
                     // until the queue is empty, a batch waits for its writer or the drain
                     // ends, BURST at most (a stop request waits for no more than that).
@@ -417,7 +418,7 @@ impl Processor {
                             break;
                         }
                         match messages.next().now_or_never() {
-                            Some(m) => self.on_message(m.expect("Kafka message streams never end"), now)?,
+                            Some(m) => self.on_message(m.expect("Kafka message streams never end"), &mut now)?,
                             None => break,
                         }
                     }
@@ -430,25 +431,30 @@ impl Processor {
     fn on_message(
         &mut self,
         m: KafkaResult<BorrowedMessage<'_>>,
-        now: Instant,
+        now: &mut Instant,
     ) -> anyhow::Result<()> {
         match m {
             Ok(m) => {
                 let (partition, offset) = (m.partition(), m.offset());
                 if let Some(d) = &mut self.drain {
-                    d.message(partition, now);
+                    d.message(partition, *now);
                 }
                 let message = (offset, m.timestamp().to_millis(), m.key(), m.payload());
-                let known = accept(&mut self.slots, partition, message, now, &self.metrics);
+                let known = accept(&mut self.slots, partition, message, *now, &self.metrics);
                 drop(m);
                 // A revocation seen while the consumer was polled comes first.
+                let mut handled = false;
                 while let Ok(event) = self.events.try_recv() {
                     self.on_event(event)?;
+                    handled = true;
+                }
+                if handled {
+                    *now = Instant::now();
                 }
                 if !known {
                     self.load(partition);
                 } else {
-                    self.hand_over(partition, now, true);
+                    self.hand_over(partition, *now, true);
                 }
             }
             Err(rdkafka::error::KafkaError::PartitionEOF(p)) => {

@@ -239,7 +239,8 @@ impl Writer {
     }
 
     /// The partition is not ours any more: stop between batches (a batch being committed is
-    /// fenced by the checkpoint if the new owner got there first).
+    /// fenced by the checkpoint if the new owner got there first; one being encoded still
+    /// sends its dead letters, which the dead-letter topic may then hold twice).
     pub fn cancel(self) {
         self.cancel.cancel();
     }
@@ -273,9 +274,9 @@ async fn encode(
     // By hour, in the hours' order: the same tickets always make the same objects.
     let mut hours: BTreeMap<Hour, HourPart> = BTreeMap::new();
     let mut queued = Vec::new();
-    // Room for the whole batch in one hour's object, its usual case; the memory of a part
-    // not written to is never touched.
+    // Room for the whole batch in one hour's object, its usual case.
     let room = (job.buf.messages.len(), job.buf.data.len());
+    let mut first_hour = true;
     for m in job.buf.iter() {
         let ticket = match decode_ref(m.payload) {
             Ok(t) => t,
@@ -310,13 +311,19 @@ async fn encode(
         let part = hours.entry(hour).or_insert_with(|| HourPart {
             first: m.offset,
             last: m.offset,
-            builder: BatchBuilder::with_room_for(ctx.format, room.0, room.1),
+            // Only the first hour gets the room: a batch rarely spans two.
+            builder: if first_hour {
+                first_hour = false;
+                BatchBuilder::with_room_for(ctx.format, room.0, room.1)
+            } else {
+                BatchBuilder::new(ctx.format)
+            },
         });
         part.last = m.offset;
         part.builder.push_ticket(&ctx.routing, &ticket);
     }
-    // The messages as read are not needed any more: free them before the upload, which may
-    // wait (peak memory holds one such buffer less per partition).
+    // The messages as read are not needed any more: free them before waiting for the dead
+    // letters and encoding.
     drop(job.buf);
     let dead = queued.len() as u64;
     let valid: u64 = hours.values().map(|p| p.builder.valid).sum();
