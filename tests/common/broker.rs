@@ -1,6 +1,7 @@
 //! A Kafka-protocol broker: `KAFKA_BROKERS`, or a Tansu process of the test's own.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -55,50 +56,55 @@ impl Broker {
                 _process: None,
             };
         }
-        Broker::tansu_on(free_port(), None).await
+        Broker::tansu(None).await.0
     }
 
     /// A Tansu broker that clients reach through a [`Proxy`], to cut it off.
     pub async fn tansu_behind_proxy() -> (Broker, Proxy) {
-        // Both held at once, so that they differ.
-        let (port, proxy_port) = {
-            let a = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            let b = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            (
-                a.local_addr().expect("a").port(),
-                b.local_addr().expect("b").port(),
-            )
-        };
-        let target = format!("127.0.0.1:{port}").parse().expect("addr");
-        let proxy = Proxy::on_port(proxy_port, target).await;
-        (Broker::tansu_on(port, Some(proxy_port)).await, proxy)
+        // The proxy's port is bound first and kept, so that nothing else can take it.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let proxy_port = listener.local_addr().expect("proxy addr").port();
+        let (broker, addr) = Broker::tansu(Some(proxy_port)).await;
+        (broker, Proxy::with_listener(listener, addr))
     }
 
-    /// A Tansu broker on `port`, advertising `advertised` (a proxy in front of it) if given.
-    async fn tansu_on(port: u16, advertised: Option<u16>) -> Broker {
-        let adv = advertised.unwrap_or(port);
-        let process = tokio::process::Command::new(tansu_bin())
-            .args([
-                "broker",
-                "--listener-url",
-                &format!("tcp://127.0.0.1:{port}"),
-                "--advertised-listener-url",
-                &format!("tcp://127.0.0.1:{adv}"),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("tansu starts");
-        let addr = format!("127.0.0.1:{port}").parse().expect("addr");
-        assert!(
-            wait_for_port(addr, Duration::from_secs(20)).await,
-            "tansu did not start listening on {addr}"
-        );
-        Broker {
-            bootstrap: format!("127.0.0.1:{adv}"),
-            _process: Some(process),
+    /// A Tansu broker on a port of its own, advertising `advertised` (a proxy in front of it)
+    /// if given; returns it and the address it listens on. The port is free when chosen but
+    /// Tansu binds it a moment later, so a Tansu that exits before listening is started again
+    /// on another port.
+    async fn tansu(advertised: Option<u16>) -> (Broker, SocketAddr) {
+        for _ in 0..3 {
+            let port = free_port();
+            let adv = advertised.unwrap_or(port);
+            let mut process = tokio::process::Command::new(tansu_bin())
+                .args([
+                    "broker",
+                    "--listener-url",
+                    &format!("tcp://127.0.0.1:{port}"),
+                    "--advertised-listener-url",
+                    &format!("tcp://127.0.0.1:{adv}"),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("tansu starts");
+            let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+            tokio::select! {
+                up = wait_for_port(addr, Duration::from_secs(20)) => {
+                    assert!(up, "tansu did not start listening on {addr}");
+                    let broker = Broker {
+                        bootstrap: format!("127.0.0.1:{adv}"),
+                        _process: Some(process),
+                    };
+                    return (broker, addr);
+                }
+                _ = process.wait() => continue,
+            }
         }
+        panic!("tansu exited before listening, three times (see TANSU_BIN)");
     }
 
     pub fn config(&self) -> ClientConfig {

@@ -44,12 +44,21 @@ pub fn unique(name: &str) -> String {
     format!("{name}-{}", rand::random::<u32>())
 }
 
-/// A loopback port nothing listens on (at the time of asking).
+/// A loopback port nothing listens on (at the time of asking), never the same one twice in
+/// this test process: the tests of one binary run side by side, and the kernel may hand a port
+/// that one test has just released, but whose process has not bound it yet, to another.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free loopback port");
+        if GIVEN.lock().expect("ports").insert(port) {
+            return port;
+        }
+    }
 }
 
 /// Waits until something accepts connections on `addr`; false if nothing does within `timeout`.

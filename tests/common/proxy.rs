@@ -26,14 +26,8 @@ impl Proxy {
         Proxy::with_listener(listener, target)
     }
 
-    pub async fn on_port(port: u16, target: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind(("127.0.0.1", port))
-            .await
-            .expect("bind proxy port");
-        Proxy::with_listener(listener, target)
-    }
-
-    fn with_listener(listener: TcpListener, target: SocketAddr) -> Proxy {
+    /// A relay on a listener the caller has already bound (and so kept from anyone else).
+    pub fn with_listener(listener: TcpListener, target: SocketAddr) -> Proxy {
         let port = listener.local_addr().expect("addr").port();
         let down = Arc::new(AtomicBool::new(false));
         let (tx, _) = tokio::sync::watch::channel(0u64);
