@@ -32,6 +32,21 @@ impl Fixture {
     /// and totals that equal the tickets written. Returns the number of tickets.
     pub async fn assert_exactly_once(&self, expected_ids: &[String]) -> usize {
         let lines = self.s3.json_lines("tickets_with_team/").await;
+        let by_type = tickets_by_type(&lines);
+        // Each instance rewrites the counts on its own schedule (at least every 30 s, so that
+        // concurrent instances converge): one that read the checkpoints just before another's
+        // last commit may have written them last. Wait for them to agree before checking.
+        let deadline = Instant::now() + Duration::from_secs(45);
+        let counts = loop {
+            let counts = self.s3.get("counts_by_request_type/latest.jsonl").await;
+            let agrees = counts
+                .as_deref()
+                .is_some_and(|c| reported_by_type(c).map(|r| r == by_type).unwrap_or(false));
+            if agrees || Instant::now() > deadline {
+                break counts.expect("latest.jsonl");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
         let mut seen = BTreeMap::new();
         let routing = Routing::default();
         for l in &lines {
@@ -58,40 +73,7 @@ impl Fixture {
         );
         assert_eq!(got, expected, "tickets in S3 differ from the topic");
 
-        let mut by_type: BTreeMap<String, u64> = BTreeMap::new();
-        for l in &lines {
-            *by_type
-                .entry(l["request_type"].as_str().expect("rt").to_string())
-                .or_default() += 1;
-        }
-        let counts = String::from_utf8(
-            self.s3
-                .get("counts_by_request_type/latest.jsonl")
-                .await
-                .expect("latest.jsonl"),
-        )
-        .expect("utf8");
-        let reported: BTreeMap<String, u64> = counts
-            .lines()
-            .map(|l| {
-                let v: Value = serde_json::from_str(l).expect("json");
-                let by_priority: u64 = v["by_priority"]
-                    .as_object()
-                    .expect("by_priority")
-                    .values()
-                    .map(|n| n.as_u64().expect("n"))
-                    .sum();
-                assert_eq!(
-                    Some(by_priority),
-                    v["count"].as_u64(),
-                    "priority breakdown does not add up: {l}"
-                );
-                (
-                    v["request_type"].as_str().expect("rt").to_string(),
-                    v["count"].as_u64().expect("count"),
-                )
-            })
-            .collect();
+        let reported = reported_by_type(&counts).unwrap_or_else(|e| panic!("latest.jsonl: {e}"));
         assert_eq!(
             reported, by_type,
             "latest.jsonl disagrees with tickets_with_team/"
@@ -141,7 +123,8 @@ impl Fixture {
         }
     }
 
-    /// Waits until the checkpoints account for `valid` tickets.
+    /// Waits until the checkpoints account for `valid` tickets, and the objects under
+    /// `tickets_with_team/` hold as many (a batch's final copy comes after its checkpoint).
     pub async fn wait_for_tickets(&self, valid: u64, timeout: Duration) {
         eventually(timeout, &format!("{valid} tickets in S3"), || async {
             let (n, _, _) = self.checkpoints().await;
@@ -151,6 +134,25 @@ impl Fixture {
             );
             (n == valid).then_some(())
         })
+        .await;
+        eventually(
+            Duration::from_secs(30),
+            &format!("the objects of {valid} checkpointed tickets"),
+            || async {
+                let lines = self.s3.json_lines("tickets_with_team/").await;
+                (lines.len() as u64 >= valid).then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// Waits until the checkpoints account for more than `n` tickets: processing is under way.
+    pub async fn wait_for_tickets_above(&self, n: u64) {
+        eventually(
+            Duration::from_secs(90),
+            &format!("more than {n} tickets in S3"),
+            || async { (self.checkpoints().await.0 > n).then_some(()) },
+        )
         .await;
     }
 
@@ -166,4 +168,40 @@ impl Fixture {
         let lost = expected.difference(&unique).count();
         (lines.len(), lost, ids.len() - unique.len())
     }
+}
+
+/// Tickets per request type in the objects' lines.
+fn tickets_by_type(lines: &[Value]) -> BTreeMap<String, u64> {
+    let mut by_type: BTreeMap<String, u64> = BTreeMap::new();
+    for l in lines {
+        *by_type
+            .entry(l["request_type"].as_str().expect("rt").to_string())
+            .or_default() += 1;
+    }
+    by_type
+}
+
+/// Tickets per request type as `latest.jsonl` reports them; an error if a line is not valid
+/// or its priority breakdown does not add up to its count.
+fn reported_by_type(counts: &[u8]) -> Result<BTreeMap<String, u64>, String> {
+    String::from_utf8_lossy(counts)
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).map_err(|e| format!("{e}: {l}"))?;
+            let count = v["count"].as_u64().ok_or(format!("no count: {l}"))?;
+            let by_priority: u64 = v["by_priority"]
+                .as_object()
+                .ok_or(format!("no by_priority: {l}"))?
+                .values()
+                .filter_map(|n| n.as_u64())
+                .sum();
+            if by_priority != count {
+                return Err(format!("priority breakdown does not add up: {l}"));
+            }
+            let rt = v["request_type"]
+                .as_str()
+                .ok_or(format!("no request_type: {l}"))?;
+            Ok((rt.to_string(), count))
+        })
+        .collect()
 }

@@ -45,20 +45,33 @@ pub fn unique(name: &str) -> String {
 }
 
 /// A loopback port nothing listens on (at the time of asking), never the same one twice in
-/// this test process: the tests of one binary run side by side, and the kernel may hand a port
-/// that one test has just released, but whose process has not bound it yet, to another.
+/// this test process. It is taken from below the kernel's ephemeral range, so that no
+/// `bind(0)` or outgoing connection, of this process or another, takes it before the service
+/// it is meant for binds it.
 pub fn free_port() -> u16 {
     static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
         std::sync::Mutex::new(std::collections::BTreeSet::new());
-    loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free loopback port");
-        if GIVEN.lock().expect("ports").insert(port) {
+    let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let below = ephemeral_low.saturating_sub(10_000).max(1024)..ephemeral_low;
+    for _ in 0..1000 {
+        let port = if below.is_empty() {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .expect("a free loopback port")
+        } else {
+            rand::random_range(below.clone())
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && GIVEN.lock().expect("ports").insert(port)
+        {
             return port;
         }
     }
+    panic!("no free loopback port found below {ephemeral_low}");
 }
 
 /// Waits until something accepts connections on `addr`; false if nothing does within `timeout`.

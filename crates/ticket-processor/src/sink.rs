@@ -292,7 +292,7 @@ impl PartitionSink {
         }))
         .await?;
         if !staged.is_empty() {
-            failpoint("after-staging").await;
+            failpoint("after-staging", self.partition).await;
         }
         next.pending = staged.clone();
 
@@ -302,7 +302,7 @@ impl PartitionSink {
         };
         let key = layout.checkpoint_key(self.partition);
         let body = Bytes::from(next.to_json());
-        failpoint("before-checkpoint").await;
+        failpoint("before-checkpoint", self.partition).await;
         let written = retry
             .run_conditional("write checkpoint", || {
                 store.put(&key, body.clone(), expect.clone())
@@ -328,11 +328,11 @@ impl PartitionSink {
         // staging object to the next load, which keeps it if the checkpoint names it.
         self.etag = Some(etag);
         self.checkpoint = next;
-        failpoint("after-checkpoint").await;
+        failpoint("after-checkpoint", self.partition).await;
 
         futures::future::try_join_all(staged.iter().map(|p| copy_pending(store, p, retry))).await?;
         if !staged.is_empty() {
-            failpoint("after-final").await;
+            failpoint("after-final", self.partition).await;
         }
         for p in staged {
             let (store, retry) = (store.clone(), retry.clone());
@@ -361,9 +361,10 @@ impl PartitionSink {
 /// `TICKET_PROCESSOR_FAILPOINT=<point>:<action>:<n>` makes the n-th pass through `<point>`
 /// (`before-checkpoint`, `after-staging`, `after-checkpoint`, `after-final`) either `abort`
 /// the process (as a SIGKILL would) or `pause-<ms>` it (as a GC pause or a frozen VM would,
-/// long enough to lose the partition). Release builds compile it to nothing.
+/// long enough to lose the partition). Its log line names the partition it stopped in.
+/// Release builds compile it to nothing.
 #[cfg(debug_assertions)]
-async fn failpoint(point: &str) {
+async fn failpoint(point: &str, partition: i32) {
     use std::sync::OnceLock;
     use std::sync::atomic::{AtomicU64, Ordering};
     static SPEC: OnceLock<Option<(String, String, u64)>> = OnceLock::new();
@@ -378,7 +379,7 @@ async fn failpoint(point: &str) {
     if p != point || HITS.fetch_add(1, Ordering::SeqCst) + 1 != *n {
         return;
     }
-    tracing::warn!(point, action, "Failpoint reached.");
+    tracing::warn!(point, action, partition, "Failpoint reached.");
     if action == "abort" {
         std::process::abort();
     }
@@ -388,7 +389,7 @@ async fn failpoint(point: &str) {
 }
 
 #[cfg(not(debug_assertions))]
-async fn failpoint(_point: &str) {}
+async fn failpoint(_point: &str, _partition: i32) {}
 
 /// Copies a pending object to its final key. Another owner finishing the same checkpoint
 /// (a rebalance) may have copied it and deleted the staging object in between: then the copy
