@@ -191,23 +191,31 @@ impl S3 {
     }
 
     /// The object's bytes, or `None` if it does not exist. s3s-fs keeps an object's checksum
-    /// beside it, so a read racing an overwrite can fail its checksum: such reads are retried.
+    /// beside it, so a read racing an overwrite can fail its checksum: such reads, and any
+    /// other failed read, are retried (only "no such key" means absent).
     pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let mut last_error = String::new();
         for _ in 0..20 {
-            let out = self
+            let read = self
                 .client
                 .get_object()
                 .bucket(&self.bucket)
                 .key(key)
                 .send()
-                .await
-                .ok()?;
-            if let Ok(body) = out.body.collect().await {
-                return Some(body.into_bytes().to_vec());
+                .await;
+            match read {
+                Ok(out) => match out.body.collect().await {
+                    Ok(body) => return Some(body.into_bytes().to_vec()),
+                    Err(e) => last_error = e.to_string(),
+                },
+                Err(e) if e.as_service_error().is_some_and(|e| e.is_no_such_key()) => {
+                    return None;
+                }
+                Err(e) => last_error = aws_sdk_s3::error::DisplayErrorContext(e).to_string(),
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("cannot read {key} consistently")
+        panic!("cannot read {key} consistently: {last_error}")
     }
 
     /// Every line of every object under `prefix`, parsed.
