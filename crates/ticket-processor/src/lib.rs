@@ -21,6 +21,7 @@ pub mod http;
 pub mod metrics;
 pub mod output;
 pub mod query;
+pub mod recycle;
 pub mod replay;
 pub mod report;
 pub mod s3;

@@ -15,6 +15,8 @@ use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::properties::WriterProperties;
 use ticket_core::TicketRef;
 
+use crate::recycle::{Pool, bytes_with_room};
+
 /// How ticket objects are written (`OUTPUT_FORMAT`).
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum OutputFormat {
@@ -54,6 +56,23 @@ pub fn ticket_schema(nullable: bool) -> SchemaRef {
     ]))
 }
 
+/// JSON Lines bodies given back once their object is written (see [`crate::recycle`]).
+static BODIES: Pool<Vec<u8>> = Pool::new(16);
+
+/// Gives an object's body back for a later [`Rows::with_room_for`], if nothing else holds it.
+pub fn recycle_body(body: bytes::Bytes) {
+    if let Some(body) = unshared(body) {
+        BODIES.give(body);
+    }
+}
+
+/// The body's buffer, emptied, if nothing else holds it (no copy).
+fn unshared(body: bytes::Bytes) -> Option<Vec<u8>> {
+    let mut body = Vec::from(body.try_into_mut().ok()?);
+    body.clear();
+    Some(body)
+}
+
 /// Rows of one object as they are added: JSON Lines bytes, or columns for Parquet.
 pub enum Rows {
     Jsonl(Vec<u8>),
@@ -72,7 +91,7 @@ impl Rows {
     /// team (`,"support_team":"…"`) and the time's fixed precision.
     pub fn with_room_for(format: OutputFormat, records: usize, bytes: usize) -> Rows {
         match format {
-            OutputFormat::Jsonl => Rows::Jsonl(Vec::with_capacity(bytes + records * 48)),
+            OutputFormat::Jsonl => Rows::Jsonl(bytes_with_room(&BODIES, bytes + records * 48)),
             OutputFormat::Parquet => Rows::Parquet(Box::default()),
         }
     }
@@ -194,5 +213,26 @@ impl<W: Write + Send> ObjectWriter<W> {
             }
             ObjectWriter::Parquet(w) => Ok(w.into_inner().context("ending a Parquet file")?),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_written_body_is_given_back_without_a_copy_unless_still_held() {
+        let mut body = Vec::with_capacity(1 << 20);
+        body.extend_from_slice(b"{\"ticket_id\":\"T-1\"}\n");
+        let at = body.as_ptr();
+        let body = bytes::Bytes::from(body);
+        let held = body.clone();
+        assert!(
+            unshared(body).is_none(),
+            "a body still held elsewhere is kept"
+        );
+        let back = unshared(held).expect("the last holder gives it back");
+        assert_eq!(back.as_ptr(), at, "the same buffer, not a copy");
+        assert!(back.is_empty() && back.capacity() >= 1 << 20);
     }
 }

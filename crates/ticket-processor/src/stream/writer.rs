@@ -21,7 +21,8 @@ use super::partition::{Buffer, Open};
 use crate::aggregate::Aggregator;
 use crate::enrich::BatchBuilder;
 use crate::metrics::Metrics;
-use crate::output::OutputFormat;
+use crate::output::{OutputFormat, recycle_body};
+use crate::recycle::Pool;
 use crate::sink::{Batch, Object, PartitionSink, Retrier, SinkError};
 use crate::store::SharedStore;
 
@@ -89,10 +90,22 @@ impl Buffer for RawBatch {
     }
 
     fn with_room_for(records: usize, bytes: usize) -> Self {
-        RawBatch {
-            data: Vec::with_capacity(bytes),
-            messages: Vec::with_capacity(records),
-        }
+        let mut b = RAW_BATCHES.take().unwrap_or_default();
+        b.data.reserve(bytes);
+        b.messages.reserve(records);
+        b
+    }
+}
+
+/// Raw batches given back once decoded (see [`crate::recycle`]).
+static RAW_BATCHES: Pool<RawBatch> = Pool::new(16);
+
+impl RawBatch {
+    /// Empties the batch and gives it back for a later [`Buffer::with_room_for`].
+    fn recycle(mut self) {
+        self.data.clear();
+        self.messages.clear();
+        RAW_BATCHES.give(self);
     }
 }
 
@@ -204,10 +217,15 @@ impl Writer {
                 };
                 let outcome = match e.batch {
                     Ok(batch) => {
+                        let bodies: Vec<Bytes> =
+                            batch.objects.iter().map(|o| o.body.clone()).collect();
                         let work = commit(&ctx, &mut sink, batch);
-                        futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(work))
-                            .await
-                            .unwrap_or_else(|_| Err(panicked(partition, e.first)))
+                        let outcome =
+                            futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(work))
+                                .await
+                                .unwrap_or_else(|_| Err(panicked(partition, e.first)));
+                        bodies.into_iter().for_each(recycle_body);
+                        outcome
                     }
                     Err(failure) => Err(failure),
                 };
@@ -322,9 +340,9 @@ async fn encode(
         part.last = m.offset;
         part.builder.push_ticket(&ctx.routing, &ticket);
     }
-    // The messages as read are not needed any more: free them before waiting for the dead
-    // letters and encoding.
-    drop(job.buf);
+    // The messages as read are not needed any more: give them back before waiting for the
+    // dead letters and encoding.
+    job.buf.recycle();
     let dead = queued.len() as u64;
     let valid: u64 = hours.values().map(|p| p.builder.valid).sum();
     // Dead letters must be durable before the batch's offsets count as done.
