@@ -95,6 +95,11 @@ impl Broker {
             tokio::select! {
                 up = wait_for_port(addr, Duration::from_secs(20)) => {
                     assert!(up, "tansu did not start listening on {addr}");
+                    // Something else may have been listening there while Tansu failed to bind.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if process.try_wait().expect("tansu status").is_some() {
+                        continue;
+                    }
                     let broker = Broker {
                         bootstrap: format!("127.0.0.1:{adv}"),
                         _process: Some(process),

@@ -184,7 +184,8 @@ fn tickets_by_type(lines: &[Value]) -> BTreeMap<String, u64> {
 /// Tickets per request type as `latest.jsonl` reports them; an error if a line is not valid
 /// or its priority breakdown does not add up to its count.
 fn reported_by_type(counts: &[u8]) -> Result<BTreeMap<String, u64>, String> {
-    String::from_utf8_lossy(counts)
+    std::str::from_utf8(counts)
+        .map_err(|e| e.to_string())?
         .lines()
         .map(|l| {
             let v: Value = serde_json::from_str(l).map_err(|e| format!("{e}: {l}"))?;
@@ -193,8 +194,8 @@ fn reported_by_type(counts: &[u8]) -> Result<BTreeMap<String, u64>, String> {
                 .as_object()
                 .ok_or(format!("no by_priority: {l}"))?
                 .values()
-                .filter_map(|n| n.as_u64())
-                .sum();
+                .map(|n| n.as_u64().ok_or(format!("not a count in by_priority: {l}")))
+                .sum::<Result<u64, String>>()?;
             if by_priority != count {
                 return Err(format!("priority breakdown does not add up: {l}"));
             }

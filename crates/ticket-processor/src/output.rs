@@ -57,20 +57,21 @@ pub fn ticket_schema(nullable: bool) -> SchemaRef {
 }
 
 /// JSON Lines bodies given back once their object is written (see [`crate::recycle`]).
-static BODIES: Pool<Vec<u8>> = Pool::new(16);
+static BODIES: Pool<Vec<u8>> = Pool::new(8);
 
-/// Gives an object's body back for a later [`Rows::with_room_for`], if nothing else holds it.
-pub fn recycle_body(body: bytes::Bytes) {
-    if let Some(body) = unshared(body) {
+/// Gives a JSON Lines object's body back for a later [`Rows::with_room_for`], if nothing else
+/// holds it. (A Parquet body is not: Parquet rows are columns, not one buffer.)
+pub fn recycle_body(format: OutputFormat, body: bytes::Bytes) {
+    if format == OutputFormat::Jsonl
+        && let Some(body) = unshared(body)
+    {
         BODIES.give(body);
     }
 }
 
-/// The body's buffer, emptied, if nothing else holds it (no copy).
+/// The body's buffer, if nothing else holds it (no copy).
 fn unshared(body: bytes::Bytes) -> Option<Vec<u8>> {
-    let mut body = Vec::from(body.try_into_mut().ok()?);
-    body.clear();
-    Some(body)
+    Some(Vec::from(body.try_into_mut().ok()?))
 }
 
 /// Rows of one object as they are added: JSON Lines bytes, or columns for Parquet.
@@ -233,6 +234,6 @@ mod tests {
         );
         let back = unshared(held).expect("the last holder gives it back");
         assert_eq!(back.as_ptr(), at, "the same buffer, not a copy");
-        assert!(back.is_empty() && back.capacity() >= 1 << 20);
+        assert!(back.capacity() >= 1 << 20);
     }
 }

@@ -3,10 +3,21 @@
 //! Why: glibc raises its mmap threshold each time a large buffer is freed, so after the first
 //! few batches their multi-megabyte buffers come from its heaps, which it gives back to the
 //! system only from the top. Allocating them afresh for every batch left tens of MiB of freed
-//! memory resident (BENCHMARKS.md, "What 0.5 would take"). Reused, there are only ever as many
-//! as were in use at once.
+//! memory resident (BENCHMARKS.md, "What 0.5 would take"). Reused, no more are kept than
+//! `keep`, and each has the room of the largest batch it held.
 
 use std::sync::Mutex;
+
+/// A buffer that can be emptied for reuse, keeping its room.
+pub trait Reusable {
+    fn empty(&mut self);
+}
+
+impl Reusable for Vec<u8> {
+    fn empty(&mut self) {
+        self.clear();
+    }
+}
 
 /// Free buffers of one kind, at most `keep` of them.
 pub struct Pool<T> {
@@ -14,7 +25,7 @@ pub struct Pool<T> {
     keep: usize,
 }
 
-impl<T> Pool<T> {
+impl<T: Reusable> Pool<T> {
     pub const fn new(keep: usize) -> Pool<T> {
         Pool {
             free: Mutex::new(Vec::new()),
@@ -22,17 +33,18 @@ impl<T> Pool<T> {
         }
     }
 
-    /// A buffer given back earlier, if there is one.
+    /// An empty buffer given back earlier, if there is one.
     pub fn take(&self) -> Option<T> {
         self.free.lock().ok()?.pop()
     }
 
-    /// Keeps `buf` for a later [`Pool::take`], or drops it if `keep` are kept already. The
-    /// caller empties it first.
-    pub fn give(&self, buf: T) {
+    /// Empties `buf` and keeps it for a later [`Pool::take`], or drops it if `keep` are kept
+    /// already.
+    pub fn give(&self, mut buf: T) {
         if let Ok(mut free) = self.free.lock()
             && free.len() < self.keep
         {
+            buf.empty();
             free.push(buf);
         }
     }
@@ -41,8 +53,7 @@ impl<T> Pool<T> {
 /// An empty byte buffer with room for `bytes`: one given back to `pool` if there is one.
 pub fn bytes_with_room(pool: &Pool<Vec<u8>>, bytes: usize) -> Vec<u8> {
     let mut buf = pool.take().unwrap_or_default();
-    buf.clear();
-    buf.reserve(bytes);
+    buf.reserve_exact(bytes);
     buf
 }
 

@@ -22,7 +22,7 @@ use crate::aggregate::Aggregator;
 use crate::enrich::BatchBuilder;
 use crate::metrics::Metrics;
 use crate::output::{OutputFormat, recycle_body};
-use crate::recycle::Pool;
+use crate::recycle::{Pool, Reusable};
 use crate::sink::{Batch, Object, PartitionSink, Retrier, SinkError};
 use crate::store::SharedStore;
 
@@ -91,21 +91,19 @@ impl Buffer for RawBatch {
 
     fn with_room_for(records: usize, bytes: usize) -> Self {
         let mut b = RAW_BATCHES.take().unwrap_or_default();
-        b.data.reserve(bytes);
-        b.messages.reserve(records);
+        b.data.reserve_exact(bytes);
+        b.messages.reserve_exact(records);
         b
     }
 }
 
-/// Raw batches given back once decoded (see [`crate::recycle`]).
-static RAW_BATCHES: Pool<RawBatch> = Pool::new(16);
+/// Raw batches given back once decoded, for [`Buffer::with_room_for`] (see [`crate::recycle`]).
+static RAW_BATCHES: Pool<RawBatch> = Pool::new(8);
 
-impl RawBatch {
-    /// Empties the batch and gives it back for a later [`Buffer::with_room_for`].
-    fn recycle(mut self) {
+impl Reusable for RawBatch {
+    fn empty(&mut self) {
         self.data.clear();
         self.messages.clear();
-        RAW_BATCHES.give(self);
     }
 }
 
@@ -224,7 +222,9 @@ impl Writer {
                             futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(work))
                                 .await
                                 .unwrap_or_else(|_| Err(panicked(partition, e.first)));
-                        bodies.into_iter().for_each(recycle_body);
+                        for body in bodies {
+                            recycle_body(ctx.format, body);
+                        }
                         outcome
                     }
                     Err(failure) => Err(failure),
@@ -342,7 +342,7 @@ async fn encode(
     }
     // The messages as read are not needed any more: give them back before waiting for the
     // dead letters and encoding.
-    job.buf.recycle();
+    RAW_BATCHES.give(job.buf);
     let dead = queued.len() as u64;
     let valid: u64 = hours.values().map(|p| p.builder.valid).sum();
     // Dead letters must be durable before the batch's offsets count as done.
