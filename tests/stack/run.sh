@@ -324,6 +324,9 @@ MINIO_API_PORT=$((base + 0))
 MINIO_CONSOLE_PORT=$((base + 1))
 # The report page within seconds of the tickets, not a minute.
 REPORT_EVERY_SECS=10
+# Images of this run's own, always built here from the snapshot (never a pulled release).
+IMAGE_REGISTRY=ticket-pipeline-stacktest
+PIPELINE_VERSION=local
 EOF
   S3_HOST_ENDPOINT="http://127.0.0.1:$base"
   # What the scenario reads S3 with: the processor's own credentials from .env.
@@ -349,7 +352,7 @@ timed_build() {
 # The crates cargo compiled in a build log, other than the workspace's own.
 dependency_compiles() {
   grep -oE 'Compiling [A-Za-z0-9_-]+ v' "$1" | awk '{print $2}' |
-    grep -vxE 'ticket-core|ticket-kafka|ticket-producer|ticket-processor|ticket-pipeline-tests' | sort -u || true
+    grep -vE '^ticket-' | sort -u || true
 }
 
 # cargo's own "Finished ... in T" times in a build log, in order (dependency layer first).
@@ -380,19 +383,22 @@ build_images() {
   if [ "${STACK_WARM_BUILD:-1}" = 0 ]; then
     result "build images, warm: not measured (STACK_WARM_BUILD=0)"
   elif [ "$deps" -gt 0 ] || ! grep -q 'Compiling ticket-' "$WORK/build-first.log"; then
-    # Warm: one .rs file edited (in the scratch copy); the dependency layer must be reused.
-    printf '\n// edited by tests/stack/run.sh to time a warm build\n' >>"$SRC/crates/ticket-processor/src/main.rs"
+    # Warm: one line edited on the streaming path (in the scratch copy). The dependency layer
+    # must be reused, the edited crate recompiled, and the reading side's crates left alone.
+    printf '\n// edited by tests/stack/run.sh to time a warm build\n' >>"$SRC/crates/ticket-stream/src/stream/mod.rs"
     local warm rebuilt
     warm=$(timed_build warm ticket-producer ticket-processor)
     rebuilt=$(dependency_compiles "$WORK/build-warm.log")
     [ -z "$rebuilt" ] || die "a warm build recompiled dependencies: $(echo "$rebuilt" | tr "\n" " " | head -c 300)"
-    grep -q 'Compiling ticket-processor' "$WORK/build-warm.log" ||
+    grep -q 'Compiling ticket-stream' "$WORK/build-warm.log" ||
       die "the warm build did not recompile the edited crate"
-    result "build images, warm (one .rs edited; no dependency recompiled): ${warm}s (cargo: $(cargo_times "$WORK/build-warm.log"))"
+    ! grep -qE 'Compiling ticket-(lake|engine|s3|core) ' "$WORK/build-warm.log" ||
+      die "an edit on the streaming side recompiled a crate it does not touch: $(grep -oE 'Compiling ticket-[a-z0-9-]+' "$WORK/build-warm.log" | tr '\n' ' ')"
+    result "build images, warm (one line edited in ticket-stream; no dependency, no reading-side crate recompiled): ${warm}s (cargo: $(cargo_times "$WORK/build-warm.log"))"
   fi
   local p q
-  p=$(image_mb ticket-pipeline/ticket-processor:local)
-  q=$(image_mb ticket-pipeline/ticket-producer:local)
+  p=$(image_mb ticket-pipeline-stacktest/ticket-processor:local)
+  q=$(image_mb ticket-pipeline-stacktest/ticket-producer:local)
   result "image sizes: ticket-processor ${p} MB (goal <= 120), ticket-producer ${q} MB (goal <= 100)"
   awk -v p="$p" -v q="$q" 'BEGIN { exit !(p <= 120 && q <= 100) }' ||
     log "WARNING: an image is above its size goal"
@@ -578,6 +584,26 @@ scenario() {
   result "down -v: no container, network or volume left"
 }
 
+# A run stopped from outside (a timeout's SIGKILL) leaves its compose project behind, and the
+# next `up` then trips over containers whose network is gone ("No such object"). This
+# project's own containers, networks and volumes are removed first; nothing else is touched.
+clear_leftovers() {
+  local label="label=com.docker.compose.project=$STACK_PROJECT" left
+  left=$(docker ps -aq --filter "$label")
+  [ -n "$left$(docker network ls -q --filter "$label")$(docker volume ls -q --filter "$label")" ] || return 0
+  log "removing what an earlier run of project $STACK_PROJECT left behind"
+  compose down -v --remove-orphans >/dev/null 2>&1 || true
+  left=$(docker ps -aq --filter "$label")
+  [ -z "$left" ] || docker rm -f -v $left >/dev/null 2>&1 || true
+  left=$(docker network ls -q --filter "$label")
+  [ -z "$left" ] || docker network rm $left >/dev/null 2>&1 || true
+  left=$(docker volume ls -q --filter "$label")
+  [ -z "$left" ] || docker volume rm -f $left >/dev/null 2>&1 || true
+  [ -z "$(docker ps -aq --filter "$label")$(docker network ls -q --filter "$label")$(docker volume ls -q --filter "$label")" ] ||
+    die "cannot remove what an earlier run of project $STACK_PROJECT left behind"
+  result "leftovers of an earlier run removed"
+}
+
 ############################ main ############################
 
 ensure_engine
@@ -587,6 +613,7 @@ base_images
 snapshot
 choose_images
 write_env
+clear_leftovers
 build_images
 [ "$MODE" = build ] && exit 0
 STACK_UP=1

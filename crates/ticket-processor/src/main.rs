@@ -11,29 +11,29 @@ async fn main() -> std::process::ExitCode {
     ticket_kafka::init_logging();
     let result = match cli.command {
         Some(Command::ProcessFile(args)) => process_file(args).await,
-        Some(Command::ReplayDlq(args)) => ticket_processor::replay::replay_dlq(args).await.map(|r| {
+        Some(Command::ReplayDlq(args)) => ticket_stream::replay::replay_dlq(args).await.map(|r| {
             println!(
                 "read {} dead letters: {} replayed, {} skipped by --reason-contains, {} duplicates",
                 r.read, r.replayed, r.skipped, r.duplicates
             );
         }),
-        Some(Command::Query(args)) => ticket_processor::query::query(&args).await,
+        Some(Command::Query(args)) => ticket_lake::query::query(&args).await,
         Some(Command::Report(args)) => {
             let shutdown = tokio_util::sync::CancellationToken::new();
             tokio::spawn(ticket_kafka::cancel_on_signal(shutdown.clone()));
-            ticket_processor::report::report(&args, shutdown).await
+            ticket_lake::report::report(&args, shutdown).await
         }
         Some(Command::HealthCheck { http_addr }) => ticket_processor::health_check(http_addr).await,
         None => {
             let shutdown = tokio_util::sync::CancellationToken::new();
             tokio::spawn(ticket_kafka::cancel_on_signal(shutdown.clone()));
-            ticket_processor::run(cli.run, shutdown).await
+            ticket_stream::run(cli.run, shutdown).await
         }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         // A query DataFusion rejects is the user's to fix, like a bad flag: exit 2.
-        Err(e) if e.is::<ticket_processor::query::BadQuery>() => {
+        Err(e) if e.is::<ticket_lake::query::BadQuery>() => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::from(2)
         }
@@ -48,8 +48,8 @@ async fn main() -> std::process::ExitCode {
 async fn process_file(args: ticket_processor::FileArgs) -> anyhow::Result<()> {
     let routing = args.routing.load()?;
     let start = std::time::Instant::now();
-    let aggregator = ticket_processor::aggregate::Aggregator::default();
-    let r = ticket_processor::file::process_file(
+    let aggregator = ticket_engine::aggregate::Aggregator::default();
+    let r = ticket_lake::file::process_file(
         &args.input,
         &args.output_dir,
         &routing,

@@ -26,7 +26,7 @@
 //! because an object's key comes from its tickets (their hour, first and last offsets), a
 //! replay cut the same way writes the same keys.
 //! The unit tests below crash the protocol at every request, lose the answer of every
-//! request, and run a stale owner against a new one, on [`crate::store::memory::MemStore`].
+//! request, and run a stale owner against a new one, on [`ticket_s3::store::memory::MemStore`].
 
 use std::time::Duration;
 
@@ -38,7 +38,7 @@ use ticket_core::keys::{Hour, Layout};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::store::{Expect, SharedStore, StoreError};
+use ticket_s3::store::{Expect, SharedStore, StoreError};
 
 /// One partition's micro-batch, ready to be written.
 #[derive(Debug, Default)]
@@ -479,7 +479,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::store::memory::{Fault, MemStore};
+    use ticket_s3::store::memory::{Fault, MemStore};
 
     const PARTITION: i32 = 0;
 

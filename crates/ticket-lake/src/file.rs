@@ -21,9 +21,9 @@ use serde::Serialize;
 use ticket_core::Routing;
 use ticket_core::counts::Counts;
 
-use crate::aggregate::Aggregator;
-use crate::enrich::BatchBuilder;
-use crate::output::{ObjectWriter, OutputFormat, Rows};
+use ticket_engine::aggregate::Aggregator;
+use ticket_engine::enrich::BatchBuilder;
+use ticket_engine::output::{ObjectWriter, OutputFormat, Rows};
 
 /// What a file run did.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,5 +1,9 @@
-//! The S3 adapter: the handful of object operations the sink needs, with errors that say what
-//! was being done, where, and what to do about it.
+//! `ticket-s3`: the S3 adapter, the handful of object operations the sink needs, with errors
+//! that say what was being done, where, and what to do about it; the settings and HTTP client
+//! every S3 caller shares (the reading side's `object_store` takes the same settings); and
+//! [`store`], the interface the sink is written against, with an in-memory store for tests.
+
+pub mod store;
 
 use std::time::Duration;
 
@@ -35,6 +39,13 @@ pub struct S3Args {
     pub region: String,
 }
 
+impl S3Args {
+    /// `S3_ENDPOINT`, unless it is unset or blank (AWS S3).
+    pub fn endpoint(&self) -> Option<&str> {
+        self.endpoint.as_deref().filter(|s| !s.trim().is_empty())
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Store {
     client: Client,
@@ -49,9 +60,28 @@ pub struct Store {
     prefix_hint: String,
 }
 
+/// The HTTP client of every AWS call (S3 and the credentials chain): hyper 1 with rustls on
+/// ring, the crypto provider `object_store` already uses (the SDK's default client would add
+/// aws-lc, a C build, to the tree), the system's root certificates, and HTTP(S)_PROXY/NO_PROXY
+/// from the environment as the SDK's default client reads them.
+pub fn http_client() -> aws_sdk_s3::config::SharedHttpClient {
+    use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
+    use aws_smithy_http_client::{Builder, ConnectorBuilder, proxy::ProxyConfig};
+    Builder::new().build_with_connector_fn(|settings, components| {
+        let mut conn = ConnectorBuilder::default().tls_provider(Provider::Rustls(CryptoMode::Ring));
+        conn.set_connector_settings(settings.cloned());
+        if let Some(components) = components {
+            conn.set_sleep_impl(components.sleep_impl());
+        }
+        conn.set_proxy_config(Some(ProxyConfig::from_env()));
+        conn.build()
+    })
+}
+
 /// The AWS settings of the processor: region, the default credentials chain, timeouts.
 pub async fn sdk_config(args: &S3Args) -> aws_config::SdkConfig {
     aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .http_client(http_client())
         .region(aws_config::Region::new(args.region.clone()))
         // One retry layer only: the sink's own (`sink::Retrier`) decides what is worth
         // retrying and for how long, so the SDK makes each request once.
@@ -71,7 +101,7 @@ impl Store {
         if args.bucket.trim().is_empty() {
             bail!("S3_BUCKET_NAME is empty: set it to the bucket the results go to");
         }
-        let endpoint = ticket_kafka::non_empty(&args.endpoint);
+        let endpoint = args.endpoint();
         if let Some(ep) = endpoint
             && !(ep.starts_with("http://") || ep.starts_with("https://"))
         {

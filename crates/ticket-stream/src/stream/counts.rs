@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Event;
 use crate::sink::{Retrier, SinkError, total_counts};
-use crate::store::{Expect, SharedStore};
+use ticket_s3::store::{Expect, SharedStore};
 
 /// The counts object is rewritten at most this often (each refresh lists and reads every
 /// partition's checkpoint).

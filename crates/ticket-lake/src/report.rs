@@ -19,7 +19,7 @@ use ticket_core::report::{HourTypeCount, ReportData, TeamPriorityCount, render};
 use tokio_util::sync::CancellationToken;
 
 use crate::query::{Lake, Opened, open, run_sql};
-use crate::s3::S3Args;
+use ticket_s3::S3Args;
 
 /// Where the page goes, under the lake's root.
 pub const REPORT_KEY: &str = "reports/index.html";

@@ -1,10 +1,10 @@
 //! The object store behind the exactly-once protocol: the handful of operations the sink needs,
 //! with conditional writes (create-only, update-if-ETag).
 //!
-//! [`crate::s3::Store`] is the real one (AWS S3, MinIO, any S3-compatible store);
+//! [`crate::Store`] is the real one (AWS S3, MinIO, any S3-compatible store);
 //! [`memory::MemStore`] keeps objects in memory with the same conditional semantics and can
 //! inject faults (a crash at the n-th request, a write that lands but whose answer is lost), so
-//! the protocol in [`crate::sink`] is tested in one process, in milliseconds.
+//! the protocol in ticket-stream's sink is tested in one process, in milliseconds.
 
 use futures::future::BoxFuture;
 

@@ -4,7 +4,7 @@
 //! Two tables:
 //!
 //! - `tickets`: every ticket object under `tickets_with_team/`, JSON Lines and Parquet alike,
-//!   with the columns of [`crate::output::ticket_schema`] and the partition columns `topic`,
+//!   with the columns of [`ticket_engine::output::ticket_schema`] and the partition columns `topic`,
 //!   `date` (DATE), `hour` (INT) and `partition` (INT) read from the keys. Objects written
 //!   before time partitions (`topic=…/partition=…/`) have NULL `date` and `hour`; a
 //!   `process-file` directory has NULL in all four.
@@ -34,8 +34,8 @@ use object_store::aws::{AmazonS3Builder, AwsCredential};
 use object_store::{CredentialProvider, ObjectStore, ObjectStoreExt};
 use tokio::sync::Mutex;
 
-use crate::output::{OutputFormat, ticket_schema};
-use crate::s3::S3Args;
+use ticket_engine::output::{OutputFormat, ticket_schema};
+use ticket_s3::S3Args;
 
 #[derive(clap::Args, Debug)]
 pub struct QueryArgs {
@@ -332,11 +332,11 @@ async fn s3_store(args: &S3Args) -> anyhow::Result<Arc<dyn ObjectStore>> {
             "S3_BUCKET_NAME is empty: set it to the bucket the results are in (or use --dir)"
         );
     }
-    let sdk = crate::s3::sdk_config(args).await;
+    let sdk = ticket_s3::sdk_config(args).await;
     let mut builder = AmazonS3Builder::new()
         .with_bucket_name(&args.bucket)
         .with_region(&args.region);
-    if let Some(ep) = ticket_kafka::non_empty(&args.endpoint) {
+    if let Some(ep) = args.endpoint() {
         builder = builder
             .with_endpoint(ep)
             .with_allow_http(ep.starts_with("http://"))

@@ -46,12 +46,12 @@ use self::dead_letter::DeadLetters;
 use self::drain::Drain;
 use self::partition::{Partition, Written};
 use self::writer::{Failure, RawBatch, Report, Writer, WriterContext};
-use crate::aggregate::Aggregator;
 use crate::http::Health;
 use crate::metrics::Metrics;
-use crate::output::OutputFormat;
 use crate::sink::{PartitionSink, Retrier, SinkError};
-use crate::store::SharedStore;
+use ticket_engine::aggregate::Aggregator;
+use ticket_engine::output::OutputFormat;
+use ticket_s3::store::SharedStore;
 
 /// How often the loop ticks when no message comes: age-due batches are handed over, `--drain`
 /// checks for the end, and `/health/live` is told the loop turns (see `http::STUCK_AFTER`).

@@ -18,13 +18,13 @@ use tokio_util::sync::CancellationToken;
 use super::Event;
 use super::dead_letter::{DeadLetter, DeadLetterError, DeadLetters};
 use super::partition::{Buffer, Open};
-use crate::aggregate::Aggregator;
-use crate::enrich::BatchBuilder;
 use crate::metrics::Metrics;
-use crate::output::{OutputFormat, recycle_body};
-use crate::recycle::{Pool, Reusable};
 use crate::sink::{Batch, Object, PartitionSink, Retrier, SinkError};
-use crate::store::SharedStore;
+use ticket_engine::aggregate::Aggregator;
+use ticket_engine::enrich::BatchBuilder;
+use ticket_engine::output::{OutputFormat, recycle_body};
+use ticket_engine::recycle::{Pool, Reusable};
+use ticket_s3::store::SharedStore;
 
 /// Messages as read, copied into one buffer (no allocation per message).
 #[derive(Default)]
@@ -97,7 +97,7 @@ impl Buffer for RawBatch {
     }
 }
 
-/// Raw batches given back once decoded, for [`Buffer::with_room_for`] (see [`crate::recycle`]).
+/// Raw batches given back once decoded, for [`Buffer::with_room_for`] (see [`ticket_engine::recycle`]).
 static RAW_BATCHES: Pool<RawBatch> = Pool::new(8);
 
 impl Reusable for RawBatch {
