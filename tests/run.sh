@@ -29,7 +29,7 @@ command -v npm >/dev/null || APT+=(nodejs npm)
 if [ ${#APT[@]} -gt 0 ]; then
   echo "Installing ${APT[*]} (apt)..."
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq && $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${APT[@]}"
+  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${APT[@]}"
 fi
 
 ACTIONLINT_DIR=target/tools/actionlint
