@@ -298,7 +298,7 @@ compose() { (cd "$SRC" && docker compose -p "$STACK_PROJECT" "${COMPOSE_FILES[@]
 # Vendor images: the real ones when they can be had, stand-ins (tests/stack/compose.standins.yml)
 # otherwise.
 choose_images() {
-  mapfile -t VENDOR_IMAGES < <(awk '$1 == "image:" && $2 !~ /^ticket-pipeline/ {print $2}' "$ROOT/docker-compose.yml")
+  mapfile -t VENDOR_IMAGES < <(awk '$1 == "image:" && $2 !~ /^(ticket-pipeline|\$\{IMAGE_REGISTRY)/ {print $2}' "$ROOT/docker-compose.yml")
   local missing=() img
   for img in "${VENDOR_IMAGES[@]}"; do
     pull_if_missing "$img" || missing+=("$img")
