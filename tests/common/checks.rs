@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use ticket_core::Routing;
+use ticket_core::checkpoint::Checkpoint;
 
 use super::Fixture;
 
@@ -81,9 +82,9 @@ impl Fixture {
         lines.len()
     }
 
-    /// (valid tickets, dead letters, next offset per partition) summed over the checkpoints.
-    pub async fn checkpoints(&self) -> (u64, u64, BTreeMap<i32, i64>) {
-        let (mut tickets, mut dead, mut next) = (0, 0, BTreeMap::new());
+    /// Every partition's checkpoint, read as the processor reads it.
+    pub async fn checkpoint_per_partition(&self) -> BTreeMap<i32, Checkpoint> {
+        let mut all = BTreeMap::new();
         for key in self.s3.keys("_checkpoints/").await {
             let Some(p) = key
                 .rsplit("partition=")
@@ -96,12 +97,41 @@ impl Fixture {
             let Some(body) = self.s3.get(&key).await else {
                 continue;
             };
-            let v: Value = serde_json::from_slice(&body).expect("checkpoint json");
-            tickets += v["tickets"].as_u64().expect("tickets");
-            dead += v["dead_letters"].as_u64().expect("dead_letters");
-            next.insert(p, v["next_offset"].as_i64().expect("next_offset"));
+            let cp = Checkpoint::from_json(&body)
+                .unwrap_or_else(|e| panic!("checkpoint {key} is not valid: {e}"));
+            all.insert(p, cp);
+        }
+        all
+    }
+
+    /// (valid tickets, dead letters, next offset per partition) summed over the checkpoints.
+    pub async fn checkpoints(&self) -> (u64, u64, BTreeMap<i32, i64>) {
+        let (mut tickets, mut dead, mut next) = (0, 0, BTreeMap::new());
+        for (p, cp) in self.checkpoint_per_partition().await {
+            tickets += cp.tickets;
+            dead += cp.dead_letters;
+            next.insert(p, cp.next_offset);
         }
         (tickets, dead, next)
+    }
+
+    /// Objects that a checkpoint records as committed but that are not in S3 (yet): a crash
+    /// between a batch's checkpoint and its objects leaves some, for the partition's next
+    /// owner to rebuild from Kafka.
+    pub async fn recorded_but_missing(&self) -> Vec<String> {
+        let present: BTreeSet<String> = self
+            .s3
+            .keys("tickets_with_team/")
+            .await
+            .into_iter()
+            .collect();
+        self.checkpoint_per_partition()
+            .await
+            .into_values()
+            .flat_map(|cp| cp.batch.into_iter().flat_map(|b| b.objects))
+            .map(|o| o.key)
+            .filter(|k| !present.contains(k))
+            .collect()
     }
 
     /// The processor's committed offsets on partitions `0..partitions` of the topic.

@@ -18,6 +18,9 @@ pub enum FlushReason {
     Size,
     Bytes,
     Age,
+    /// A committed range being rebuilt from Kafka reached its recorded last offset: it is
+    /// cut exactly where it was cut the first time, never by the policy.
+    Rebuilt,
 }
 
 impl BatchPolicy {

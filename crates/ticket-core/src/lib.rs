@@ -8,14 +8,12 @@
 //! - [`keys`]: the S3 object layout, which other tools read as a contract.
 //! - [`batch`]: when a micro-batch is flushed (size or age).
 //! - [`checkpoint`]: the per-partition progress record that makes S3 output exactly-once.
-//! - [`report`]: the self-contained HTML report page (`reports/index.html`), charts as inline SVG.
 
 pub mod batch;
 pub mod checkpoint;
 pub mod counts;
 pub mod generate;
 pub mod keys;
-pub mod report;
 pub mod routing;
 pub mod ticket;
 pub mod validate;

@@ -62,6 +62,14 @@ impl Routing {
         })
     }
 
+    /// A short digest of the table (CRC32C of its canonical JSON, hex): what a checkpoint
+    /// records so that a batch is never rebuilt with another table than the one it was
+    /// committed with.
+    pub fn digest(&self) -> String {
+        let canonical = serde_json::json!({"teams": self.teams, "default_team": self.default_team});
+        format!("{:08x}", crc32c::crc32c(canonical.to_string().as_bytes()))
+    }
+
     /// The team for a request type; matching is exact, as in the original.
     pub fn team_for(&self, request_type: &str) -> &str {
         self.teams.get(request_type).unwrap_or(&self.default_team)
@@ -92,6 +100,20 @@ mod tests {
         assert_eq!(r.team_for("billing"), "Finance");
         assert_eq!(r.team_for("sales"), "Sales");
         assert_eq!(r.team_for("technical"), "Triage");
+    }
+
+    #[test]
+    fn the_digest_changes_with_the_table_and_only_with_it() {
+        let same = Routing::from_json(
+            r#"{"default_team": "General Support", "teams": {"support": "Customer Service", "billing": "Billing Team", "technical": "Tech Support"}}"#,
+        )
+        .expect("valid file");
+        assert_eq!(same.digest(), Routing::default().digest());
+        let other = Routing::from_json(
+            r#"{"teams": {"billing": "Finance"}, "default_team": "General Support"}"#,
+        )
+        .expect("valid file");
+        assert_ne!(other.digest(), Routing::default().digest());
     }
 
     #[test]

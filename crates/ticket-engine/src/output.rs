@@ -17,6 +17,12 @@ use ticket_core::TicketRef;
 
 use crate::recycle::{Pool, bytes_with_room};
 
+/// The version of the bytes an object holds for given tickets, in either format: recorded in
+/// each batch's checkpoint, so that a batch committed by one version is never rebuilt by
+/// another that would write other bytes under its keys. Raise it with any change to what
+/// [`OutputFormat`]'s encoders write (a field, its formatting, Parquet's writer settings).
+pub const ENCODING_VERSION: u32 = 1;
+
 /// How ticket objects are written (`OUTPUT_FORMAT`).
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum OutputFormat {

@@ -260,6 +260,11 @@ pub async fn cancel_on_signal(token: tokio_util::sync::CancellationToken) {
 }
 
 /// Logs to stderr as text, or as JSON lines with `LOG_FORMAT=json`; `RUST_LOG` filters.
+/// Whether the logs are JSON (`LOG_FORMAT=json`).
+pub fn json_logs() -> bool {
+    std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json")
+}
+
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
@@ -268,7 +273,7 @@ pub fn init_logging() {
         .with_env_filter(filter)
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
-    if std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json") {
+    if json_logs() {
         builder.json().init();
     } else {
         builder.init();

@@ -27,6 +27,9 @@ async fn main() -> std::process::ExitCode {
         None => {
             let shutdown = tokio_util::sync::CancellationToken::new();
             tokio::spawn(ticket_kafka::cancel_on_signal(shutdown.clone()));
+            let deadline = std::time::Duration::from_secs(cli.run.shutdown_timeout_secs)
+                + ticket_stream::stream::EXIT_GRACE;
+            exit_after(shutdown.clone(), deadline);
             ticket_stream::run(cli.run, shutdown).await
         }
     };
@@ -37,12 +40,34 @@ async fn main() -> std::process::ExitCode {
             eprintln!("error: {e:#}");
             std::process::ExitCode::from(2)
         }
+        // Said once: in the log's format when the logs are JSON (a collector reads them),
+        // else as a plain `error:` line.
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
+            if ticket_kafka::json_logs() {
+                tracing::error!("{e:#}");
+            } else {
+                eprintln!("error: {e:#}");
+            }
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Once a stop is requested, the process is gone `deadline` later whatever it still waits on
+/// (closing the Kafka clients can block): nothing is lost, unwritten batches are processed
+/// again on restart.
+fn exit_after(shutdown: tokio_util::sync::CancellationToken, deadline: std::time::Duration) {
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        std::thread::spawn(move || {
+            std::thread::sleep(deadline);
+            tracing::error!(
+                "Still stopping {} s after the signal; exiting now (nothing is lost: unwritten batches are processed again on restart).",
+                deadline.as_secs()
+            );
+            std::process::exit(1);
+        });
+    });
 }
 
 async fn process_file(args: ticket_processor::FileArgs) -> anyhow::Result<()> {

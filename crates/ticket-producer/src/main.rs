@@ -16,9 +16,13 @@ async fn main() -> std::process::ExitCode {
             println!("{report}");
             std::process::ExitCode::SUCCESS
         }
+        // Said once, in the log's format when the logs are JSON.
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
+            if ticket_kafka::json_logs() {
+                tracing::error!("{e:#}");
+            } else {
+                eprintln!("error: {e:#}");
+            }
             std::process::ExitCode::FAILURE
         }
     }

@@ -53,7 +53,8 @@ pub struct Store {
     /// For messages: where the bucket lives.
     endpoint: String,
     /// Over TLS the body is not hashed for the signature (SHA-256 of every batch was the
-    /// largest CPU cost of a write); TLS and the CRC32 checksum the SDK sends still protect it.
+    /// largest CPU cost of a write); TLS and the CRC32C checksum sent with each PUT still
+    /// protect it.
     /// Over plain HTTP the signed hash is the only integrity check, so it stays.
     unsigned_payload: bool,
     /// `S3_PREFIX`, for the permissions a refusal names.
@@ -83,7 +84,7 @@ pub async fn sdk_config(args: &S3Args) -> aws_config::SdkConfig {
     aws_config::defaults(aws_config::BehaviorVersion::latest())
         .http_client(http_client())
         .region(aws_config::Region::new(args.region.clone()))
-        // One retry layer only: the sink's own (`sink::Retrier`) decides what is worth
+        // One retry layer only: the streaming side's own (`ticket_stream::retry::Retrier`) decides what is worth
         // retrying and for how long, so the SDK makes each request once.
         .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(1))
         .timeout_config(
@@ -297,6 +298,12 @@ impl ObjectStore for Store {
                 .bucket(&self.bucket)
                 .key(key)
                 .content_type(content_type(key))
+                // The server checks the body against it whether or not the payload is signed
+                // (computed here, so the SDK does not compute its own CRC32 as well).
+                .checksum_algorithm(aws_sdk_s3::types::ChecksumAlgorithm::Crc32C)
+                .checksum_crc32_c(aws_smithy_types::base64::encode(
+                    crc32c::crc32c(&body).to_be_bytes(),
+                ))
                 .body(ByteStream::from(body));
             req = match expect {
                 Expect::Any => req,

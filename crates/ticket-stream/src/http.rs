@@ -2,8 +2,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use axum::Router;
@@ -14,48 +12,7 @@ use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-
-/// Whether the processor is ready (connected, checks passed) and alive (its loop turns).
-#[derive(Default)]
-pub struct Health {
-    ready: AtomicBool,
-    last_tick_ms: AtomicU64,
-}
-
-/// The processing loop ticks every `stream::TICK` (and blocks at most `stream::SEEK_TIMEOUT`
-/// on a seek); this long without a tick means it is stuck.
-pub const STUCK_AFTER: Duration = Duration::from_secs(120);
-const _: () = assert!(
-    STUCK_AFTER.as_millis()
-        > 10 * (crate::stream::TICK.as_millis() + crate::stream::SEEK_TIMEOUT.as_millis())
-);
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-impl Health {
-    pub fn set_ready(&self, ready: bool) {
-        self.tick();
-        self.ready.store(ready, Ordering::Relaxed);
-    }
-
-    pub fn tick(&self) {
-        self.last_tick_ms.store(now_ms(), Ordering::Relaxed);
-    }
-
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
-    }
-
-    pub fn is_live(&self) -> bool {
-        let last = self.last_tick_ms.load(Ordering::Relaxed);
-        last == 0 || now_ms().saturating_sub(last) < STUCK_AFTER.as_millis() as u64
-    }
-}
+use crate::stream::health::Health;
 
 #[derive(Clone)]
 struct AppState {

@@ -3,7 +3,9 @@
 //!
 //! - [`stream`]: the Kafka consumer loop (continuous, or `--drain`), with its parts:
 //!   partition state, writers, dead letters, drain, counts;
-//! - [`sink`]: the exactly-once protocol for one partition's batch;
+//! - [`sink`]: the exactly-once commit protocol: the [`sink::Committer`] trait and the object
+//!   layout's [`sink::ObjectCommitter`];
+//! - [`retry`]: when to try an S3 request again (backoff with jitter);
 //! - [`replay`]: `replay-dlq`, dead letters back into the tickets topic, exactly once;
 //! - [`http`] and [`metrics`]: health and Prometheus metrics;
 //! - [`RunArgs`] and [`run`]: the streaming processor's settings, and the processor itself.
@@ -11,6 +13,7 @@
 pub mod http;
 pub mod metrics;
 pub mod replay;
+pub mod retry;
 pub mod sink;
 pub mod stream;
 
@@ -86,7 +89,7 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<(
     }
     let routing = args.routing.load()?;
     let metrics = metrics::Metrics::new();
-    let health = Arc::new(http::Health::default());
+    let health = Arc::new(stream::health::Health::default());
     let http_stop = CancellationToken::new();
     let bound = http::serve(
         args.http_addr,

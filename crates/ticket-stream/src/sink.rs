@@ -1,44 +1,75 @@
 //! Exactly-once output to S3: how a micro-batch of one partition becomes part of the results.
 //!
+//! The commit protocol sits behind one trait, [`Committer`] (recover, prepare, commit,
+//! complete), so that another lake format can be added beside today's object layout without
+//! touching the consumer's loop. Kafka stays outside it: [`Committer::recover`] returns a
+//! [`Plan`] (resume at an offset, or first rebuild a recorded range), and the loop does the
+//! reading. [`ObjectCommitter`] is the object layout's implementation:
+//!
 //! Each partition has a checkpoint object (`_checkpoints/.../partition=N.json`) holding the next
 //! offset to process and the running totals. A batch covering offsets `first..=last` becomes
 //! one object per UTC hour its tickets fall in (usually one; see [`Batch::objects`]), written:
 //!
-//! 1. each object to a staging key unique to this attempt (outside `tickets_with_team/`):
-//!    the only time its body is uploaded;
-//! 2. the new checkpoint (`next_offset = last + 1`, totals, and `pending: [staging -> final]`),
-//!    **conditionally on the ETag of the checkpoint this owner loaded**. This is the commit
-//!    point: a stale owner (the partition moved to another instance) fails here and writes
-//!    nothing visible;
-//! 3. a server-side copy of each staging object to its final key under `tickets_with_team/`;
-//!    the staging objects are then deleted off the batch's path (see [`PartitionSink::settle`]);
-//! 4. only then does the caller commit the Kafka offset (invariant: never before S3 is durable).
+//! 1. **the intent**: the new checkpoint (`next_offset = last + 1`, the totals, and `batch`:
+//!    the offsets, the format, what the objects were made with, and per object its key, hour,
+//!    offsets, ticket count and CRC32C), written **conditionally on the ETag of the checkpoint
+//!    this owner loaded** (`If-Match`). This is the commit point: a stale owner (the partition
+//!    moved to another instance) fails here and writes nothing;
+//! 2. **the objects, once, in place**: each created with `If-None-Match: *` under its final
+//!    key. One that already exists is done (another owner, or our own write whose answer was
+//!    lost, created it with the same bytes). Nothing is staged, copied or deleted;
+//! 3. only then does the caller commit the Kafka offset (invariant: never before S3 is durable).
 //!
-//! Three sequential requests per batch with valid tickets (PUTs, conditional PUT, COPYs; the
-//! PUTs and COPYs of a batch's objects run side by side), one (the checkpoint) for a batch of
-//! dead letters only.
+//! Two sequential requests per batch with valid tickets (the conditional PUT, then the
+//! objects' PUTs side by side), one (the checkpoint) for a batch of dead letters only. The next
+//! batch's checkpoint is written only once the previous batch's objects are (one committer
+//! task per partition, one batch at a time), so a checkpoint's `batch` is the only one that
+//! can have objects missing.
 //!
-//! A crash after 2 leaves `pending` in the checkpoint; whoever loads it next finishes step 3
-//! (idempotent: same keys, same bytes). A crash before 2 leaves only staging objects, and the
-//! batch is replayed from the checkpoint's offset. Because replay always starts at the
-//! checkpoint's `next_offset` and batch boundaries are recorded, a replay never writes a range
-//! that overlaps one already committed, however its batches are cut (by size or by time); and
-//! because an object's key comes from its tickets (their hour, first and last offsets), a
-//! replay cut the same way writes the same keys.
-//! The unit tests below crash the protocol at every request, lose the answer of every
-//! request, and run a stale owner against a new one, on [`ticket_s3::store::memory::MemStore`].
-
-use std::time::Duration;
+//! **Recovery.** A crash before 1 leaves nothing: the batch is processed again from the
+//! checkpoint's offset. A crash after 1 leaves a recorded batch whose objects may be missing;
+//! whoever loads the checkpoint next checks them (one HEAD each) and, if any is missing,
+//! returns [`Plan::Rebuild`]: the loop reads exactly `first..=last` from Kafka again (never
+//! re-cut by the batch policy; dead letters are not sent twice), and
+//! [`Committer::complete`] checks the rebuilt objects' keys, ticket counts and checksums
+//! against the record before it creates the missing ones. A mismatch (the routing table, the
+//! output format or the validator changed in between) stops the processor with what to do,
+//! rather than write other bytes under a committed key. Because replay always starts at the
+//! checkpoint's offset (or the recorded batch's first), a replay never writes a range that
+//! overlaps one already committed, however its batches are cut; and because an object's key
+//! comes from its tickets (their hour, first and last offsets), the same tickets always make
+//! the same keys. This is how Kafka Connect's S3 sink and kafka-delta-ingest work: Kafka is
+//! the log, S3 holds what is committed.
+//!
+//! **The price: a recorded batch depends on Kafka's retention** until its objects are written,
+//! exactly like every message not yet processed. The window runs from the checkpoint write to
+//! the last object's, which an S3 outage or a stopped processor stretches; the batch is lost
+//! only if the topic's retention passes first. Then the processor stops with an error that
+//! names the topic, partition and offsets and says how to go on; it never skips them (the
+//! loop checks the partition's first offset in Kafka before it seeks, and that the first
+//! message delivered is the recorded first offset: `auto.offset.reset=earliest` would
+//! otherwise jump forward without a word).
+//!
+//! **Upgrades.** Versions up to 0.1.0 staged each object, wrote `pending: {staging_key,
+//! final_key}` into the checkpoint, copied and deleted. A checkpoint such a version left with
+//! `pending` is finished here from its staging object (copy, then delete it), exactly once;
+//! this version never writes `pending`, and those versions ignore `batch`, so a rollback
+//! resumes after this version's last batch and never touches its keys. Roll back after a
+//! clean stop (every batch's objects written); after a crash, start this version once so that
+//! it completes its last batch.
+//!
+//! The unit tests below crash the protocol at every request (recovery included, with the
+//! rebuild from Kafka), lose the answer of every request, and run a stale owner against a new
+//! one, on [`ticket_s3::store::memory::MemStore`].
 
 use anyhow::anyhow;
 use bytes::Bytes;
-use ticket_core::checkpoint::{Checkpoint, Pending};
+use ticket_core::checkpoint::{Checkpoint, Intent, Pending, Planned};
 use ticket_core::counts::Counts;
 use ticket_core::keys::{Hour, Layout};
-use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
-use ticket_s3::store::{Expect, SharedStore, StoreError};
+use crate::retry::Retrier;
+use ticket_s3::store::{Expect, SharedStore};
 
 /// One partition's micro-batch, ready to be written.
 #[derive(Debug, Default)]
@@ -64,126 +95,275 @@ pub struct Object {
     /// Offsets of the first and last ticket in it.
     pub first: i64,
     pub last: i64,
+    pub tickets: u64,
     pub body: Bytes,
 }
 
+/// Why a batch (or a partition's recovery) did not become durable: the one outcome type of
+/// the streaming side, from the store's answers up to the consumer's loop.
 #[derive(Debug, thiserror::Error)]
-pub enum SinkError {
+pub enum Failure {
     /// The checkpoint changed under us: another owner took the partition. Reload the
     /// checkpoint and resume from it.
-    #[error("checkpoint of partition {0} changed under us; reloading")]
+    #[error("another writer committed partition {0} first")]
     Fenced(i32),
-    /// The processor is stopping and gave up retrying.
+    /// Something that may pass (a dead letter not delivered): reload the checkpoint and
+    /// process again from there.
+    #[error("{0}")]
+    Rewind(String),
+    /// The processor is stopping and gave up retrying: processed again on restart.
     #[error("stopped while retrying")]
     Aborted,
+    /// Will not get better by retrying: stop the processor with this message.
     #[error(transparent)]
     Fatal(#[from] anyhow::Error),
 }
 
-/// Retries S3 operations that failed transiently, with capped exponential backoff, until they
-/// succeed or `abort` fires. A permanent error (403, missing bucket) stops at once with what
-/// to fix: retrying it would only hide it.
-#[derive(Clone)]
-pub struct Retrier {
-    pub abort: CancellationToken,
-    pub metrics: Metrics,
-    pub first_backoff: Duration,
-    pub max_backoff: Duration,
+/// Where a partition's processing starts, as its committer recovered it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// Everything below `at` is durable: process from `at` on.
+    Resume { at: i64 },
+    /// The batch `first..=last` is committed but some of its objects are missing: read
+    /// exactly that range again, as one batch, hand it to [`Committer::complete`], then go on
+    /// at `last + 1`.
+    Rebuild { first: i64, last: i64 },
 }
 
-impl Retrier {
-    pub fn new(abort: CancellationToken, metrics: Metrics) -> Retrier {
-        Retrier {
-            abort,
-            metrics,
-            first_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(5),
+impl Plan {
+    /// The first offset to read.
+    pub fn start(self) -> i64 {
+        match self {
+            Plan::Resume { at } => at,
+            Plan::Rebuild { first, .. } => first,
         }
-    }
-
-    pub async fn run<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, SinkError>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, StoreError>>,
-    {
-        let mut backoff = self.first_backoff;
-        let mut attempt = 1u32;
-        loop {
-            match op().await {
-                Ok(v) => {
-                    if attempt > 1 {
-                        tracing::info!(what, attempt, "S3 is reachable again.");
-                    }
-                    return Ok(v);
-                }
-                Err(e) if e.is_transient() => {
-                    self.metrics.s3_errors.inc();
-                    tracing::warn!(what, attempt, retry_in_ms = backoff.as_millis() as u64, error = %e, "S3 request failed; retrying.");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = self.abort.cancelled() => return Err(SinkError::Aborted),
-                    }
-                    backoff = (backoff * 2).min(self.max_backoff);
-                    attempt += 1;
-                }
-                Err(StoreError::Conflict { key }) => {
-                    return Err(SinkError::Fatal(anyhow!("unexpected conflict on {key}")));
-                }
-                Err(e) => {
-                    self.metrics.s3_errors.inc();
-                    return Err(SinkError::Fatal(anyhow!("{what}: {e}")));
-                }
-            }
-        }
-    }
-
-    /// Like [`Retrier::run`], but a lost conditional write is reported as `Ok(None)`.
-    async fn run_conditional<T, F, Fut>(
-        &self,
-        what: &str,
-        mut op: F,
-    ) -> Result<Option<T>, SinkError>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, StoreError>>,
-    {
-        self.run(what, || {
-            let fut = op();
-            async move {
-                match fut.await {
-                    Ok(v) => Ok(Some(v)),
-                    Err(StoreError::Conflict { .. }) => Ok(None),
-                    Err(e) => Err(e),
-                }
-            }
-        })
-        .await
     }
 }
 
-/// What this process knows of one partition's durable progress.
-pub struct PartitionSink {
-    pub partition: i32,
-    pub checkpoint: Checkpoint,
+/// The commit protocol of one lake format, in the spirit of Arroyo's `TwoPhaseCommitter`:
+/// what a partition's owner calls, in this order.
+pub trait Committer: Send + 'static {
+    /// A batch made ready to commit: its keys and checksums, nothing written yet.
+    type Prepared: Send + 'static;
+
+    /// Reads what the store holds for the partition, finishes what needs no Kafka (an
+    /// earlier version's staged copies), and says where to start.
+    fn recover(&mut self) -> impl Future<Output = Result<Plan, Failure>> + Send;
+
+    /// Pure: the batch's intent (keys, checksums) as the store will record it.
+    fn prepare(&self, batch: Batch) -> Self::Prepared;
+
+    /// Makes prepared batches durable, in order; on `Ok`, their offsets may be committed to
+    /// Kafka. A format whose commit covers several batches at once (a table's log) commits
+    /// them in one step; the object layout commits one checkpoint after the other.
+    fn commit(
+        &mut self,
+        batches: Vec<Self::Prepared>,
+    ) -> impl Future<Output = Result<(), Failure>> + Send;
+
+    /// After [`Plan::Rebuild`]: checks the range read again from Kafka against what was
+    /// recorded, and writes what is missing.
+    fn complete(
+        &mut self,
+        rebuilt: Self::Prepared,
+    ) -> impl Future<Output = Result<(), Failure>> + Send;
+}
+
+/// What this process makes objects with; recorded in each batch's intent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MadeWith {
+    /// The objects' file extension (`OUTPUT_FORMAT`).
+    pub format: &'static str,
+    /// [`ticket_core::Routing::digest`] of the routing table in use.
+    pub routing: String,
+    /// [`ticket_engine::output::ENCODING_VERSION`].
+    pub encoding: u32,
+}
+
+/// A batch with its intent, ready for [`ObjectCommitter::commit`].
+#[derive(Debug)]
+pub struct PreparedBatch {
+    intent: Intent,
+    batch: Batch,
+}
+
+/// The object layout's committer for one partition: its checkpoint, the ETag it was loaded or
+/// last written with, and a recorded batch to rebuild, if any.
+pub struct ObjectCommitter {
+    store: SharedStore,
+    layout: Layout,
+    partition: i32,
+    retry: Retrier,
+    made_with: MadeWith,
+    checkpoint: Checkpoint,
     /// ETag of the checkpoint as we loaded or last wrote it; `None` when there is none yet.
     etag: Option<String>,
-    /// Staging objects found at load for offsets not yet committed (a crash before the commit
-    /// point left them): deleted once a commit covers their offsets.
+    /// The recorded batch [`Plan::Rebuild`] asked for, until [`Committer::complete`].
+    rebuild: Option<Intent>,
+    /// Staging objects of an earlier version found at recovery for offsets not yet committed
+    /// (a crash before its commit point left them): deleted once a commit covers them.
     leftovers: Vec<(i64, String)>,
-    /// Deletions of staging objects already copied to their final key, running beside the
-    /// next batch (nothing depends on them: a crash leaves them to the next load).
-    cleanup: tokio::task::JoinSet<()>,
 }
 
-impl PartitionSink {
-    /// Loads the partition's checkpoint and finishes a batch a previous owner left pending.
-    pub async fn load(
-        store: &SharedStore,
-        layout: &Layout,
+impl ObjectCommitter {
+    pub fn new(
+        store: SharedStore,
+        layout: Layout,
         partition: i32,
-        retry: &Retrier,
-    ) -> Result<PartitionSink, SinkError> {
-        let key = layout.checkpoint_key(partition);
+        retry: Retrier,
+        made_with: MadeWith,
+    ) -> ObjectCommitter {
+        ObjectCommitter {
+            store,
+            layout,
+            partition,
+            retry,
+            made_with,
+            checkpoint: Checkpoint::default(),
+            etag: None,
+            rebuild: None,
+            leftovers: Vec::new(),
+        }
+    }
+
+    /// The checkpoint as last loaded or written.
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.checkpoint
+    }
+
+    /// The keys of the recorded batch's objects that are not in the store.
+    async fn missing(&self, intent: &Intent) -> Result<Vec<String>, Failure> {
+        let (store, retry) = (&self.store, &self.retry);
+        let found = futures::future::try_join_all(intent.objects.iter().map(|o| async move {
+            let there = retry
+                .run("check tickets object", || store.exists(&o.key))
+                .await?;
+            Ok::<_, Failure>((!there).then(|| o.key.clone()))
+        }))
+        .await?;
+        Ok(found.into_iter().flatten().collect())
+    }
+
+    /// Why a rebuild with what this process makes objects with would not reproduce
+    /// `intent`, if it would not.
+    fn cannot_rebuild(&self, intent: &Intent) -> Option<String> {
+        let m = &self.made_with;
+        if intent.format != m.format {
+            Some(format!(
+                "it was written as {}, this process writes {} (set OUTPUT_FORMAT={} until it is finished)",
+                intent.format, m.format, intent.format
+            ))
+        } else if intent.routing != m.routing {
+            Some(format!(
+                "it was written with a routing table of digest {}, this process has {} (restore the routing file used then until it is finished)",
+                intent.routing, m.routing
+            ))
+        } else if intent.encoding != m.encoding {
+            Some(format!(
+                "it was encoded by a version of encoding {}, this one writes encoding {} (finish it with the version that committed it)",
+                intent.encoding, m.encoding
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// Creates the batch's objects that do not exist yet, side by side.
+    async fn create_objects(&self, intent: &Intent, batch: &Batch) -> Result<(), Failure> {
+        let (store, retry) = (&self.store, &self.retry);
+        futures::future::try_join_all(intent.objects.iter().zip(&batch.objects).map(
+            |(planned, object)| async move {
+                let created = retry
+                    .run_conditional("write tickets object", || {
+                        store.put(&planned.key, object.body.clone(), Expect::Absent)
+                    })
+                    .await?;
+                if created.is_none() {
+                    tracing::debug!(key = %planned.key, "The object was already written.");
+                }
+                Ok::<_, Failure>(())
+            },
+        ))
+        .await?;
+        Ok(())
+    }
+
+    async fn commit_one(&mut self, prepared: PreparedBatch) -> Result<(), Failure> {
+        let PreparedBatch { intent, batch } = prepared;
+        let mut next = self.checkpoint.clone();
+        next.next_offset = batch.last + 1;
+        next.tickets += batch.valid;
+        next.dead_letters += batch.dead_letters;
+        let mut counts = self.checkpoint.counts();
+        counts.merge(&batch.counts);
+        next.counts = counts.rows();
+        next.pending = Vec::new();
+        next.batch = (!intent.objects.is_empty()).then(|| intent.clone());
+
+        let expect = match &self.etag {
+            Some(e) => Expect::ETag(e.clone()),
+            None => Expect::Absent,
+        };
+        let key = self.layout.checkpoint_key(self.partition);
+        let body = Bytes::from(next.to_json());
+        let (store, retry) = (&self.store, &self.retry);
+        failpoint("before-checkpoint", self.partition).await;
+        let written = retry
+            .run_conditional("write checkpoint", || {
+                store.put(&key, body.clone(), expect.clone())
+            })
+            .await?;
+        let etag = match written {
+            Some(etag) => etag,
+            // Our own write may have landed with its answer lost, and its retry then
+            // conflicts with itself: then the checkpoint holds exactly what we wrote.
+            None => match retry.run("read checkpoint", || store.get(&key)).await? {
+                Some((stored, etag)) if stored == body => etag,
+                _ => return Err(Failure::Fenced(self.partition)),
+            },
+        };
+        // After another error it is not known whether the checkpoint landed: `?` above leaves
+        // that to the next owner, which rebuilds the batch if the checkpoint records it.
+        self.etag = Some(etag);
+        self.checkpoint = next;
+        failpoint("after-checkpoint", self.partition).await;
+
+        self.create_objects(&intent, &batch).await?;
+        if !batch.objects.is_empty() {
+            failpoint("after-final", self.partition).await;
+        }
+        if !self.leftovers.is_empty() {
+            self.clean_leftovers().await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes an earlier version's staging objects of offsets that are committed now (they
+    /// are garbage: what they held is either in place or was replayed into another object).
+    async fn clean_leftovers(&mut self) -> Result<(), Failure> {
+        let next = self.checkpoint.next_offset;
+        let pending = &self.checkpoint.pending;
+        let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.leftovers)
+            .into_iter()
+            .partition(|(first, key)| {
+                *first < next && !pending.iter().any(|p| &p.staging_key == key)
+            });
+        self.leftovers = keep;
+        for (_, key) in done {
+            self.retry
+                .run("delete stale staging object", || self.store.delete(&key))
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+impl Committer for ObjectCommitter {
+    type Prepared = PreparedBatch;
+
+    async fn recover(&mut self) -> Result<Plan, Failure> {
+        let (store, retry) = (self.store.clone(), self.retry.clone());
+        let key = self.layout.checkpoint_key(self.partition);
         let found = retry.run("load checkpoint", || store.get(&key)).await?;
         let (checkpoint, etag) = match found {
             None => (Checkpoint::default(), None),
@@ -197,172 +377,142 @@ impl PartitionSink {
                 (cp, Some(etag))
             }
         };
+        // An earlier version's batch, staged and recorded but maybe not copied into place.
         for p in &checkpoint.pending {
-            finish_pending(store, p, retry).await?;
+            finish_pending(&store, p, &retry).await?;
         }
-        tracing::debug!(
-            partition,
-            next_offset = checkpoint.next_offset,
-            "Loaded checkpoint."
-        );
-        let mut sink = PartitionSink {
-            partition,
-            checkpoint,
-            etag,
-            leftovers: Vec::new(),
-            cleanup: tokio::task::JoinSet::new(),
-        };
-        let prefix = layout.staging_prefix(partition);
-        for key in retry
+        self.checkpoint = checkpoint;
+        self.etag = etag;
+        self.rebuild = None;
+        let prefix = self.layout.staging_prefix(self.partition);
+        self.leftovers = retry
             .run("list staging objects", || store.list(&prefix))
             .await?
-        {
-            let first = layout.first_of_staging(partition, &key).unwrap_or(i64::MAX);
-            sink.leftovers.push((first, key));
-        }
-        sink.clean_leftovers(store, retry).await?;
-        Ok(sink)
-    }
-
-    /// Deletes staging objects of offsets that are committed now (they are garbage: what they
-    /// held is either under `tickets_with_team/` or was replayed into another object).
-    async fn clean_leftovers(
-        &mut self,
-        store: &SharedStore,
-        retry: &Retrier,
-    ) -> Result<(), SinkError> {
-        let next = self.checkpoint.next_offset;
-        let pending = &self.checkpoint.pending;
-        let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.leftovers)
             .into_iter()
-            .partition(|(first, key)| {
-                *first < next && !pending.iter().any(|p| &p.staging_key == key)
-            });
-        self.leftovers = keep;
-        for (_, key) in done {
-            retry
-                .run("delete stale staging object", || store.delete(&key))
-                .await?;
+            .map(|k| {
+                let first = self
+                    .layout
+                    .first_of_staging(self.partition, &k)
+                    .unwrap_or(i64::MAX);
+                (first, k)
+            })
+            .collect();
+        self.clean_leftovers().await?;
+
+        let at = self.checkpoint.next_offset;
+        let Some(intent) = self.checkpoint.batch.clone() else {
+            return Ok(Plan::Resume { at });
+        };
+        let missing = self.missing(&intent).await?;
+        if missing.is_empty() {
+            return Ok(Plan::Resume { at });
         }
-        Ok(())
+        if let Some(why) = self.cannot_rebuild(&intent) {
+            return Err(Failure::Fatal(anyhow!(
+                "partition {}'s batch of offsets {}..={} is committed (checkpoint {key}) but {} of its objects are not written yet ({}), and this process cannot rebuild it: {why}",
+                self.partition,
+                intent.first,
+                intent.last,
+                missing.len(),
+                missing.join(", "),
+            )));
+        }
+        tracing::info!(
+            partition = self.partition,
+            first = intent.first,
+            last = intent.last,
+            missing = missing.len(),
+            "A committed batch has objects still to write; rebuilding it from Kafka."
+        );
+        let plan = Plan::Rebuild {
+            first: intent.first,
+            last: intent.last,
+        };
+        self.rebuild = Some(intent);
+        Ok(plan)
     }
 
-    /// Makes `batch` part of the results, exactly once. On `Ok`, its offsets may be committed.
-    pub async fn commit(
-        &mut self,
-        store: &SharedStore,
-        layout: &Layout,
-        batch: Batch,
-        retry: &Retrier,
-    ) -> Result<(), SinkError> {
-        let mut next = self.checkpoint.clone();
-        next.next_offset = batch.last + 1;
-        next.tickets += batch.valid;
-        next.dead_letters += batch.dead_letters;
-        let mut counts = self.checkpoint.counts();
-        counts.merge(&batch.counts);
-        next.counts = counts.rows();
-
-        let attempt = uuid::Uuid::new_v4().simple().to_string();
-        let staged: Vec<Pending> = batch
+    fn prepare(&self, batch: Batch) -> PreparedBatch {
+        let objects = batch
             .objects
             .iter()
-            .enumerate()
-            .map(|(n, o)| Pending {
-                staging_key: layout.staging_key(
-                    self.partition,
-                    batch.first,
-                    &attempt,
-                    n,
-                    batch.extension,
-                ),
-                final_key: layout.tickets_key(
+            .map(|o| Planned {
+                key: self.layout.tickets_key(
                     self.partition,
                     o.hour,
                     o.first,
                     o.last,
                     batch.extension,
                 ),
+                hour: o.hour.start(),
+                first: o.first,
+                last: o.last,
+                tickets: o.tickets,
+                crc32c: crc32c::crc32c(&o.body),
             })
             .collect();
-        futures::future::try_join_all(staged.iter().zip(&batch.objects).map(|(p, o)| {
-            retry.run("write staging object", || {
-                store.put(&p.staging_key, o.body.clone(), Expect::Any)
-            })
-        }))
-        .await?;
-        if !staged.is_empty() {
-            failpoint("after-staging", self.partition).await;
-        }
-        next.pending = staged.clone();
-
-        let expect = match &self.etag {
-            Some(e) => Expect::ETag(e.clone()),
-            None => Expect::Absent,
+        let intent = Intent {
+            first: batch.first,
+            last: batch.last,
+            format: batch.extension.to_string(),
+            routing: self.made_with.routing.clone(),
+            encoding: self.made_with.encoding,
+            objects,
         };
-        let key = layout.checkpoint_key(self.partition);
-        let body = Bytes::from(next.to_json());
-        failpoint("before-checkpoint", self.partition).await;
-        let written = retry
-            .run_conditional("write checkpoint", || {
-                store.put(&key, body.clone(), expect.clone())
-            })
-            .await?;
-        let etag = match written {
-            Some(etag) => etag,
-            // Our own write may have landed with its answer lost, and its retry then
-            // conflicts with itself: then the checkpoint holds exactly what we wrote.
-            None => match retry.run("read checkpoint", || store.get(&key)).await? {
-                Some((stored, etag)) if stored == body => etag,
-                _ => {
-                    for p in &staged {
-                        // Best effort: a stale owner's staging objects are garbage now (no
-                        // checkpoint names them).
-                        let _ = store.delete(&p.staging_key).await;
-                    }
-                    return Err(SinkError::Fenced(self.partition));
-                }
-            },
-        };
-        // Not known whether the checkpoint landed after another error: `?` above leaves the
-        // staging object to the next load, which keeps it if the checkpoint names it.
-        self.etag = Some(etag);
-        self.checkpoint = next;
-        failpoint("after-checkpoint", self.partition).await;
+        PreparedBatch { intent, batch }
+    }
 
-        futures::future::try_join_all(staged.iter().map(|p| copy_pending(store, p, retry))).await?;
-        if !staged.is_empty() {
-            failpoint("after-final", self.partition).await;
-        }
-        for p in staged {
-            let (store, retry) = (store.clone(), retry.clone());
-            self.cleanup.spawn(async move {
-                if let Err(e) = retry
-                    .run("delete staging object", || store.delete(&p.staging_key))
-                    .await
-                {
-                    tracing::warn!(key = %p.staging_key, error = %e, "Staging object left for the next load to delete.");
-                }
-            });
-        }
-        if !self.leftovers.is_empty() {
-            self.clean_leftovers(store, retry).await?;
+    async fn commit(&mut self, batches: Vec<PreparedBatch>) -> Result<(), Failure> {
+        for prepared in batches {
+            self.commit_one(prepared).await?;
         }
         Ok(())
     }
 
-    /// Waits for the staging deletions still running.
-    pub async fn settle(&mut self) {
-        while self.cleanup.join_next().await.is_some() {}
+    async fn complete(&mut self, rebuilt: PreparedBatch) -> Result<(), Failure> {
+        let Some(recorded) = self.rebuild.take() else {
+            return Err(Failure::Fatal(anyhow!(
+                "partition {}: a rebuilt batch {}..={} arrived, but none was recorded",
+                self.partition,
+                rebuilt.intent.first,
+                rebuilt.intent.last
+            )));
+        };
+        if rebuilt.intent != recorded {
+            let describe = |i: &Intent| {
+                i.objects
+                    .iter()
+                    .map(|o| format!("{} ({} tickets, crc32c {:08x})", o.key, o.tickets, o.crc32c))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return Err(Failure::Fatal(anyhow!(
+                "rebuilding partition {}'s committed batch {}..={} from Kafka gave other objects than its checkpoint records, so nothing was written (the tickets in Kafka, or how they are validated, changed since it was committed). Recorded: [{}]; rebuilt: [{}]. Finish it with the version and settings that committed it, or, to accept the loss of its missing objects, remove \"batch\" from checkpoint {} and restart",
+                self.partition,
+                recorded.first,
+                recorded.last,
+                describe(&recorded),
+                describe(&rebuilt.intent),
+                self.layout.checkpoint_key(self.partition),
+            )));
+        }
+        self.create_objects(&recorded, &rebuilt.batch).await?;
+        tracing::info!(
+            partition = self.partition,
+            first = recorded.first,
+            last = recorded.last,
+            "Rebuilt a committed batch from Kafka; its objects are written."
+        );
+        Ok(())
     }
 }
 
 /// Fault injection for the reliability tests (`tests/faults.rs`), in debug builds only:
 /// `TICKET_PROCESSOR_FAILPOINT=<point>:<action>:<n>` makes the n-th pass through `<point>`
-/// (`before-checkpoint`, `after-staging`, `after-checkpoint`, `after-final`) either `abort`
-/// the process (as a SIGKILL would) or `pause-<ms>` it (as a GC pause or a frozen VM would,
-/// long enough to lose the partition). Its log line names the partition it stopped in.
-/// Release builds compile it to nothing.
+/// (`before-checkpoint`, `after-checkpoint`, `after-final`) either `abort` the process (as a
+/// SIGKILL would) or `pause-<ms>` it (as a GC pause or a frozen VM would, long enough to lose
+/// the partition). Its log line names the partition it stopped in. Release builds compile it
+/// to nothing.
 #[cfg(debug_assertions)]
 async fn failpoint(point: &str, partition: i32) {
     use std::sync::OnceLock;
@@ -384,24 +534,23 @@ async fn failpoint(point: &str, partition: i32) {
         std::process::abort();
     }
     if let Some(ms) = action.strip_prefix("pause-").and_then(|ms| ms.parse().ok()) {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     }
 }
 
 #[cfg(not(debug_assertions))]
 async fn failpoint(_point: &str, _partition: i32) {}
-
 /// Copies a pending object to its final key. Another owner finishing the same checkpoint
 /// (a rebalance) may have copied it and deleted the staging object in between: then the copy
 /// fails, the final object is there, and that is success, not a reason to stop.
-async fn copy_pending(store: &SharedStore, p: &Pending, retry: &Retrier) -> Result<(), SinkError> {
+async fn copy_pending(store: &SharedStore, p: &Pending, retry: &Retrier) -> Result<(), Failure> {
     let copied = retry
         .run("copy tickets object", || {
             store.copy(&p.staging_key, &p.final_key)
         })
         .await;
     match copied {
-        Err(SinkError::Fatal(e)) => {
+        Err(Failure::Fatal(e)) => {
             if retry
                 .run("check tickets object", || store.exists(&p.final_key))
                 .await?
@@ -409,7 +558,7 @@ async fn copy_pending(store: &SharedStore, p: &Pending, retry: &Retrier) -> Resu
                 tracing::info!(key = %p.final_key, "Another owner finished this object first.");
                 Ok(())
             } else {
-                Err(SinkError::Fatal(e))
+                Err(Failure::Fatal(e))
             }
         }
         other => other,
@@ -417,11 +566,7 @@ async fn copy_pending(store: &SharedStore, p: &Pending, retry: &Retrier) -> Resu
 }
 
 /// Completes a batch whose checkpoint is durable: the final object gets the staged bytes.
-async fn finish_pending(
-    store: &SharedStore,
-    p: &Pending,
-    retry: &Retrier,
-) -> Result<(), SinkError> {
+async fn finish_pending(store: &SharedStore, p: &Pending, retry: &Retrier) -> Result<(), Failure> {
     let final_exists = || retry.run("check tickets object", || store.exists(&p.final_key));
     if !final_exists().await? {
         if !retry
@@ -432,7 +577,7 @@ async fn finish_pending(
             if final_exists().await? {
                 return Ok(());
             }
-            return Err(SinkError::Fatal(anyhow!(
+            return Err(Failure::Fatal(anyhow!(
                 "checkpoint says {} is pending from {}, but neither object exists in {}: was the bucket edited by hand?",
                 p.final_key,
                 p.staging_key,
@@ -452,7 +597,7 @@ pub async fn total_counts(
     store: &SharedStore,
     layout: &Layout,
     retry: &Retrier,
-) -> Result<Counts, SinkError> {
+) -> Result<Counts, Failure> {
     let prefix = layout.checkpoints_prefix();
     let keys = retry
         .run("list checkpoints", || store.list(&prefix))
@@ -473,18 +618,32 @@ pub async fn total_counts(
 
 #[cfg(test)]
 mod tests {
-    //! The protocol on an in-memory store: every crash point, every lost answer, a stale owner.
+    //! The protocol on an in-memory store: every crash point, every lost answer, a stale owner,
+    //! the rebuild from Kafka (played by [`batch`], which makes the same batch from the same
+    //! offsets as Kafka would), and an earlier version's checkpoint.
 
     use std::collections::BTreeMap;
     use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio_util::sync::CancellationToken;
 
     use super::*;
+    use crate::metrics::Metrics;
     use ticket_s3::store::memory::{Fault, MemStore};
 
     const PARTITION: i32 = 0;
 
     fn layout() -> Layout {
         Layout::new("", "t")
+    }
+
+    fn made_with() -> MadeWith {
+        MadeWith {
+            format: "jsonl",
+            routing: "0000abcd".into(),
+            encoding: 1,
+        }
     }
 
     /// A retrier that retries transient errors at once, forever (until `abort`).
@@ -519,11 +678,13 @@ mod tests {
                 Some(obj) if obj.hour == hour_of(o) => {
                     obj.body = [obj.body.clone(), line].concat().into();
                     obj.last = o;
+                    obj.tickets += 1;
                 }
                 _ => objects.push(Object {
                     hour: hour_of(o),
                     first: o,
                     last: o,
+                    tickets: 1,
                     body: line,
                 }),
             }
@@ -564,90 +725,111 @@ mod tests {
         seen
     }
 
-    /// Every valid offset below `end` exactly once, nothing else; no staging object left;
-    /// checkpoint totals agree.
-    async fn assert_exactly_once(mem: &MemStore, store: &SharedStore, end: i64) {
-        let seen = visible(mem);
-        let expected: BTreeMap<i64, usize> =
-            (0..end).filter(|o| o % 7 != 0).map(|o| (o, 1)).collect();
-        assert_eq!(seen, expected, "each valid offset exactly once");
-        let sink = PartitionSink::load(store, &layout(), PARTITION, &patient())
-            .await
-            .expect("load");
-        assert_eq!(sink.checkpoint.next_offset, end);
-        assert_eq!(sink.checkpoint.tickets, expected.len() as u64);
-        assert_eq!(
-            sink.checkpoint.tickets + sink.checkpoint.dead_letters,
-            end as u64
-        );
-        assert_eq!(sink.checkpoint.counts().total(), expected.len() as u64);
-        assert!(
-            mem.keys("_staging/").is_empty(),
-            "staging left: {:?}",
-            mem.keys("_staging/")
-        );
-    }
-
     fn new_store() -> (Arc<MemStore>, SharedStore) {
         let mem = Arc::new(MemStore::new());
         let store: SharedStore = mem.clone();
         (mem, store)
     }
 
-    async fn commit(store: &SharedStore, sink: &mut PartitionSink, b: Batch, r: &Retrier) {
-        sink.commit(store, &layout(), b, r).await.expect("commit");
-        sink.settle().await;
+    fn committer(store: &SharedStore, retry: &Retrier) -> ObjectCommitter {
+        ObjectCommitter::new(
+            store.clone(),
+            layout(),
+            PARTITION,
+            retry.clone(),
+            made_with(),
+        )
+    }
+
+    /// A new owner's start, as the consumer's loop does it: recover, and rebuild from "Kafka"
+    /// what the plan asks for. Returns the committer and the next offset to read.
+    async fn take_over(
+        store: &SharedStore,
+        retry: &Retrier,
+    ) -> Result<(ObjectCommitter, i64), Failure> {
+        let mut c = committer(store, retry);
+        match c.recover().await? {
+            Plan::Resume { at } => Ok((c, at)),
+            Plan::Rebuild { first, last } => {
+                let rebuilt = c.prepare(batch(first, last));
+                c.complete(rebuilt).await?;
+                Ok((c, last + 1))
+            }
+        }
+    }
+
+    async fn commit(c: &mut ObjectCommitter, b: Batch) -> Result<(), Failure> {
+        let prepared = c.prepare(b);
+        c.commit(vec![prepared]).await
+    }
+
+    /// Every valid offset below `end` exactly once, nothing else; no staging object; the
+    /// checkpoint's totals agree, and a new owner resumes at `end` with nothing to rebuild.
+    async fn assert_exactly_once(mem: &MemStore, store: &SharedStore, end: i64) {
+        let seen = visible(mem);
+        let expected: BTreeMap<i64, usize> =
+            (0..end).filter(|o| o % 7 != 0).map(|o| (o, 1)).collect();
+        assert_eq!(seen, expected, "each valid offset exactly once");
+        let mut c = committer(store, &patient());
+        assert_eq!(
+            c.recover().await.expect("recover"),
+            Plan::Resume { at: end }
+        );
+        let cp = c.checkpoint();
+        assert_eq!(cp.tickets, expected.len() as u64);
+        assert_eq!(cp.tickets + cp.dead_letters, end as u64);
+        assert_eq!(cp.counts().total(), expected.len() as u64);
+        assert!(
+            mem.keys("_staging/").is_empty(),
+            "{:?}",
+            mem.keys("_staging/")
+        );
     }
 
     /// Requests one commit of the batch `10..=last` makes after the first batch.
     async fn requests_per_commit(last: i64) -> u64 {
         let (mem, store) = new_store();
-        let mut sink = PartitionSink::load(&store, &layout(), PARTITION, &patient())
-            .await
-            .expect("load");
-        commit(&store, &mut sink, batch(0, 9), &patient()).await;
+        let (mut c, _) = take_over(&store, &patient()).await.expect("start");
+        commit(&mut c, batch(0, 9)).await.expect("commit");
         mem.inject(None);
-        commit(&store, &mut sink, batch(10, last), &patient()).await;
+        commit(&mut c, batch(10, last)).await.expect("commit");
         mem.requests()
     }
 
     #[tokio::test]
-    async fn a_batch_is_uploaded_once_in_three_requests_plus_the_staging_delete() {
-        // Tickets of one hour: PUT staging, conditional PUT checkpoint, COPY, then DELETE off
-        // the batch's path.
+    async fn a_batch_is_written_once_in_two_requests() {
+        // Tickets of one hour: the conditional PUT of the checkpoint, then the object's PUT.
         assert_eq!(batch(10, 13).objects.len(), 1);
-        assert_eq!(requests_per_commit(13).await, 4);
-        // Of two hours: one more PUT, COPY and DELETE, beside the first object's.
+        assert_eq!(requests_per_commit(13).await, 2);
+        // Of two hours: one more PUT, beside the first object's.
         assert_eq!(batch(10, 19).objects.len(), 2);
-        assert_eq!(requests_per_commit(19).await, 7);
+        assert_eq!(requests_per_commit(19).await, 3);
     }
 
     #[tokio::test]
     async fn a_crash_at_every_request_loses_and_duplicates_nothing() {
         let n = requests_per_commit(19).await;
-        // Also crash inside the recovery (load) that follows a crash.
+        // Also crash inside the recovery (and its rebuild) that follows a crash.
         for crash_at in 1..=n + 1 {
-            // A load that finishes two pending objects makes up to 8 requests.
-            for recovery_crash in std::iter::once(None).chain((1..=8).map(Some)) {
+            // A recovery that rebuilds two objects makes up to 6 requests.
+            for recovery_crash in std::iter::once(None).chain((1..=6).map(Some)) {
                 let (mem, store) = new_store();
-                let mut a = PartitionSink::load(&store, &layout(), PARTITION, &patient())
-                    .await
-                    .expect("load");
-                commit(&store, &mut a, batch(0, 9), &patient()).await;
+                let r = patient();
+                let (mut a, _) = take_over(&store, &r).await.expect("start");
+                commit(&mut a, batch(0, 9)).await.expect("commit");
                 mem.inject(Some(Fault::CrashAt(crash_at)));
-                let crashed = a.commit(&store, &layout(), batch(10, 19), &dying()).await;
-                a.settle().await;
+                r.abort.cancel(); // the process dies at its first failed request
+                let crashed = commit(&mut a, batch(10, 19)).await;
                 drop(a);
                 if let Some(at) = recovery_crash {
                     mem.inject(Some(Fault::CrashAt(at)));
-                    let _ = PartitionSink::load(&store, &layout(), PARTITION, &dying()).await;
+                    let _ = take_over(&store, &dying()).await;
                 }
                 mem.inject(None);
-                // The next process resumes from the checkpoint, cutting batches differently.
-                let mut b = PartitionSink::load(&store, &layout(), PARTITION, &patient())
+                // The next process resumes, cutting batches differently.
+                let (mut b, mut next) = take_over(&store, &patient())
                     .await
-                    .expect("recovery load");
-                let mut next = b.checkpoint.next_offset;
+                    .unwrap_or_else(|e| panic!("crash at {crash_at}: recovery failed: {e}"));
                 if crashed.is_ok() {
                     assert_eq!(next, 20, "crash at {crash_at} after the commit");
                 } else {
@@ -658,7 +840,7 @@ mod tests {
                 }
                 while next < 30 {
                     let last = (next + 6).min(29);
-                    commit(&store, &mut b, batch(next, last), &patient()).await;
+                    commit(&mut b, batch(next, last)).await.expect("commit");
                     next = last + 1;
                 }
                 assert_exactly_once(&mem, &store, 30).await;
@@ -667,23 +849,98 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_crash_after_the_checkpoint_is_finished_by_rebuilding_from_kafka() {
+        let (mem, store) = new_store();
+        let r = patient();
+        let (mut a, _) = take_over(&store, &r).await.expect("start");
+        commit(&mut a, batch(0, 9)).await.expect("commit");
+        // The checkpoint lands, then the process dies: no object of 10..=19 is written.
+        mem.inject(Some(Fault::CrashAt(2)));
+        r.abort.cancel();
+        assert!(commit(&mut a, batch(10, 19)).await.is_err());
+        mem.inject(None);
+        let mut b = committer(&store, &patient());
+        assert_eq!(
+            b.recover().await.expect("recover"),
+            Plan::Rebuild {
+                first: 10,
+                last: 19
+            }
+        );
+        assert!(!visible(&mem).contains_key(&11));
+        b.complete(b.prepare(batch(10, 19)))
+            .await
+            .expect("complete");
+        commit(&mut b, batch(20, 29)).await.expect("commit");
+        assert_exactly_once(&mem, &store, 30).await;
+    }
+
+    #[tokio::test]
+    async fn a_rebuild_that_would_write_other_bytes_stops_and_writes_nothing() {
+        let (mem, store) = new_store();
+        let r = patient();
+        let (mut a, _) = take_over(&store, &r).await.expect("start");
+        mem.inject(Some(Fault::CrashAt(2)));
+        r.abort.cancel();
+        assert!(commit(&mut a, batch(0, 9)).await.is_err());
+        mem.inject(None);
+
+        // Another routing table: refused at recovery, with what to do.
+        let mut other = ObjectCommitter::new(
+            store.clone(),
+            layout(),
+            PARTITION,
+            patient(),
+            MadeWith {
+                routing: "ffff0000".into(),
+                ..made_with()
+            },
+        );
+        let e = other
+            .recover()
+            .await
+            .expect_err("other routing")
+            .to_string();
+        assert!(e.contains("routing file") && e.contains("0..=9"), "{e}");
+
+        // The same settings, but Kafka now holds other tickets (or they validate otherwise).
+        let mut b = committer(&store, &patient());
+        assert_eq!(
+            b.recover().await.expect("recover"),
+            Plan::Rebuild { first: 0, last: 9 }
+        );
+        let mut changed = batch(0, 9);
+        changed.objects[0].body = Bytes::from_static(b"1\n2\n4\n3\n");
+        let e = b
+            .complete(b.prepare(changed))
+            .await
+            .expect_err("other bytes")
+            .to_string();
+        assert!(
+            e.contains("other objects") && e.contains("remove \"batch\""),
+            "{e}"
+        );
+        assert!(
+            visible(&mem).is_empty(),
+            "nothing written under committed keys"
+        );
+    }
+
+    #[tokio::test]
     async fn a_lost_answer_at_every_request_is_retried_into_exactly_once() {
         let n = requests_per_commit(19).await;
         for lost in 1..=n {
             let (mem, store) = new_store();
-            let mut a = PartitionSink::load(&store, &layout(), PARTITION, &patient())
-                .await
-                .expect("load");
-            commit(&store, &mut a, batch(0, 9), &patient()).await;
+            let (mut a, _) = take_over(&store, &patient()).await.expect("start");
+            commit(&mut a, batch(0, 9)).await.expect("commit");
             mem.inject(Some(Fault::LoseAnswerOf(lost)));
-            // Above all the checkpoint's conditional write: its retry conflicts with itself,
-            // and must be recognised as ours rather than as a fence.
-            a.commit(&store, &layout(), batch(10, 19), &patient())
+            // The checkpoint's conditional write: its retry conflicts with itself and must be
+            // recognised as ours rather than as a fence. An object's: its retry finds it there.
+            commit(&mut a, batch(10, 19))
                 .await
                 .unwrap_or_else(|e| panic!("answer of request {lost} lost: {e}"));
-            a.settle().await;
             mem.inject(None);
-            commit(&store, &mut a, batch(20, 29), &patient()).await;
+            commit(&mut a, batch(20, 29)).await.expect("commit");
             assert_exactly_once(&mem, &store, 30).await;
         }
     }
@@ -692,46 +949,64 @@ mod tests {
     async fn a_stale_owner_is_fenced_and_leaves_nothing_visible() {
         let (mem, store) = new_store();
         let r = patient();
-        let mut stale = PartitionSink::load(&store, &layout(), PARTITION, &r)
-            .await
-            .expect("load");
-        commit(&store, &mut stale, batch(0, 9), &r).await;
+        let (mut stale, _) = take_over(&store, &r).await.expect("start");
+        commit(&mut stale, batch(0, 9)).await.expect("commit");
         // The partition moves: the new owner loads the checkpoint and commits on.
-        let mut owner = PartitionSink::load(&store, &layout(), PARTITION, &r)
-            .await
-            .expect("load");
-        commit(&store, &mut owner, batch(10, 19), &r).await;
+        let (mut owner, at) = take_over(&store, &r).await.expect("take over");
+        assert_eq!(at, 10);
+        commit(&mut owner, batch(10, 19)).await.expect("commit");
         // The old owner, unaware, writes its own cut of the same offsets.
-        let fenced = stale.commit(&store, &layout(), batch(10, 14), &r).await;
+        let fenced = commit(&mut stale, batch(10, 14)).await;
         assert!(
-            matches!(fenced, Err(SinkError::Fenced(PARTITION))),
+            matches!(fenced, Err(Failure::Fenced(PARTITION))),
             "{fenced:?}"
         );
         // ... and after reloading resumes where the owner is.
-        let reloaded = PartitionSink::load(&store, &layout(), PARTITION, &r)
-            .await
-            .expect("load");
-        assert_eq!(reloaded.checkpoint.next_offset, 20);
+        let (_, at) = take_over(&store, &r).await.expect("reload");
+        assert_eq!(at, 20);
         assert_exactly_once(&mem, &store, 20).await;
+    }
+
+    #[tokio::test]
+    async fn a_stale_owner_that_wakes_after_its_checkpoint_writes_no_duplicate() {
+        let (mem, store) = new_store();
+        let r = patient();
+        let (mut stale, _) = take_over(&store, &r).await.expect("start");
+        commit(&mut stale, batch(0, 9)).await.expect("commit");
+        // Its checkpoint of 10..=19 lands, then it freezes before the objects (a GC pause).
+        mem.inject(Some(Fault::Outage { from: 2, count: 1 }));
+        r.abort.cancel();
+        assert!(matches!(
+            commit(&mut stale, batch(10, 19)).await,
+            Err(Failure::Aborted)
+        ));
+        // The new owner rebuilds the batch from Kafka and goes on.
+        mem.inject(None);
+        let (mut owner, at) = take_over(&store, &patient()).await.expect("take over");
+        assert_eq!(at, 20);
+        commit(&mut owner, batch(20, 29)).await.expect("commit");
+        // The stale owner wakes and writes its objects: they are there already.
+        let again = stale.prepare(batch(10, 19));
+        stale.retry = patient();
+        stale
+            .create_objects(&again.intent, &again.batch)
+            .await
+            .expect("already there");
+        assert_exactly_once(&mem, &store, 30).await;
     }
 
     #[tokio::test]
     async fn a_transient_outage_is_retried_and_a_refusal_stops_at_once() {
         let (mem, store) = new_store();
-        let mut sink = PartitionSink::load(&store, &layout(), PARTITION, &patient())
-            .await
-            .expect("load");
+        let (mut c, _) = take_over(&store, &patient()).await.expect("start");
         mem.inject(Some(Fault::Outage { from: 1, count: 5 }));
-        commit(&store, &mut sink, batch(0, 9), &patient()).await;
+        commit(&mut c, batch(0, 9)).await.expect("commit");
         assert_exactly_once(&mem, &store, 10).await;
 
         // A 403 on the final key: no retry loop, an error that says what to grant.
         mem.refuse_writes_under(&layout().tickets_prefix());
-        let refused = sink
-            .commit(&store, &layout(), batch(10, 19), &patient())
-            .await;
-        let msg = match refused {
-            Err(SinkError::Fatal(e)) => e.to_string(),
+        let msg = match commit(&mut c, batch(10, 19)).await {
+            Err(Failure::Fatal(e)) => e.to_string(),
             other => panic!("expected a fatal error, got {other:?}"),
         };
         assert!(
@@ -741,42 +1016,79 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_copy_whose_staging_object_another_owner_already_moved_is_done() {
+    async fn a_batch_of_dead_letters_only_writes_just_the_checkpoint() {
         let (mem, store) = new_store();
-        let p = Pending {
-            staging_key: "_staging/t/a".into(),
-            final_key: "tickets_with_team/t/a.jsonl".into(),
-        };
-        // The other owner copied and deleted the staging object: done, not an error.
+        let (mut c, _) = take_over(&store, &patient()).await.expect("start");
+        mem.inject(None);
+        commit(&mut c, batch(7, 7)).await.expect("commit");
+        assert_eq!(mem.requests(), 1);
+        assert!(visible(&mem).is_empty());
+        assert_eq!(c.checkpoint().dead_letters, 1);
+        assert_eq!(c.checkpoint().batch, None);
+    }
+
+    /// What version 0.1.0 leaves after a crash between its commit point and its copy: the
+    /// checkpoint names a staged object, and an unrelated staging object of a batch that
+    /// never committed lies beside it.
+    async fn earlier_versions_crash(store: &SharedStore) -> String {
+        let l = layout();
+        let staged = l.staging_key(PARTITION, 10, "old", 0, "jsonl");
+        let final_key = l.tickets_key(PARTITION, hour_of(10), 10, 13, "jsonl");
+        let uncommitted = l.staging_key(PARTITION, 10, "older", 0, "jsonl");
+        for key in [&staged, &uncommitted] {
+            store
+                .put(key, Bytes::from_static(b"10\n11\n12\n13\n"), Expect::Any)
+                .await
+                .expect("put");
+        }
+        let mut counts = Counts::default();
+        counts.add(&ticket_core::counts::CountRow {
+            request_type: "billing".into(),
+            priority: "low".into(),
+            support_team: "Billing Team".into(),
+            count: 12,
+        });
+        let (tickets, dead) = (batch(0, 9).valid + 4, batch(0, 9).dead_letters);
+        let cp = serde_json::json!({
+            "next_offset": 14, "tickets": tickets, "dead_letters": dead,
+            "counts": counts.rows(),
+            "pending": {"staging_key": staged, "final_key": final_key},
+        });
         store
-            .put(&p.final_key, Bytes::from_static(b"1\n"), Expect::Any)
+            .put(
+                &l.checkpoint_key(PARTITION),
+                Bytes::from(cp.to_string()),
+                Expect::Any,
+            )
             .await
             .expect("put");
-        copy_pending(&store, &p, &patient())
-            .await
-            .expect("the final object is there");
-        // Neither object: a real error, with what is missing.
-        mem.inject(None);
-        let q = Pending {
-            final_key: "tickets_with_team/t/b.jsonl".into(),
-            ..p
-        };
-        assert!(matches!(
-            copy_pending(&store, &q, &patient()).await,
-            Err(SinkError::Fatal(_))
-        ));
+        final_key
     }
 
     #[tokio::test]
-    async fn a_batch_of_dead_letters_only_writes_just_the_checkpoint() {
-        let (mem, store) = new_store();
-        let mut sink = PartitionSink::load(&store, &layout(), PARTITION, &patient())
-            .await
-            .expect("load");
-        mem.inject(None);
-        commit(&store, &mut sink, batch(7, 7), &patient()).await;
-        assert_eq!(mem.requests(), 1);
-        assert!(visible(&mem).is_empty());
-        assert_eq!(sink.checkpoint.dead_letters, 1);
+    async fn an_earlier_versions_pending_batch_is_finished_once_even_through_crashes() {
+        for crash_at in std::iter::once(None).chain((1..=6).map(Some)) {
+            let (mem, store) = new_store();
+            let r = patient();
+            let (mut c, _) = take_over(&store, &r).await.expect("start");
+            commit(&mut c, batch(0, 9)).await.expect("commit");
+            let final_key = earlier_versions_crash(&store).await;
+            if let Some(at) = crash_at {
+                mem.inject(Some(Fault::CrashAt(at)));
+                let _ = take_over(&store, &dying()).await;
+                mem.inject(None);
+            }
+            let (mut next, at) = take_over(&store, &patient()).await.expect("upgrade");
+            assert_eq!(at, 14);
+            assert_eq!(
+                mem.bytes(&final_key).as_deref(),
+                Some(&b"10\n11\n12\n13\n"[..]),
+                "crash at {crash_at:?}"
+            );
+            // Committed past the uncommitted staging object: it goes too.
+            commit(&mut next, batch(14, 29)).await.expect("commit");
+            assert!(next.checkpoint().pending.is_empty());
+            assert_exactly_once(&mem, &store, 30).await;
+        }
     }
 }

@@ -14,7 +14,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::Event;
-use crate::sink::{Retrier, SinkError, total_counts};
+use crate::retry::Retrier;
+use crate::sink::{Failure, total_counts};
 use ticket_s3::store::{Expect, SharedStore};
 
 /// The counts object is rewritten at most this often (each refresh lists and reads every
@@ -49,7 +50,7 @@ impl CountsPublisher {
                 };
                 if let Err(e) = refresh(&store, &layout, &routing, &retry).await {
                     match e {
-                        SinkError::Aborted => return,
+                        Failure::Aborted => return,
                         e => {
                             let _ = events.send(Event::Fatal(
                                 anyhow::Error::from(e).context("updating the counts"),
@@ -92,7 +93,7 @@ async fn refresh(
     layout: &Layout,
     routing: &Routing,
     retry: &Retrier,
-) -> Result<(), SinkError> {
+) -> Result<(), Failure> {
     let total = total_counts(store, layout, retry).await?;
     let body = Bytes::from(total.to_jsonl(routing));
     let key = layout.counts_key();

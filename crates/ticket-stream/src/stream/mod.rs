@@ -21,6 +21,7 @@
 pub mod counts;
 pub mod dead_letter;
 pub mod drain;
+pub mod health;
 pub mod partition;
 pub mod writer;
 
@@ -44,17 +45,18 @@ use tokio_util::sync::CancellationToken;
 use self::counts::CountsPublisher;
 use self::dead_letter::DeadLetters;
 use self::drain::Drain;
-use self::partition::{Partition, Written};
-use self::writer::{Failure, RawBatch, Report, Writer, WriterContext};
-use crate::http::Health;
+use self::health::Health;
+use self::partition::{Partition, RangeGone, Written};
+use self::writer::{RawBatch, Report, Writer, WriterContext};
 use crate::metrics::Metrics;
-use crate::sink::{PartitionSink, Retrier, SinkError};
+use crate::retry::Retrier;
+use crate::sink::{Committer, Failure, MadeWith, ObjectCommitter, Plan};
 use ticket_engine::aggregate::Aggregator;
-use ticket_engine::output::OutputFormat;
+use ticket_engine::output::{ENCODING_VERSION, OutputFormat};
 use ticket_s3::store::SharedStore;
 
 /// How often the loop ticks when no message comes: age-due batches are handed over, `--drain`
-/// checks for the end, and `/health/live` is told the loop turns (see `http::STUCK_AFTER`).
+/// checks for the end, and `/health/live` is told the loop turns (see [`health::STUCK_AFTER`]).
 pub const TICK: Duration = Duration::from_millis(200);
 
 /// How long a seek to a checkpoint's offset may block the loop.
@@ -65,7 +67,7 @@ pub const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
 pub const BURST: usize = 256;
 
 /// After SIGTERM/SIGINT, how much longer than `SHUTDOWN_TIMEOUT_SECS` the process may take
-/// (closing the Kafka clients) before it exits regardless.
+/// (closing the Kafka clients) before `main` exits regardless.
 pub const EXIT_GRACE: Duration = Duration::from_secs(5);
 
 /// librdkafka consumer properties the processors set unless `KAFKA_OPTIONS` does (README,
@@ -114,11 +116,11 @@ pub struct Settings {
 pub enum Event {
     /// A writer finished a batch (or failed on it).
     Written(Report),
-    /// A partition's checkpoint is loaded (or could not be).
+    /// A partition's committer recovered it (or could not).
     Loaded {
         partition: i32,
         epoch: u64,
-        result: Result<PartitionSink, SinkError>,
+        result: Result<Box<(ObjectCommitter, Plan)>, Failure>,
     },
     /// librdkafka's rebalance callback took partitions away.
     Revoked(Vec<i32>),
@@ -274,6 +276,11 @@ pub async fn run(
         routing: settings.routing.clone(),
         format: settings.format,
         retry: retry.clone(),
+        made_with: MadeWith {
+            format: settings.format.extension(),
+            routing: settings.routing.digest(),
+            encoding: ENCODING_VERSION,
+        },
         aggregator: Aggregator::default(),
         metrics: metrics.clone(),
         dead_letters,
@@ -303,21 +310,13 @@ pub async fn run(
     };
 
     // A stop request bounds how long writing may go on: then buffered batches are abandoned
-    // (they are processed again on restart) rather than the stop hanging on an outage. And
-    // whatever the process then waits on, it is gone EXIT_GRACE later.
+    // (they are processed again on restart) rather than the stop hanging on an outage. (That
+    // the process is gone EXIT_GRACE later whatever it waits on is `main`'s to enforce.)
     let timer = {
         let (abort, shutdown) = (abort.clone(), shutdown.clone());
         let t = p.settings.shutdown_timeout;
         tokio::spawn(async move {
             shutdown.cancelled().await;
-            std::thread::spawn(move || {
-                std::thread::sleep(t + EXIT_GRACE);
-                tracing::error!(
-                    "Still stopping {} s after the signal; exiting now (nothing is lost: unwritten batches are processed again on restart).",
-                    (t + EXIT_GRACE).as_secs()
-                );
-                std::process::exit(1);
-            });
             tokio::time::sleep(t).await;
             abort.cancel();
         })
@@ -355,7 +354,7 @@ pub async fn run(
     p.consumer.unsubscribe();
     result?;
     match finished {
-        Err(SinkError::Aborted) => {
+        Err(Failure::Aborted) => {
             tracing::warn!(
                 "Stopped before buffered batches could be written; they will be processed again on restart."
             );
@@ -440,7 +439,15 @@ impl Processor {
                     d.message(partition, *now);
                 }
                 let message = (offset, m.timestamp().to_millis(), m.key(), m.payload());
-                let known = accept(&mut self.slots, partition, message, *now, &self.metrics);
+                let known = accept(&mut self.slots, partition, message, *now, &self.metrics)
+                    .map_err(|gone| {
+                        range_gone(
+                            &self.settings.kafka.topic,
+                            &self.settings.layout,
+                            partition,
+                            &gone.to_string(),
+                        )
+                    })?;
                 drop(m);
                 // A revocation seen while the consumer was polled comes first.
                 let mut handled = false;
@@ -559,8 +566,11 @@ impl Processor {
                 self.metrics.tickets_written.inc_by(r.valid);
                 self.metrics.batches_written.inc();
                 self.metrics
-                    .batch_seconds
+                    .batch_age
                     .observe(r.started.elapsed().as_secs_f64());
+                self.metrics
+                    .batch_commit
+                    .observe(r.commit_time.as_secs_f64());
                 if let Some(c) = &self.counts {
                     c.changed();
                 }
@@ -578,7 +588,8 @@ impl Processor {
                 }
                 Ok(())
             }
-            Err(Failure::Rewind(why)) => {
+            Err(e @ (Failure::Fenced(_) | Failure::Rewind(_))) => {
+                let why = e.to_string();
                 tracing::warn!(
                     partition,
                     first = r.first,
@@ -605,14 +616,24 @@ impl Processor {
         }
     }
 
-    /// Starts loading a partition's checkpoint, as a new ownership.
+    /// Starts recovering a partition, as a new ownership.
     fn load(&mut self, partition: i32) {
         self.next_epoch += 1;
         let epoch = self.next_epoch;
         self.slots.insert(partition, Slot::Loading { epoch });
         let (ctx, events) = (self.writers.clone(), self.events_tx.clone());
+        let (consumer, kafka) = (self.consumer.clone(), self.settings.kafka.clone());
         tokio::spawn(async move {
-            let result = PartitionSink::load(&ctx.store, &ctx.layout, partition, &ctx.retry).await;
+            let result = async move {
+                let (committer, plan) = recover(&ctx, partition).await?;
+                tokio::task::spawn_blocking(move || {
+                    still_in_kafka(&consumer, &kafka, &ctx.layout, partition, plan)
+                })
+                .await
+                .map_err(anyhow::Error::from)??;
+                Ok(Box::new((committer, plan)))
+            }
+            .await;
             let _ = events.send(Event::Loaded {
                 partition,
                 epoch,
@@ -625,39 +646,36 @@ impl Processor {
         &mut self,
         partition: i32,
         epoch: u64,
-        result: Result<PartitionSink, SinkError>,
+        result: Result<Box<(ObjectCommitter, Plan)>, Failure>,
     ) -> anyhow::Result<()> {
         if !matches!(self.slots.get(&partition), Some(Slot::Loading { epoch: e }) if *e == epoch) {
             return Ok(()); // revoked (or rewound again) meanwhile
         }
-        let sink = match result {
-            Ok(sink) => sink,
-            Err(SinkError::Aborted) => return Ok(()),
+        let (committer, plan) = match result {
+            Ok(loaded) => *loaded,
+            Err(Failure::Aborted) => return Ok(()),
             Err(e) => {
                 return Err(anyhow::Error::from(e)
                     .context(format!("loading the checkpoint of partition {partition}")));
             }
         };
-        let next = self.own(partition, epoch, sink);
+        self.own(partition, epoch, committer, plan);
         self.update_gauge();
-        tracing::info!(partition, from = next, "Resuming from the S3 checkpoint.");
-        self.seek(partition, next);
+        tracing::info!(partition, from = plan.start(), plan = ?plan, "Resuming from the S3 checkpoint.");
+        self.seek(partition, plan.start());
         Ok(())
     }
 
-    /// Owns a partition from its loaded checkpoint on, with a writer of its own; returns the
-    /// checkpoint's offset.
-    fn own(&mut self, partition: i32, epoch: u64, sink: PartitionSink) -> i64 {
-        let next = sink.checkpoint.next_offset;
-        let writer = Writer::spawn(self.writers.clone(), partition, epoch, sink);
+    /// Owns a partition as its committer recovered it, with a writer of its own.
+    fn own(&mut self, partition: i32, epoch: u64, committer: ObjectCommitter, plan: Plan) {
+        let writer = Writer::spawn(self.writers.clone(), partition, epoch, committer);
         self.slots.insert(
             partition,
             Slot::Owned {
-                state: Partition::new(epoch, next),
+                state: Partition::from_plan(epoch, plan),
                 writer,
             },
         );
-        next
     }
 
     /// Forgets a partition: its unwritten messages will be processed again by whoever owns
@@ -747,11 +765,20 @@ impl Processor {
         let mut targets = BTreeMap::new();
         let topic = self.settings.kafka.topic.clone();
         for partition in 0..partitions {
-            let ctx = &self.writers;
-            let sink = PartitionSink::load(&ctx.store, &ctx.layout, partition, &ctx.retry)
+            let (committer, plan) = recover(&self.writers, partition)
                 .await
+                .map_err(anyhow::Error::from)
                 .with_context(|| format!("loading the checkpoint of partition {partition}"))?;
-            let next = sink.checkpoint.next_offset;
+            tokio::task::block_in_place(|| {
+                still_in_kafka(
+                    &self.consumer,
+                    &self.settings.kafka,
+                    &self.writers.layout,
+                    partition,
+                    plan,
+                )
+            })?;
+            let next = plan.start();
             let (_, high) = tokio::task::block_in_place(|| {
                 self.consumer.fetch_watermarks(
                     &topic,
@@ -771,7 +798,7 @@ impl Processor {
                 },
             )?;
             self.next_epoch += 1;
-            self.own(partition, self.next_epoch, sink);
+            self.own(partition, self.next_epoch, committer, plan);
         }
         self.update_gauge();
         tracing::info!(end_offsets = ?targets, "Draining up to these offsets.");
@@ -782,10 +809,15 @@ impl Processor {
     }
 
     /// Writes every buffered batch and waits for every writer, until `abort`.
-    async fn finish(&mut self, abort: &CancellationToken) -> Result<(), SinkError> {
+    async fn finish(&mut self, abort: &CancellationToken) -> Result<(), Failure> {
         self.stopping = true;
         self.held = None;
         self.slots.retain(|_, s| matches!(s, Slot::Owned { .. }));
+        for slot in self.slots.values_mut() {
+            if let Slot::Owned { state, .. } = slot {
+                state.drop_partial_rebuild();
+            }
+        }
         loop {
             for slot in self.slots.values_mut() {
                 if let Slot::Owned { state, writer } = slot
@@ -804,10 +836,10 @@ impl Processor {
             tokio::select! {
                 Some(event) = self.events.recv() => {
                     if let Err(e) = self.on_event(event) {
-                        return Err(SinkError::Fatal(e));
+                        return Err(Failure::Fatal(e));
                     }
                 }
-                _ = abort.cancelled() => return Err(SinkError::Aborted),
+                _ = abort.cancelled() => return Err(Failure::Aborted),
             }
         }
         let closing: Vec<JoinHandle<()>> = self
@@ -821,7 +853,7 @@ impl Processor {
         for task in closing {
             tokio::select! {
                 _ = task => {}
-                _ = abort.cancelled() => return Err(SinkError::Aborted),
+                _ = abort.cancelled() => return Err(Failure::Aborted),
             }
         }
         let Some(counts) = self.counts.take() else {
@@ -829,7 +861,7 @@ impl Processor {
         };
         tokio::select! {
             _ = counts.finish() => Ok(()),
-            _ = abort.cancelled() => Err(SinkError::Aborted),
+            _ = abort.cancelled() => Err(Failure::Aborted),
         }
     }
 }
@@ -839,25 +871,81 @@ type Incoming<'a> = (i64, Option<i64>, Option<&'a [u8]>, Option<&'a [u8]>);
 
 /// Adds a message to its partition's open batch; `false` if the partition is not known yet
 /// (its checkpoint must be loaded first). A message of a partition being loaded, or below
-/// the offset already handled, is dropped.
+/// the offset already handled, is dropped; one that shows a committed range being read again
+/// is no longer in Kafka is an error.
 fn accept(
     slots: &mut HashMap<i32, Slot>,
     partition: i32,
     (offset, timestamp, key, payload): Incoming<'_>,
     now: Instant,
     metrics: &Metrics,
-) -> bool {
+) -> Result<bool, RangeGone> {
     match slots.get_mut(&partition) {
-        None => false,
-        Some(Slot::Loading { .. }) => true,
+        None => Ok(false),
+        Some(Slot::Loading { .. }) => Ok(true),
         Some(Slot::Owned { state, .. }) => {
+            state.check(offset)?;
             if let Some(batch) = state.offer(offset, now) {
                 batch.push(offset, timestamp, key, payload.unwrap_or_default());
                 metrics.tickets_in.inc();
             }
-            true
+            Ok(true)
         }
     }
+}
+
+/// A partition's committer, recovered from the store: where to start.
+async fn recover(ctx: &WriterContext, partition: i32) -> Result<(ObjectCommitter, Plan), Failure> {
+    let mut committer = ObjectCommitter::new(
+        ctx.store.clone(),
+        ctx.layout.clone(),
+        partition,
+        ctx.retry.clone(),
+        ctx.made_with.clone(),
+    );
+    let plan = committer.recover().await?;
+    Ok((committer, plan))
+}
+
+/// Before a committed range is read again: Kafka must still have its first offset (the
+/// consumer's `auto.offset.reset=earliest` would otherwise jump past it without a word).
+fn still_in_kafka(
+    consumer: &Kafka,
+    kafka: &ticket_kafka::KafkaArgs,
+    layout: &Layout,
+    partition: i32,
+    plan: Plan,
+) -> Result<(), Failure> {
+    let Plan::Rebuild { first, last } = plan else {
+        return Ok(());
+    };
+    let (low, _) = consumer
+        .fetch_watermarks(&kafka.topic, partition, kafka.connect_timeout())
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "reading where {}/{partition} starts, to read offsets {first}..={last} again: {e}",
+                kafka.topic
+            )
+        })?;
+    if low > first {
+        return Err(Failure::Fatal(range_gone(
+            &kafka.topic,
+            layout,
+            partition,
+            &format!(
+                "offsets {first}..={last} are committed in S3 but some of their objects are not written yet, and Kafka no longer has them (the partition starts at offset {low} now: retention removed them)"
+            ),
+        )));
+    }
+    Ok(())
+}
+
+/// The error for a committed range Kafka no longer has: what is lost, and how to go on.
+fn range_gone(topic: &str, layout: &Layout, partition: i32, what: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "topic {topic:?}, partition {partition}: {what}. Those objects cannot be written. To go on without them (every other ticket stays exactly once), remove the \"batch\" field from {} and restart; to keep this from happening, keep the topic's retention longer than any S3 outage or stop of the processor",
+        layout.checkpoint_key(partition)
+    )
 }
 
 #[cfg(test)]

@@ -7,7 +7,8 @@
 //!                     ▼
 //!   ┌──────────── Loading ────────────┐   the checkpoint is read from S3 (not here: in
 //!   │   (messages dropped; the        │   `stream`); the consumer then seeks to its offset
-//!   │    seek re-fetches them)        │
+//!   │    seek re-fetches them)        │   (a committed range to rebuild first: `Rebuilding`,
+//!   │                                 │   exactly that range as one batch, then Idle)
 //!   │                                 ▼
 //!   │   ┌──▶ Idle ──offer──▶ Building ──seal──▶ InFlight(n) ──written──▶ (commit offsets)
 //!   │   │                      ▲    │                 │
@@ -27,6 +28,8 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use ticket_core::batch::{BatchPolicy, FlushReason};
+
+use crate::sink::Plan;
 
 /// Batches of one partition that may be handed to its writer before the consumer waits: one
 /// being committed while the next is encoded, so that S3 round trips, encoding and building
@@ -52,6 +55,9 @@ pub struct Open<B> {
     pub last: i64,
     pub started: Instant,
     pub buf: B,
+    /// A committed range read again from Kafka ([`Plan::Rebuild`]): its dead letters were
+    /// sent the first time, and its objects are checked against the record, not committed.
+    pub rebuild: bool,
 }
 
 impl<B> Open<B> {
@@ -90,6 +96,22 @@ pub struct Partition<B> {
     in_flight: VecDeque<(i64, i64)>,
     /// Records and bytes of the last batch sealed: the room the next one starts with.
     last_size: (usize, usize),
+    /// The committed range `(first, last)` to read again as one batch before anything else
+    /// ([`Plan::Rebuild`]), until it is sealed.
+    rebuild: Option<(i64, i64)>,
+}
+
+/// A message that a rebuild of a committed range cannot take: the range is not in Kafka as
+/// it was when it was committed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "offsets {first}..={last} are committed in S3 but some of their objects are not written yet, and Kafka no longer has offset {missing} (it delivered {got} instead: retention or compaction removed it)"
+)]
+pub struct RangeGone {
+    pub first: i64,
+    pub last: i64,
+    pub missing: i64,
+    pub got: i64,
 }
 
 impl<B: Buffer> Partition<B> {
@@ -101,7 +123,42 @@ impl<B: Buffer> Partition<B> {
             open: None,
             in_flight: VecDeque::new(),
             last_size: (0, 0),
+            rebuild: None,
         }
+    }
+
+    /// A partition owned as its committer recovered it: from an offset, or first reading a
+    /// committed range again as exactly one batch.
+    pub fn from_plan(epoch: u64, plan: Plan) -> Partition<B> {
+        let mut p = Partition::new(epoch, plan.start());
+        if let Plan::Rebuild { first, last } = plan {
+            p.rebuild = Some((first, last));
+        }
+        p
+    }
+
+    /// Whether the message at `offset` may be offered: while a committed range is read
+    /// again, its first offset must be the first to come (a data message: it began the batch)
+    /// and its last must come before anything past it. Gaps inside are checked by the
+    /// committer against the recorded counts and checksums (a transaction's marker takes an
+    /// offset too, so a gap alone proves nothing).
+    pub fn check(&self, offset: i64) -> Result<(), RangeGone> {
+        let Some((first, last)) = self.rebuild else {
+            return Ok(());
+        };
+        if offset < self.expected {
+            return Ok(()); // dropped by `offer` anyway
+        }
+        let started = self.open.is_some();
+        if (!started && offset != first) || offset > last {
+            return Err(RangeGone {
+                first,
+                last,
+                missing: if started { last } else { first },
+                got: offset,
+            });
+        }
+        Ok(())
     }
 
     pub fn epoch(&self) -> u64 {
@@ -134,6 +191,7 @@ impl<B: Buffer> Partition<B> {
             last: offset,
             started: now,
             buf: B::with_room_for(self.last_size.0, self.last_size.1),
+            rebuild: false,
         });
         open.last = offset;
         Some(&mut open.buf)
@@ -142,6 +200,10 @@ impl<B: Buffer> Partition<B> {
     /// Whether the batch under construction is due by the policy.
     pub fn due(&self, policy: &BatchPolicy, now: Instant) -> Option<FlushReason> {
         let open = self.open.as_ref()?;
+        if let Some((_, last)) = self.rebuild {
+            // Cut where it was cut the first time, never by the policy.
+            return (open.last == last).then_some(FlushReason::Rebuilt);
+        }
         policy.due(
             open.records(),
             open.buf.bytes(),
@@ -151,12 +213,19 @@ impl<B: Buffer> Partition<B> {
 
     /// When the batch under construction becomes due by age, if it is not handed over before.
     pub fn deadline(&self, policy: &BatchPolicy) -> Option<Instant> {
+        if self.rebuild.is_some() {
+            return None;
+        }
         self.open.as_ref().map(|o| o.started + policy.max_age)
     }
 
     /// Whether the writer can take another batch now.
     pub fn can_seal(&self) -> bool {
-        self.open.is_some() && self.in_flight.len() < MAX_IN_FLIGHT
+        let complete = match (self.rebuild, &self.open) {
+            (Some((_, last)), Some(open)) => open.last == last,
+            _ => true,
+        };
+        self.open.is_some() && complete && self.in_flight.len() < MAX_IN_FLIGHT
     }
 
     /// Hands the batch under construction over (for its writer), if the writer can take it.
@@ -164,7 +233,8 @@ impl<B: Buffer> Partition<B> {
         if !self.can_seal() {
             return None;
         }
-        let open = self.open.take()?;
+        let mut open = self.open.take()?;
+        open.rebuild = self.rebuild.take().is_some();
         self.last_size = (open.records(), open.buf.bytes());
         self.in_flight.push_back((open.first, open.last));
         Some(open)
@@ -188,6 +258,14 @@ impl<B: Buffer> Partition<B> {
     /// Nothing buffered and nothing in flight.
     pub fn is_settled(&self) -> bool {
         self.phase() == Phase::Idle
+    }
+
+    /// On a stop: drops a committed range read again only in part (it cannot be written as
+    /// a batch of its own; the next owner reads it again).
+    pub fn drop_partial_rebuild(&mut self) {
+        if self.rebuild.is_some() {
+            self.open = None;
+        }
     }
 }
 
@@ -296,6 +374,48 @@ mod tests {
             p.due(&policy(), start + Duration::from_secs(5)),
             Some(FlushReason::Age)
         );
+    }
+
+    #[test]
+    fn a_committed_range_is_read_again_as_exactly_one_batch() {
+        let now = Instant::now();
+        let mut p = Partition::<Offsets>::from_plan(1, Plan::Rebuild { first: 4, last: 9 });
+        assert_eq!(p.check(2), Ok(()), "fetched before the seek: dropped");
+        feed(&mut p, 2..=8, now);
+        // More than the policy's 3 records, older than its 5 s: still not due, not sealed.
+        let later = now + Duration::from_secs(60);
+        assert_eq!(p.due(&policy(), later), None);
+        assert_eq!(p.deadline(&policy()), None);
+        assert!(p.seal().is_none());
+        feed(&mut p, 9..=9, now);
+        assert_eq!(p.due(&policy(), now), Some(FlushReason::Rebuilt));
+        let b = p.seal().expect("the rebuilt batch");
+        assert!(b.rebuild && (b.first, b.last) == (4, 9), "{b:?}");
+        // Then batches are cut by the policy again.
+        feed(&mut p, 10..=12, now);
+        assert_eq!(p.due(&policy(), now), Some(FlushReason::Size));
+        assert!(p.seal().is_some_and(|o| !o.rebuild));
+    }
+
+    #[test]
+    fn a_committed_range_kafka_no_longer_has_is_an_error_not_a_skip() {
+        // Retention deleted 4..=5: the consumer's first message is 6.
+        let p = Partition::<Offsets>::from_plan(1, Plan::Rebuild { first: 4, last: 9 });
+        let gone = p.check(6).expect_err("a gap");
+        assert_eq!((gone.missing, gone.got), (4, 6));
+        assert!(gone.to_string().contains("4..=9"), "{gone}");
+        // The range's last offset missing: the next one comes before it.
+        let mut p = Partition::<Offsets>::from_plan(1, Plan::Rebuild { first: 4, last: 9 });
+        feed(&mut p, 4..=5, Instant::now());
+        assert!(
+            p.check(7).is_ok(),
+            "a gap inside (a marker) is the committer's to judge"
+        );
+        let gone = p.check(10).expect_err("past the range");
+        assert_eq!((gone.missing, gone.got), (9, 10));
+        // A plain resume accepts gaps (transaction markers take offsets too).
+        let p = Partition::<Offsets>::from_plan(1, Plan::Resume { at: 4 });
+        assert!(p.check(6).is_ok());
     }
 
     #[test]

@@ -19,7 +19,8 @@ use super::Event;
 use super::dead_letter::{DeadLetter, DeadLetterError, DeadLetters};
 use super::partition::{Buffer, Open};
 use crate::metrics::Metrics;
-use crate::sink::{Batch, Object, PartitionSink, Retrier, SinkError};
+use crate::retry::Retrier;
+use crate::sink::{Batch, Committer, Failure, MadeWith, Object};
 use ticket_engine::aggregate::Aggregator;
 use ticket_engine::enrich::BatchBuilder;
 use ticket_engine::output::{OutputFormat, recycle_body};
@@ -114,6 +115,8 @@ pub struct WriterContext {
     pub routing: Routing,
     pub format: OutputFormat,
     pub retry: Retrier,
+    /// What objects are made with, as each batch's intent records it.
+    pub made_with: MadeWith,
     pub aggregator: Aggregator,
     pub metrics: Metrics,
     pub dead_letters: DeadLetters,
@@ -129,17 +132,9 @@ pub struct Report {
     pub valid: u64,
     pub dead: u64,
     pub started: Instant,
+    /// How long the commit itself took.
+    pub commit_time: std::time::Duration,
     pub outcome: Result<(), Failure>,
-}
-
-pub enum Failure {
-    /// Another owner committed first, or a dead letter was not delivered for a reason that
-    /// may pass: reload the checkpoint and process again from there.
-    Rewind(String),
-    /// Will not get better by retrying: stop the processor with this message.
-    Fatal(anyhow::Error),
-    /// Given up because the processor is stopping: the batch is processed again on restart.
-    Aborted,
 }
 
 /// The handle the consumer's loop keeps for a partition's writer: two tasks in a pipeline,
@@ -159,15 +154,17 @@ struct Encoded {
     started: Instant,
     valid: u64,
     dead: u64,
+    /// A committed range read again ([`crate::sink::Plan::Rebuild`]).
+    rebuild: bool,
     batch: Result<Batch, Failure>,
 }
 
 impl Writer {
-    pub fn spawn(
+    pub fn spawn<C: Committer>(
         ctx: Arc<WriterContext>,
         partition: i32,
         epoch: u64,
-        mut sink: PartitionSink,
+        mut committer: C,
     ) -> Writer {
         let (jobs, mut rx) = tokio::sync::mpsc::unbounded_channel::<Open<RawBatch>>();
         // One encoded batch waits while the one before it is committed.
@@ -183,7 +180,8 @@ impl Writer {
                     _ = stop.cancelled() => break,
                     job = rx.recv() => match job { Some(j) => j, None => break },
                 };
-                let (first, last, started) = (job.first, job.last, job.started);
+                let (first, last, started, rebuild) =
+                    (job.first, job.last, job.started, job.rebuild);
                 let work = encode(&ctx, partition, job);
                 // A panic must still report, or the partition would wait for this batch forever.
                 let (valid, dead, batch) =
@@ -197,6 +195,7 @@ impl Writer {
                     started,
                     valid,
                     dead,
+                    rebuild,
                     batch,
                 };
                 // The committer is gone after a failure: what is queued is rebuilt anyway.
@@ -213,11 +212,12 @@ impl Writer {
                     _ = stop.cancelled() => break,
                     e = encoded.recv() => match e { Some(e) => e, None => break },
                 };
+                let commit_started = Instant::now();
                 let outcome = match e.batch {
                     Ok(batch) => {
                         let bodies: Vec<Bytes> =
                             batch.objects.iter().map(|o| o.body.clone()).collect();
-                        let work = commit(&ctx, &mut sink, batch);
+                        let work = commit(&ctx, &mut committer, partition, batch, e.rebuild);
                         let outcome =
                             futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(work))
                                 .await
@@ -239,6 +239,7 @@ impl Writer {
                     valid: e.valid,
                     dead: e.dead,
                     started: e.started,
+                    commit_time: commit_started.elapsed(),
                     outcome,
                 }));
                 if failed {
@@ -246,7 +247,6 @@ impl Writer {
                     break;
                 }
             }
-            sink.settle().await;
         });
         Writer { jobs, cancel, task }
     }
@@ -292,6 +292,7 @@ async fn encode(
     // By hour, in the hours' order: the same tickets always make the same objects.
     let mut hours: BTreeMap<Hour, HourPart> = BTreeMap::new();
     let mut queued = Vec::new();
+    let mut queued_again = 0u64;
     // Room for the whole batch in one hour's object, its usual case.
     let room = (job.buf.messages.len(), job.buf.data.len());
     let mut first_hour = true;
@@ -306,6 +307,11 @@ async fn encode(
                     reason,
                     "Invalid ticket sent to the dead-letter topic."
                 );
+                if job.rebuild {
+                    // Sent when the range was first processed, before its commit.
+                    queued_again += 1;
+                    continue;
+                }
                 let letter = DeadLetter {
                     partition,
                     offset: m.offset,
@@ -343,7 +349,7 @@ async fn encode(
     // The messages as read are not needed any more: give them back before waiting for the
     // dead letters and encoding.
     RAW_BATCHES.give(job.buf);
-    let dead = queued.len() as u64;
+    let dead = queued.len() as u64 + queued_again;
     let valid: u64 = hours.values().map(|p| p.builder.valid).sum();
     // Dead letters must be durable before the batch's offsets count as done.
     for f in queued {
@@ -361,6 +367,7 @@ async fn encode(
                 hour,
                 first: part.first,
                 last: part.last,
+                tickets: part.builder.valid,
                 body: Bytes::from(body),
             }),
             Err(e) => return (valid, dead, Err(Failure::Fatal(e))),
@@ -382,33 +389,32 @@ async fn encode(
     (valid, dead, Ok(batch))
 }
 
-/// A batch's second stage: into S3 exactly once.
-async fn commit(
+/// A batch's second stage: into S3 exactly once (or, for a committed range read again,
+/// checked against its record and completed).
+async fn commit<C: Committer>(
     ctx: &WriterContext,
-    sink: &mut PartitionSink,
+    committer: &mut C,
+    partition: i32,
     batch: Batch,
+    rebuild: bool,
 ) -> Result<(), Failure> {
     let (first, last) = (batch.first, batch.last);
-    match sink
-        .commit(&ctx.store, &ctx.layout, batch, &ctx.retry)
-        .await
-    {
-        Ok(()) => Ok(()),
-        Err(SinkError::Fenced(p)) => {
-            ctx.metrics.fenced.inc();
-            tracing::warn!(
-                partition = p,
-                first,
-                last,
-                "Another writer committed this partition first; dropped our batch."
-            );
-            Err(Failure::Rewind(format!(
-                "another writer committed partition {p} first"
-            )))
-        }
-        Err(SinkError::Aborted) => Err(Failure::Aborted),
-        Err(SinkError::Fatal(e)) => Err(Failure::Fatal(e)),
+    let prepared = committer.prepare(batch);
+    let outcome = if rebuild {
+        committer.complete(prepared).await
+    } else {
+        committer.commit(vec![prepared]).await
+    };
+    if let Err(Failure::Fenced(_)) = &outcome {
+        ctx.metrics.fenced.inc();
+        tracing::warn!(
+            partition,
+            first,
+            last,
+            "Another writer committed this partition first; dropped our batch."
+        );
     }
+    outcome
 }
 
 fn dead_letter_failure(e: DeadLetterError) -> Failure {

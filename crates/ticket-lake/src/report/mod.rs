@@ -1,6 +1,6 @@
 //! `report`: `reports/index.html` in the bucket (or the directory), a self-contained page of
 //! the lake's figures, built with the same SQL tables as `query` and rendered by
-//! [`ticket_core::report`]. Run once, or with `--every N` to keep it current (the compose stack
+//! [`page`] (pure). Run once, or with `--every N` to keep it current (the compose stack
 //! runs it so); the streaming processor itself does not spend time on it.
 
 use std::path::PathBuf;
@@ -15,7 +15,9 @@ use object_store::{
     Attribute, AttributeValue, Attributes, ObjectStore, ObjectStoreExt, PutOptions, PutPayload,
 };
 use ticket_core::checkpoint::Checkpoint;
-use ticket_core::report::{HourTypeCount, ReportData, TeamPriorityCount, render};
+pub mod page;
+
+use self::page::{HourTypeCount, ReportData, TeamPriorityCount, render};
 use tokio_util::sync::CancellationToken;
 
 use crate::query::{Lake, Opened, open, run_sql};
