@@ -6,22 +6,26 @@
 //!   into its partition's open batch, hands due batches to the partition's writer, commits
 //!   offsets when a writer reports a batch durable, and follows rebalances. Everything else
 //!   reaches it as an [`Event`] on one channel;
-//! - [`partition`]: a partition's state (handled offsets, open batch, batches in flight), no
-//!   Kafka in it;
+//! - [`owner`]: [`owner::PartitionOwner`], the one owner of a partition's state: loading,
+//!   open, closed (revoked, rewound, stopped);
+//! - [`partition`]: an open partition's batches (handled offsets, the open batch, batches in
+//!   flight, a committed range being rebuilt), no I/O in it;
 //! - [`writer`]: a partition's writer, two tasks: decode, validate, route, dead letters,
 //!   counts and encode; then the exactly-once commit;
 //! - [`dead_letter`]: the dead-letter producer;
 //! - [`drain`]: when `--drain` is done;
 //! - [`counts`]: `counts_by_request_type/latest.jsonl`, refreshed by a task of its own.
 //!
-//! S3 is the source of truth for progress: when a partition is first seen its checkpoint is
-//! loaded (by a task; the partition's messages are dropped meanwhile) and the consumer seeks
-//! to the checkpoint's offset, so nothing already written is written again.
+//! S3 is the source of truth for progress: when a partition is first seen its committer
+//! recovers it (by a task; the partition's messages are dropped meanwhile) and the consumer
+//! seeks to the plan's offset (the checkpoint's, or a committed batch's first to rebuild it),
+//! so nothing already written is written again.
 
 pub mod counts;
 pub mod dead_letter;
 pub mod drain;
 pub mod health;
+pub mod owner;
 pub mod partition;
 pub mod writer;
 
@@ -46,8 +50,9 @@ use self::counts::CountsPublisher;
 use self::dead_letter::DeadLetters;
 use self::drain::Drain;
 use self::health::Health;
-use self::partition::{Partition, RangeGone, Written};
-use self::writer::{RawBatch, Report, Writer, WriterContext};
+use self::owner::{Close, HandOver, PartitionOwner};
+use self::partition::Written;
+use self::writer::{Report, WriterContext};
 use crate::metrics::Metrics;
 use crate::retry::Retrier;
 use crate::sink::{Committer, Failure, MadeWith, ObjectCommitter, Plan};
@@ -182,16 +187,6 @@ impl ConsumerContext for Ctx {
 
 type Kafka = StreamConsumer<Ctx>;
 
-/// A partition this instance is responsible for.
-enum Slot {
-    /// Its checkpoint is being read; its messages are dropped (the seek re-fetches them).
-    Loading { epoch: u64 },
-    Owned {
-        state: Partition<RawBatch>,
-        writer: Writer,
-    },
-}
-
 struct Processor {
     settings: Settings,
     /// Shared with the loop's message stream (one for the whole run, not one per message).
@@ -200,7 +195,8 @@ struct Processor {
     /// `None` once finished.
     counts: Option<CountsPublisher>,
     metrics: Metrics,
-    slots: HashMap<i32, Slot>,
+    /// The partitions this instance is responsible for, each the one owner of its state.
+    owners: HashMap<i32, PartitionOwner>,
     /// Numbers ownerships, so a late report of an earlier one is recognised.
     next_epoch: u64,
     events_tx: UnboundedSender<Event>,
@@ -298,7 +294,7 @@ pub async fn run(
         writers,
         counts: Some(counts),
         metrics,
-        slots: HashMap::new(),
+        owners: HashMap::new(),
         next_epoch: 0,
         events_tx,
         events,
@@ -439,15 +435,20 @@ impl Processor {
                     d.message(partition, *now);
                 }
                 let message = (offset, m.timestamp().to_millis(), m.key(), m.payload());
-                let known = accept(&mut self.slots, partition, message, *now, &self.metrics)
-                    .map_err(|gone| {
-                        range_gone(
-                            &self.settings.kafka.topic,
-                            &self.settings.layout,
-                            partition,
-                            &gone.to_string(),
-                        )
-                    })?;
+                let known = match self.owners.get_mut(&partition) {
+                    Some(owner) => {
+                        owner.accept(message, *now, &self.metrics).map_err(|gone| {
+                            range_gone(
+                                &self.settings.kafka.topic,
+                                &self.settings.layout,
+                                partition,
+                                &gone.to_string(),
+                            )
+                        })?;
+                        true
+                    }
+                    None => false,
+                };
                 drop(m);
                 // A revocation seen while the consumer was polled comes first.
                 let mut handled = false;
@@ -476,14 +477,9 @@ impl Processor {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        self.slots
+        self.owners
             .values()
-            .filter_map(|s| match s {
-                Slot::Owned { state, .. } if state.can_seal() => {
-                    state.deadline(&self.settings.policy)
-                }
-                _ => None,
-            })
+            .filter_map(|o| o.deadline(&self.settings.policy))
             .min()
     }
 
@@ -504,7 +500,7 @@ impl Processor {
     }
 
     fn hand_over_due(&mut self, now: Instant) {
-        let owned: Vec<i32> = self.slots.keys().copied().collect();
+        let owned: Vec<i32> = self.owners.keys().copied().collect();
         for p in owned {
             self.hand_over(p, now, false);
         }
@@ -513,16 +509,11 @@ impl Processor {
     /// Hands the partition's batch to its writer if it is due (`hold`: and makes the consumer
     /// wait if the writer has no room).
     fn hand_over(&mut self, partition: i32, now: Instant, hold: bool) {
-        let Some(Slot::Owned { state, writer }) = self.slots.get_mut(&partition) else {
+        let Some(owner) = self.owners.get_mut(&partition) else {
             return;
         };
-        if state.due(&self.settings.policy, now).is_none() {
-            return;
-        }
-        match state.seal() {
-            Some(batch) => writer.send(batch),
-            None if hold => self.held = Some(partition),
-            None => {}
+        if owner.hand_over(&self.settings.policy, now) == HandOver::NoRoom && hold {
+            self.held = Some(partition);
         }
     }
 
@@ -536,7 +527,7 @@ impl Processor {
             } => self.on_loaded(partition, epoch, result),
             Event::Revoked(parts) => {
                 for p in parts {
-                    self.let_go(p);
+                    self.close(p, Close::Revoked);
                 }
                 Ok(())
             }
@@ -546,10 +537,10 @@ impl Processor {
 
     fn on_written(&mut self, r: Report) -> anyhow::Result<()> {
         let partition = r.partition;
-        let Some(Slot::Owned { state, .. }) = self.slots.get_mut(&partition) else {
+        let Some(owner) = self.owners.get_mut(&partition) else {
             return Ok(());
         };
-        if state.epoch() != r.epoch {
+        if owner.epoch() != r.epoch {
             tracing::debug!(
                 partition,
                 first = r.first,
@@ -559,7 +550,7 @@ impl Processor {
         }
         match r.outcome {
             Ok(()) => {
-                let Written::Commit(next) = state.written(r.epoch, r.first, r.last) else {
+                let Written::Commit(next) = owner.written(r.epoch, r.first, r.last) else {
                     return Ok(());
                 };
                 self.commit(partition, next);
@@ -597,7 +588,7 @@ impl Processor {
                     why,
                     "Batch not written; processing the partition again from its checkpoint."
                 );
-                self.let_go(partition);
+                self.close(partition, Close::Rewind);
                 if !self.stopping {
                     self.load(partition);
                     if let Some(d) = &mut self.drain {
@@ -607,7 +598,7 @@ impl Processor {
                 Ok(())
             }
             Err(Failure::Aborted) => {
-                self.let_go(partition);
+                self.close(partition, Close::Rewind);
                 Ok(())
             }
             Err(Failure::Fatal(e)) => {
@@ -620,7 +611,8 @@ impl Processor {
     fn load(&mut self, partition: i32) {
         self.next_epoch += 1;
         let epoch = self.next_epoch;
-        self.slots.insert(partition, Slot::Loading { epoch });
+        self.owners
+            .insert(partition, PartitionOwner::loading(partition, epoch));
         let (ctx, events) = (self.writers.clone(), self.events_tx.clone());
         let (consumer, kafka) = (self.consumer.clone(), self.settings.kafka.clone());
         tokio::spawn(async move {
@@ -648,7 +640,11 @@ impl Processor {
         epoch: u64,
         result: Result<Box<(ObjectCommitter, Plan)>, Failure>,
     ) -> anyhow::Result<()> {
-        if !matches!(self.slots.get(&partition), Some(Slot::Loading { epoch: e }) if *e == epoch) {
+        if !self
+            .owners
+            .get(&partition)
+            .is_some_and(|o| o.is_loading_as(epoch))
+        {
             return Ok(()); // revoked (or rewound again) meanwhile
         }
         let (committer, plan) = match result {
@@ -668,41 +664,24 @@ impl Processor {
 
     /// Owns a partition as its committer recovered it, with a writer of its own.
     fn own(&mut self, partition: i32, epoch: u64, committer: ObjectCommitter, plan: Plan) {
-        let writer = Writer::spawn(self.writers.clone(), partition, epoch, committer);
-        self.slots.insert(
-            partition,
-            Slot::Owned {
-                state: Partition::from_plan(epoch, plan),
-                writer,
-            },
-        );
+        let owner = PartitionOwner::open(partition, epoch, self.writers.clone(), committer, plan);
+        self.owners.insert(partition, owner);
     }
 
-    /// Forgets a partition: its unwritten messages will be processed again by whoever owns
-    /// it next, from the last committed checkpoint.
-    fn let_go(&mut self, partition: i32) {
+    /// Closes a partition (the one way to, whatever the reason): its unwritten messages will
+    /// be processed again by whoever owns it next, from the last committed checkpoint.
+    fn close(&mut self, partition: i32, why: Close) {
         if self.held == Some(partition) {
             self.held = None;
         }
-        if let Some(Slot::Owned { state, writer }) = self.slots.remove(&partition) {
-            if !state.is_settled() {
-                tracing::info!(
-                    partition,
-                    phase = ?state.phase(),
-                    "Dropping the unwritten batches of a partition let go."
-                );
-            }
-            writer.cancel();
+        if let Some(owner) = self.owners.remove(&partition) {
+            let _ = owner.close(why);
         }
         self.update_gauge();
     }
 
     fn update_gauge(&self) {
-        let owned = self
-            .slots
-            .values()
-            .filter(|s| matches!(s, Slot::Owned { .. }))
-            .count();
+        let owned = self.owners.values().filter(|o| o.is_open()).count();
         self.metrics.assigned_partitions.set(owned as i64);
     }
 
@@ -739,7 +718,7 @@ impl Processor {
         {
             // Not assigned any more, most likely: whoever owns it resumes from the checkpoint.
             tracing::warn!(partition, offset, error = %e, "Seek failed; forgetting the partition.");
-            self.let_go(partition);
+            self.close(partition, Close::Revoked);
         }
     }
 
@@ -752,10 +731,11 @@ impl Processor {
             Offset::Offset(o) => o,
             _ => -1,
         };
-        let handled = match self.slots.get(&partition) {
-            Some(Slot::Owned { state, .. }) => state.expected(),
-            _ => -1,
-        };
+        let handled = self
+            .owners
+            .get(&partition)
+            .and_then(PartitionOwner::expected)
+            .unwrap_or(-1);
         Some(fetched.max(handled))
     }
 
@@ -812,24 +792,12 @@ impl Processor {
     async fn finish(&mut self, abort: &CancellationToken) -> Result<(), Failure> {
         self.stopping = true;
         self.held = None;
-        self.slots.retain(|_, s| matches!(s, Slot::Owned { .. }));
-        for slot in self.slots.values_mut() {
-            if let Slot::Owned { state, .. } = slot {
-                state.drop_partial_rebuild();
-            }
-        }
+        self.owners.retain(|_, o| o.is_open());
         loop {
-            for slot in self.slots.values_mut() {
-                if let Slot::Owned { state, writer } = slot
-                    && let Some(batch) = state.seal()
-                {
-                    writer.send(batch);
-                }
+            let mut busy = false;
+            for owner in self.owners.values_mut() {
+                busy |= owner.flush_for_stop();
             }
-            let busy = self.slots.values().any(|s| match s {
-                Slot::Owned { state, .. } => !state.is_settled(),
-                Slot::Loading { .. } => false,
-            });
             if !busy {
                 break;
             }
@@ -843,12 +811,9 @@ impl Processor {
             }
         }
         let closing: Vec<JoinHandle<()>> = self
-            .slots
+            .owners
             .drain()
-            .filter_map(|(_, slot)| match slot {
-                Slot::Owned { writer, .. } => Some(writer.close()),
-                Slot::Loading { .. } => None,
-            })
+            .filter_map(|(_, owner)| owner.close(Close::Stop))
             .collect();
         for task in closing {
             tokio::select! {
@@ -862,34 +827,6 @@ impl Processor {
         tokio::select! {
             _ = counts.finish() => Ok(()),
             _ = abort.cancelled() => Err(Failure::Aborted),
-        }
-    }
-}
-
-/// A message as [`accept`] takes it: offset, Kafka timestamp (ms), key, payload.
-type Incoming<'a> = (i64, Option<i64>, Option<&'a [u8]>, Option<&'a [u8]>);
-
-/// Adds a message to its partition's open batch; `false` if the partition is not known yet
-/// (its checkpoint must be loaded first). A message of a partition being loaded, or below
-/// the offset already handled, is dropped; one that shows a committed range being read again
-/// is no longer in Kafka is an error.
-fn accept(
-    slots: &mut HashMap<i32, Slot>,
-    partition: i32,
-    (offset, timestamp, key, payload): Incoming<'_>,
-    now: Instant,
-    metrics: &Metrics,
-) -> Result<bool, RangeGone> {
-    match slots.get_mut(&partition) {
-        None => Ok(false),
-        Some(Slot::Loading { .. }) => Ok(true),
-        Some(Slot::Owned { state, .. }) => {
-            state.check(offset)?;
-            if let Some(batch) = state.offer(offset, now) {
-                batch.push(offset, timestamp, key, payload.unwrap_or_default());
-                metrics.tickets_in.inc();
-            }
-            Ok(true)
         }
     }
 }

@@ -1,28 +1,19 @@
-//! One owned partition's state, with no Kafka in it: which offsets were already handled, the
-//! batch being built, and the batches handed to the partition's writer but not yet written.
+//! The batches of one open partition, with no Kafka and no I/O in them: which offsets were
+//! already handled, the batch being built, and the batches handed to the partition's writer
+//! but not yet written. [`super::owner::PartitionOwner`] holds one from the moment the
+//! partition's committer recovered it.
 //!
 //! ```text
-//!            assign / first message
-//!                     │
-//!                     ▼
-//!   ┌──────────── Loading ────────────┐   the checkpoint is read from S3 (not here: in
-//!   │   (messages dropped; the        │   `stream`); the consumer then seeks to its offset
-//!   │    seek re-fetches them)        │   (a committed range to rebuild first: `Rebuilding`,
-//!   │                                 │   exactly that range as one batch, then Idle)
-//!   │                                 ▼
-//!   │   ┌──▶ Idle ──offer──▶ Building ──seal──▶ InFlight(n) ──written──▶ (commit offsets)
-//!   │   │                      ▲    │                 │
-//!   │   └──────────────────────┴────┘ (building while │ up to MAX_IN_FLIGHT are written)
-//!   │                                                 │
-//!   │          a writer failed (fenced, dead letter)  ▼
-//!   └───────────────────────────── rewind: reload the checkpoint, seek, new epoch
-//!
-//!   revoked: the partition is forgotten; its writer is cancelled; late reports are ignored
-//!   because they carry an older epoch.
+//!   recovered with Plan::Rebuild ──▶ Rebuilding: exactly the recorded range, as one batch,
+//!                                      │          never cut by the policy
+//!   recovered with Plan::Resume ─┐     │ sealed at the range's last offset
+//!                                ▼     ▼
+//!   ┌──▶ Idle ──offer──▶ Building ──seal──▶ InFlight(n) ──written──▶ (commit offsets)
+//!   │                      ▲    │                 │
+//!   └──────────────────────┴────┘ (building while │ up to MAX_IN_FLIGHT are written)
+//!                                                 ▼
+//!             a writer failed, revoked, stopping: the owner closes it (owner.rs)
 //! ```
-//!
-//! [`Partition`] is the owned part (from Idle to rewind); [`crate::stream`] keeps it in a map
-//! beside the partition's writer.
 
 use std::collections::VecDeque;
 use std::time::Instant;
