@@ -85,6 +85,9 @@ async fn an_invalid_message_too_large_for_the_dead_letter_topic_is_sent_truncate
     assert_eq!(fx.assert_exactly_once(&ids).await, 5);
 }
 
+/// The stop bound the outage test sets.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_an_s3_outage_ends_the_process_within_the_shutdown_timeout() {
     let fx = Fixture::start().await;
@@ -93,7 +96,10 @@ async fn sigterm_during_an_s3_outage_ends_the_process_within_the_shutdown_timeou
     let env = fx
         .env()
         .s3_endpoint(&proxy)
-        .set("SHUTDOWN_TIMEOUT_SECS", "2")
+        .set(
+            "SHUTDOWN_TIMEOUT_SECS",
+            SHUTDOWN_TIMEOUT.as_secs().to_string(),
+        )
         .set("BATCH_MAX_AGE_MS", "200");
     let mut processor = fx.spawn("ticket-processor", &env, &[], "p");
 
@@ -112,19 +118,25 @@ async fn sigterm_during_an_s3_outage_ends_the_process_within_the_shutdown_timeou
         .map(|id| (id.clone(), ticket(&id).into_bytes()))
         .collect();
     publish_large(&fx, &second).await;
+    let addr = processor.http_addr().await;
     eventually(Duration::from_secs(60), "a retried S3 request", || async {
-        processor
-            .log()
-            .contains("S3 request failed; retrying.")
-            .then_some(())
+        let failed = metric(addr, "ticket_processor_s3_errors_total").await;
+        failed.is_some_and(|n| n > 0.0).then_some(())
     })
     .await;
-    // ... and a stop request ends the process anyway, within its timeout (the waits below
-    // are deadlines for a process that used to stay up for good, not measurements).
+    // ... and a stop request ends the process anyway: within SHUTDOWN_TIMEOUT_SECS it gives
+    // up writing and exits 0, and whatever it then waits on, it is gone EXIT_GRACE later.
+    let bound = SHUTDOWN_TIMEOUT + ticket_stream::stream::EXIT_GRACE;
+    let stopped = std::time::Instant::now();
     processor.signal(Signal::SIGTERM);
-    let ok = processor.wait(Duration::from_secs(30)).await;
+    let ok = processor.wait(bound + Duration::from_secs(5)).await;
+    let took = stopped.elapsed();
     let log = processor.log();
     assert!(ok, "exit status after SIGTERM; log:\n{log}");
+    assert!(
+        took <= bound,
+        "stopped in {took:?}, beyond SHUTDOWN_TIMEOUT_SECS + EXIT_GRACE = {bound:?}"
+    );
     assert!(
         log.contains("they will be processed again on restart"),
         "log:\n{log}"

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use ticket_core::Routing;
 use ticket_core::checkpoint::Checkpoint;
+use ticket_stream::stream::counts::COUNTS_REFRESH;
 
 use super::Fixture;
 
@@ -34,10 +35,11 @@ impl Fixture {
     pub async fn assert_exactly_once(&self, expected_ids: &[String]) -> usize {
         let lines = self.s3.json_lines("tickets_with_team/").await;
         let by_type = tickets_by_type(&lines);
-        // Each instance rewrites the counts on its own schedule (at least every 30 s, so that
-        // concurrent instances converge): one that read the checkpoints just before another's
-        // last commit may have written them last. Wait for them to agree before checking.
-        let deadline = Instant::now() + Duration::from_secs(45);
+        // Each instance rewrites the counts on its own schedule (at least every COUNTS_REFRESH,
+        // so that concurrent instances converge): one that read the checkpoints just before
+        // another's last commit may have written them last. Wait for them to agree (one
+        // refresh and a half) before checking.
+        let deadline = Instant::now() + COUNTS_REFRESH * 3 / 2;
         let counts = loop {
             let counts = self.s3.get("counts_by_request_type/latest.jsonl").await;
             let agrees = counts

@@ -122,3 +122,28 @@ impl Running {
         self.http
     }
 }
+
+/// A plain HTTP/1.0 GET: the status and the whole response.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.expect("read");
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, buf)
+}
+
+/// The value of a metric (`name` as `/metrics` shows it, labels included) on the processor at
+/// `addr`, or `None` if it is not there.
+pub async fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
+    let (_, body) = http_get(addr, "/metrics").await;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}

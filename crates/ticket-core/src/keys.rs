@@ -4,7 +4,7 @@
 //! {prefix}tickets_with_team/topic={topic}/date={YYYY-MM-DD}/hour={HH}/partition={p}/{first:020}-{last:020}.{jsonl|parquet}
 //! {prefix}counts_by_request_type/latest.jsonl
 //! {prefix}_checkpoints/topic={topic}/partition={p}.json      (the processor's own progress)
-//! {prefix}_staging/topic={topic}/partition={p}/{first:020}-{id}-{n}.{ext}   (transient)
+//! {prefix}_staging/topic={topic}/partition={p}/{first:020}-{id}-{n}.{ext}   (versions up to 0.1.0 only, transient: finished and deleted by this one)
 //! ```
 //!
 //! `date` and `hour` are Hive-style partition columns: the UTC hour of the records' Kafka
