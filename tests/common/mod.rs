@@ -28,6 +28,7 @@ pub mod checks;
 pub mod process;
 pub mod proxy;
 pub mod s3;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -240,7 +240,7 @@ async fn client(endpoint: &str, ak: &str, sk: &str) -> Client {
         .region(aws_sdk_s3::config::Region::new("us-east-1"))
         .endpoint_url(endpoint)
         .force_path_style(true)
-        .http_client(ticket_s3::http_client())
+        .http_client(ticket_s3::http_client(None).expect("the S3 client"))
         .credentials_provider(creds)
         .build();
     Client::from_conf(conf)

@@ -332,10 +332,19 @@ async fn s3_store(args: &S3Args) -> anyhow::Result<Arc<dyn ObjectStore>> {
             "S3_BUCKET_NAME is empty: set it to the bucket the results are in (or use --dir)"
         );
     }
-    let sdk = ticket_s3::sdk_config(args).await;
+    let sdk = ticket_s3::sdk_config(args).await?;
     let mut builder = AmazonS3Builder::new()
         .with_bucket_name(&args.bucket)
         .with_region(&args.region);
+    if let Some(pem) = args.ca_pem()? {
+        let mut options = object_store::ClientOptions::new();
+        for cert in object_store::Certificate::from_pem_bundle(&pem)
+            .context("AWS_CA_BUNDLE: not a PEM certificate bundle")?
+        {
+            options = options.with_root_certificate(cert);
+        }
+        builder = builder.with_client_options(options);
+    }
     if let Some(ep) = args.endpoint() {
         builder = builder
             .with_endpoint(ep)

@@ -37,12 +37,38 @@ pub struct S3Args {
     /// AWS region of the bucket.
     #[arg(long = "region", env = "AWS_REGION", default_value = "us-east-1")]
     pub region: String,
+
+    /// PEM file of certificate authorities to trust for S3 over HTTPS, besides the system's:
+    /// a private CA that signed MinIO's certificate, say (the variable the AWS CLI reads).
+    #[arg(long = "s3-ca-bundle", env = "AWS_CA_BUNDLE")]
+    pub ca_bundle: Option<std::path::PathBuf>,
 }
 
 impl S3Args {
     /// `S3_ENDPOINT`, unless it is unset or blank (AWS S3).
     pub fn endpoint(&self) -> Option<&str> {
         self.endpoint.as_deref().filter(|s| !s.trim().is_empty())
+    }
+
+    /// The certificates of `AWS_CA_BUNDLE` (PEM), if it is set: an error that names the
+    /// setting if the file cannot be read or holds no certificate.
+    pub fn ca_pem(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        let Some(path) = self
+            .ca_bundle
+            .as_ref()
+            .filter(|p| !p.as_os_str().is_empty())
+        else {
+            return Ok(None);
+        };
+        let pem = std::fs::read(path)
+            .with_context(|| format!("AWS_CA_BUNDLE={}: cannot read the file", path.display()))?;
+        if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+            bail!(
+                "AWS_CA_BUNDLE={} holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)",
+                path.display()
+            );
+        }
+        Ok(Some(pem))
     }
 }
 
@@ -64,25 +90,41 @@ pub struct Store {
 /// The HTTP client of every AWS call (S3 and the credentials chain): hyper 1 with rustls on
 /// ring, the crypto provider `object_store` already uses (the SDK's default client would add
 /// aws-lc, a C build, to the tree), the system's root certificates, and HTTP(S)_PROXY/NO_PROXY
-/// from the environment as the SDK's default client reads them.
-pub fn http_client() -> aws_sdk_s3::config::SharedHttpClient {
-    use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
+/// from the environment as the SDK's default client reads them. `ca_pem`: certificate
+/// authorities to trust besides the system's (`AWS_CA_BUNDLE`).
+pub fn http_client(ca_pem: Option<&[u8]>) -> anyhow::Result<aws_sdk_s3::config::SharedHttpClient> {
+    use aws_smithy_http_client::tls::{
+        Provider, TlsContext, TrustStore, rustls_provider::CryptoMode,
+    };
     use aws_smithy_http_client::{Builder, ConnectorBuilder, proxy::ProxyConfig};
-    Builder::new().build_with_connector_fn(|settings, components| {
-        let mut conn = ConnectorBuilder::default().tls_provider(Provider::Rustls(CryptoMode::Ring));
-        conn.set_connector_settings(settings.cloned());
-        if let Some(components) = components {
-            conn.set_sleep_impl(components.sleep_impl());
-        }
-        conn.set_proxy_config(Some(ProxyConfig::from_env()));
-        conn.build()
-    })
+    let mut trust = TrustStore::default();
+    if let Some(pem) = ca_pem {
+        trust.add_pem_certificate(pem);
+    }
+    let tls = TlsContext::builder()
+        .with_trust_store(trust)
+        .build()
+        .map_err(|e| anyhow::anyhow!("the TLS settings for S3 (AWS_CA_BUNDLE): {e}"))?;
+    Ok(
+        Builder::new().build_with_connector_fn(move |settings, components| {
+            let mut conn =
+                ConnectorBuilder::default().tls_provider(Provider::Rustls(CryptoMode::Ring));
+            conn.set_tls_context(tls.clone());
+            conn.set_connector_settings(settings.cloned());
+            if let Some(components) = components {
+                conn.set_sleep_impl(components.sleep_impl());
+            }
+            conn.set_proxy_config(Some(ProxyConfig::from_env()));
+            conn.build()
+        }),
+    )
 }
 
 /// The AWS settings of the processor: region, the default credentials chain, timeouts.
-pub async fn sdk_config(args: &S3Args) -> aws_config::SdkConfig {
-    aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .http_client(http_client())
+pub async fn sdk_config(args: &S3Args) -> anyhow::Result<aws_config::SdkConfig> {
+    let http = http_client(args.ca_pem()?.as_deref())?;
+    Ok(aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .http_client(http)
         .region(aws_config::Region::new(args.region.clone()))
         // One retry layer only: the streaming side's own (`ticket_stream::retry::Retrier`) decides what is worth
         // retrying and for how long, so the SDK makes each request once.
@@ -94,7 +136,7 @@ pub async fn sdk_config(args: &S3Args) -> aws_config::SdkConfig {
                 .build(),
         )
         .load()
-        .await
+        .await)
 }
 
 impl Store {
@@ -108,7 +150,7 @@ impl Store {
         {
             bail!("S3_ENDPOINT must be a URL such as http://minio:9000, got {ep:?}");
         }
-        let shared = sdk_config(args).await;
+        let shared = sdk_config(args).await?;
         let mut conf = aws_sdk_s3::config::Builder::from(&shared);
         if let Some(ep) = endpoint {
             conf = conf.endpoint_url(ep).force_path_style(true);
@@ -414,10 +456,24 @@ fn describe<E: std::error::Error + 'static, R: std::fmt::Debug>(e: &SdkError<E, 
             } else {
                 "dispatch failure"
             };
-            format!(
-                "{kind}: {:?}",
-                d.as_connector_error().map(|c| c.to_string())
-            )
+            let mut chain = String::new();
+            let mut src: Option<&(dyn std::error::Error + 'static)> =
+                d.as_connector_error().map(|c| c as _);
+            while let Some(cause) = src {
+                let text = cause.to_string();
+                if !chain.contains(&text) {
+                    chain.push_str(": ");
+                    chain.push_str(&text);
+                }
+                src = cause.source();
+            }
+            let mut msg = format!("{kind}{chain}");
+            if msg.contains("certificate") || msg.contains("UnknownIssuer") {
+                msg.push_str(
+                    " (the server's TLS certificate is not trusted: if a private certificate authority signed it, set AWS_CA_BUNDLE to that CA's PEM file; if it names another host, S3_ENDPOINT must use a name the certificate lists)",
+                );
+            }
+            msg
         }
         SdkError::TimeoutError(_) => "timed out".to_string(),
         other => {
