@@ -144,6 +144,12 @@ async fn malformed_messages_go_to_the_dead_letter_topic_with_their_reason() {
             ("OK-3".into(), "Tech Support".into())
         ])
     );
+    // Counted too: a map keeps one line per id, so a duplicate would disappear in it.
+    assert_eq!(
+        lines.len(),
+        teams.len(),
+        "a ticket written twice: {lines:?}"
+    );
 
     let (status, _) = http_get(addr, "/health/ready").await;
     assert_eq!(status, 200);
@@ -171,6 +177,8 @@ async fn malformed_messages_go_to_the_dead_letter_topic_with_their_reason() {
     // Read once the batch is written (its dead letters are durable before its commit, which
     // the metrics above show), so that a duplicate would be counted, not waited past.
     let dead = fx.broker.read_all(&fx.dlq());
+    let written = fx.s3.json_lines("tickets_with_team/").await;
+    assert_eq!(written.len(), 3, "each valid ticket once: {written:?}");
     assert_eq!(
         dead.len(),
         bad.len() + 1,
