@@ -25,11 +25,15 @@ async fn main() -> std::process::ExitCode {
         }
         Some(Command::HealthCheck { http_addr }) => ticket_processor::health_check(http_addr).await,
         None => {
-            let shutdown = tokio_util::sync::CancellationToken::new();
-            tokio::spawn(ticket_kafka::cancel_on_signal(shutdown.clone()));
-            let deadline = std::time::Duration::from_secs(cli.run.shutdown_timeout_secs)
-                + ticket_stream::stream::EXIT_GRACE;
-            exit_after(shutdown.clone(), deadline);
+            // The signals and both deadlines live here: writing stops SHUTDOWN_TIMEOUT_SECS
+            // after a signal, and the process is gone EXIT_GRACE later.
+            let timeout = std::time::Duration::from_secs(cli.run.shutdown_timeout_secs);
+            let shutdown = ticket_stream::Shutdown::with_deadline(timeout);
+            tokio::spawn(ticket_kafka::cancel_on_signal(shutdown.stop.clone()));
+            exit_after(
+                shutdown.stop.clone(),
+                timeout + ticket_stream::stream::EXIT_GRACE,
+            );
             ticket_stream::run(cli.run, shutdown).await
         }
     };

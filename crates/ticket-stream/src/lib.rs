@@ -78,8 +78,32 @@ pub struct RunArgs {
     pub shutdown_timeout_secs: u64,
 }
 
-/// Runs the streaming processor until `shutdown` fires (or the drain ends).
-pub async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// How a stop reaches the streaming processor from `main`, which owns the signals and the
+/// deadlines: `stop` when one is requested (write what is buffered, commit, leave), `abort`
+/// when the time to write has run out (give up: unwritten batches are processed again on
+/// restart). That the process is gone a little later whatever it waits on is `main`'s too.
+#[derive(Clone, Default)]
+pub struct Shutdown {
+    pub stop: CancellationToken,
+    pub abort: CancellationToken,
+}
+
+impl Shutdown {
+    /// A shutdown whose `abort` fires `timeout` after `stop`.
+    pub fn with_deadline(timeout: Duration) -> Shutdown {
+        let s = Shutdown::default();
+        let (stop, abort) = (s.stop.clone(), s.abort.clone());
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            tokio::time::sleep(timeout).await;
+            abort.cancel();
+        });
+        s
+    }
+}
+
+/// Runs the streaming processor until `shutdown.stop` fires (or the drain ends).
+pub async fn run(args: RunArgs, shutdown: Shutdown) -> anyhow::Result<()> {
     args.kafka.validate()?;
     if args.dlq_topic == args.kafka.topic {
         bail!(
@@ -120,7 +144,6 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<(
         layout,
         format: args.output_format,
         drain: args.drain,
-        shutdown_timeout: Duration::from_secs(args.shutdown_timeout_secs),
     };
     let result = stream::run(settings, store, metrics, health, shutdown).await;
     http_stop.cancel();

@@ -53,6 +53,7 @@ use self::health::Health;
 use self::owner::{Close, HandOver, PartitionOwner};
 use self::partition::Written;
 use self::writer::{Report, WriterContext};
+use crate::Shutdown;
 use crate::metrics::Metrics;
 use crate::retry::Retrier;
 use crate::sink::{Committer, Failure, MadeWith, ObjectCommitter, Plan};
@@ -113,8 +114,6 @@ pub struct Settings {
     pub format: OutputFormat,
     /// Process up to the end of the topic as of start, then exit.
     pub drain: bool,
-    /// How long a graceful stop may spend writing buffered batches before abandoning them.
-    pub shutdown_timeout: Duration,
 }
 
 /// What reaches the consumer's loop from elsewhere.
@@ -211,13 +210,14 @@ struct Processor {
     stopping: bool,
 }
 
-/// Runs until `shutdown` fires (or, with `drain`, until the topic's end as of start).
+/// Runs until `shutdown.stop` fires (or, with `drain`, until the topic's end as of start);
+/// then writes what is buffered until `shutdown.abort` fires.
 pub async fn run(
     settings: Settings,
     store: SharedStore,
     metrics: Metrics,
     health: Arc<Health>,
-    shutdown: CancellationToken,
+    shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let topic = settings.kafka.topic.clone();
     let kafka = settings.kafka.clone();
@@ -262,9 +262,10 @@ pub async fn run(
         &settings.kafka.topic,
     )?;
 
-    // The abort token ends S3 retries and waits: at once on a hard stop, after a bounded
-    // drain on a graceful one.
-    let abort = CancellationToken::new();
+    // The abort token ends S3 retries and waits: `main` fires it SHUTDOWN_TIMEOUT_SECS after
+    // a stop request, and buffered batches are then abandoned (they are processed again on
+    // restart) rather than the stop hanging on an outage.
+    let Shutdown { stop, abort } = shutdown;
     let retry = Retrier::new(abort.clone(), metrics.clone());
     let writers = Arc::new(WriterContext {
         store: store.clone(),
@@ -305,19 +306,6 @@ pub async fn run(
         settings,
     };
 
-    // A stop request bounds how long writing may go on: then buffered batches are abandoned
-    // (they are processed again on restart) rather than the stop hanging on an outage. (That
-    // the process is gone EXIT_GRACE later whatever it waits on is `main`'s to enforce.)
-    let timer = {
-        let (abort, shutdown) = (abort.clone(), shutdown.clone());
-        let t = p.settings.shutdown_timeout;
-        tokio::spawn(async move {
-            shutdown.cancelled().await;
-            tokio::time::sleep(t).await;
-            abort.cancel();
-        })
-    };
-
     let started = async {
         if p.settings.drain {
             let targets = p.assign_all(partitions as i32).await?;
@@ -334,7 +322,7 @@ pub async fn run(
         Ok(()) => {
             health.set_ready(true);
             tracing::info!(topic, group = %p.settings.group, drain = p.settings.drain, "Processing.");
-            p.main_loop(&shutdown, &health).await
+            p.main_loop(&stop, &health).await
         }
         Err(e) => Err(e),
     };
@@ -345,7 +333,6 @@ pub async fn run(
         Ok(()) => p.finish(&abort).await,
         Err(_) => Ok(()),
     };
-    timer.abort();
     p.commit_sync();
     p.consumer.unsubscribe();
     result?;
