@@ -195,7 +195,8 @@ impl S3 {
     /// other failed read, are retried (only "no such key" means absent).
     pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
         let mut last_error = String::new();
-        for _ in 0..20 {
+        // Up to 5 s: three processors may rewrite the counts object back to back.
+        for _ in 0..100 {
             let read = self
                 .client
                 .get_object()

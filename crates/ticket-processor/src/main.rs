@@ -34,7 +34,23 @@ async fn main() -> std::process::ExitCode {
                 shutdown.stop.clone(),
                 timeout + ticket_stream::stream::EXIT_GRACE,
             );
-            ticket_stream::run(cli.run, shutdown).await
+            // Health and metrics are served for the life of the process, by it.
+            let observed = ticket_stream::Observed::default();
+            let http_stop = tokio_util::sync::CancellationToken::new();
+            let result = async {
+                let bound = ticket_stream::http::serve(
+                    cli.run.http_addr,
+                    observed.health.clone(),
+                    observed.metrics.clone(),
+                    http_stop.clone(),
+                )
+                .await?;
+                tracing::info!(%bound, "Serving /health/live, /health/ready and /metrics.");
+                ticket_stream::run(cli.run, observed, shutdown).await
+            }
+            .await;
+            http_stop.cancel();
+            result
         }
     };
     match result {

@@ -102,8 +102,16 @@ impl Shutdown {
     }
 }
 
+/// What the HTTP endpoint shows of the processor: its health and its metrics. `main` makes
+/// them and serves them ([`http::serve`]) for the life of the process; [`run`] updates them.
+#[derive(Clone, Default)]
+pub struct Observed {
+    pub health: Arc<stream::health::Health>,
+    pub metrics: metrics::Metrics,
+}
+
 /// Runs the streaming processor until `shutdown.stop` fires (or the drain ends).
-pub async fn run(args: RunArgs, shutdown: Shutdown) -> anyhow::Result<()> {
+pub async fn run(args: RunArgs, observed: Observed, shutdown: Shutdown) -> anyhow::Result<()> {
     args.kafka.validate()?;
     if args.dlq_topic == args.kafka.topic {
         bail!(
@@ -112,17 +120,7 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> anyhow::Result<()> {
         );
     }
     let routing = args.routing.load()?;
-    let metrics = metrics::Metrics::new();
-    let health = Arc::new(stream::health::Health::default());
-    let http_stop = CancellationToken::new();
-    let bound = http::serve(
-        args.http_addr,
-        health.clone(),
-        metrics.clone(),
-        http_stop.clone(),
-    )
-    .await?;
-    tracing::info!(%bound, "Serving /health/live, /health/ready and /metrics.");
+    let Observed { health, metrics } = observed;
 
     let s3 = ticket_s3::Store::connect(&args.s3).await?;
     let layout = Layout::new(&args.s3.prefix, &args.kafka.topic);
@@ -145,7 +143,5 @@ pub async fn run(args: RunArgs, shutdown: Shutdown) -> anyhow::Result<()> {
         format: args.output_format,
         drain: args.drain,
     };
-    let result = stream::run(settings, store, metrics, health, shutdown).await;
-    http_stop.cancel();
-    result
+    stream::run(settings, store, metrics, health, shutdown).await
 }
