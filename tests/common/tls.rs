@@ -32,29 +32,33 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// A new P-256 key in `key` and, with `-x509`, a self-signed certificate for `subject` in
+/// `out` (else a certificate request).
+fn new_key(dir: &Path, key: &str, out: &str, subject: &str, x509: bool) {
+    let mut args = vec!["req"];
+    if x509 {
+        args.extend(["-x509", "-days", "2"]);
+    }
+    args.extend([
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        key,
+        "-out",
+        out,
+        "-subj",
+        subject,
+    ]);
+    openssl(dir, &args);
+}
+
 /// A self-signed CA certificate and key: `<name>.pem`, `<name>.key`.
 fn make_ca(dir: &Path, name: &str) {
     let (pem, key) = (format!("{name}.pem"), format!("{name}.key"));
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &pem,
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={name}"),
-        ],
-    );
+    new_key(dir, &key, &pem, &format!("/CN={name}"), true);
 }
 
 impl TlsFront {
@@ -69,23 +73,7 @@ impl TlsFront {
             "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
         )
         .expect("ext.cnf");
-        openssl(
-            d,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-                "-subj",
-                "/CN=localhost",
-            ],
-        );
+        new_key(d, "server.key", "server.csr", "/CN=localhost", false);
         openssl(
             d,
             &[

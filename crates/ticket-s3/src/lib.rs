@@ -126,8 +126,8 @@ pub async fn sdk_config(args: &S3Args) -> anyhow::Result<aws_config::SdkConfig> 
     Ok(aws_config::defaults(aws_config::BehaviorVersion::latest())
         .http_client(http)
         .region(aws_config::Region::new(args.region.clone()))
-        // One retry layer only: the streaming side's own (`ticket_stream::retry::Retrier`) decides what is worth
-        // retrying and for how long, so the SDK makes each request once.
+        // One retry layer only: the streaming side's own (`ticket_stream::retry::Retrier`)
+        // decides what is worth retrying and for how long, so the SDK makes each request once.
         .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(1))
         .timeout_config(
             TimeoutConfig::builder()
@@ -340,8 +340,7 @@ impl ObjectStore for Store {
                 .bucket(&self.bucket)
                 .key(key)
                 .content_type(content_type(key))
-                // The server checks the body against it whether or not the payload is signed
-                // (computed here, so the SDK does not compute its own CRC32 as well).
+                // The server checks the body against it whether or not the payload is signed.
                 .checksum_algorithm(aws_sdk_s3::types::ChecksumAlgorithm::Crc32C)
                 .checksum_crc32_c(aws_smithy_types::base64::encode(
                     crc32c::crc32c(&body).to_be_bytes(),
