@@ -57,6 +57,7 @@ use crate::Shutdown;
 use crate::metrics::Metrics;
 use crate::retry::Retrier;
 use crate::sink::{Committer, Failure, MadeWith, ObjectCommitter, Plan};
+use crate::table::{AnyCommitter, TableCommitter, TableSink};
 use ticket_engine::aggregate::Aggregator;
 use ticket_engine::output::{ENCODING_VERSION, OutputFormat};
 use ticket_s3::store::SharedStore;
@@ -112,6 +113,8 @@ pub struct Settings {
     pub routing: Routing,
     pub layout: Layout,
     pub format: OutputFormat,
+    /// `OUTPUT_FORMAT=delta`: the table the batches are committed to, instead of objects.
+    pub table: Option<TableSink>,
     /// Process up to the end of the topic as of start, then exit.
     pub drain: bool,
 }
@@ -124,7 +127,7 @@ pub enum Event {
     Loaded {
         partition: i32,
         epoch: u64,
-        result: Result<Box<(ObjectCommitter, Plan)>, Failure>,
+        result: Result<Box<(AnyCommitter, Plan)>, Failure>,
     },
     /// librdkafka's rebalance callback took partitions away.
     Revoked(Vec<i32>),
@@ -272,6 +275,7 @@ pub async fn run(
         layout: settings.layout.clone(),
         routing: settings.routing.clone(),
         format: settings.format,
+        table: settings.table.clone(),
         retry: retry.clone(),
         made_with: MadeWith {
             format: settings.format.extension(),
@@ -625,7 +629,7 @@ impl Processor {
         &mut self,
         partition: i32,
         epoch: u64,
-        result: Result<Box<(ObjectCommitter, Plan)>, Failure>,
+        result: Result<Box<(AnyCommitter, Plan)>, Failure>,
     ) -> anyhow::Result<()> {
         if !self
             .owners
@@ -650,7 +654,7 @@ impl Processor {
     }
 
     /// Owns a partition as its committer recovered it, with a writer of its own.
-    fn own(&mut self, partition: i32, epoch: u64, committer: ObjectCommitter, plan: Plan) {
+    fn own(&mut self, partition: i32, epoch: u64, committer: AnyCommitter, plan: Plan) {
         let owner = PartitionOwner::open(partition, epoch, self.writers.clone(), committer, plan);
         self.owners.insert(partition, owner);
     }
@@ -819,14 +823,22 @@ impl Processor {
 }
 
 /// A partition's committer, recovered from the store: where to start.
-async fn recover(ctx: &WriterContext, partition: i32) -> Result<(ObjectCommitter, Plan), Failure> {
-    let mut committer = ObjectCommitter::new(
-        ctx.store.clone(),
-        ctx.layout.clone(),
-        partition,
-        ctx.retry.clone(),
-        ctx.made_with.clone(),
-    );
+async fn recover(ctx: &WriterContext, partition: i32) -> Result<(AnyCommitter, Plan), Failure> {
+    let mut committer = match &ctx.table {
+        Some(table) => AnyCommitter::Table(TableCommitter::new(
+            table.clone(),
+            ctx.store.clone(),
+            partition,
+            ctx.retry.clone(),
+        )),
+        None => AnyCommitter::Objects(ObjectCommitter::new(
+            ctx.store.clone(),
+            ctx.layout.clone(),
+            partition,
+            ctx.retry.clone(),
+            ctx.made_with.clone(),
+        )),
+    };
     let plan = committer.recover().await?;
     Ok((committer, plan))
 }

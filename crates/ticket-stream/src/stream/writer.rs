@@ -114,6 +114,8 @@ pub struct WriterContext {
     pub layout: Layout,
     pub routing: Routing,
     pub format: OutputFormat,
+    /// `OUTPUT_FORMAT=delta`: the table, instead of objects.
+    pub table: Option<crate::table::TableSink>,
     pub retry: Retrier,
     /// What objects are made with, as each batch's intent records it.
     pub made_with: MadeWith,

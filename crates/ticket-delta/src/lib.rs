@@ -1,0 +1,554 @@
+//! `OUTPUT_FORMAT=delta`: the valid tickets with their team as a Delta Lake table in the
+//! bucket, `{S3_PREFIX}tables/tickets_with_team/`, partitioned by `topic`, `date`, `hour` (of
+//! the Kafka timestamp, as the object layout) and Kafka `partition`.
+//!
+//! The table's log is the commit point. Each commit carries, per Kafka partition it covers, a
+//! transaction action: app id `{topic}-{partition}` (not the consumer group: any group that
+//! writes the table takes part in the same exactly-once), version = the last offset the
+//! commit covers, dead letters included. A partition's new owner reads its version from the
+//! table and resumes after it. [`Table::commit`] checks, on every attempt and against the
+//! snapshot it commits on, that each partition's version is still the one its owner expects
+//! (the crate's own conflict checker only looks at commits after the snapshot a commit
+//! started from): a stale owner is fenced, never adds rows twice; a commit whose answer was
+//! lost is recognised because its versions are in the table when it is tried again.
+//!
+//! Data files are written before the commit under unique names; a file no commit refers to
+//! (its writer crashed or was fenced) is never read, and `VACUUM` removes it.
+//!
+//! No Kafka and no knowledge of batches here: the stream's committer
+//! (`ticket_stream::table`) turns batches into [`Part`]s.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use deltalake_core::kernel::scalars::ScalarExt as _;
+use deltalake_core::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
+use deltalake_core::kernel::{Action, Add, DataType, StructField, Transaction};
+use deltalake_core::logstore::{LogStoreRef, StorageConfig, default_logstore};
+use deltalake_core::operations::create::CreateBuilder;
+use deltalake_core::protocol::{DeltaOperation, SaveMode};
+use deltalake_core::table::state::DeltaTableState;
+use deltalake_core::{DeltaTableError, ObjectStore};
+use object_store::prefix::PrefixStore;
+use ticket_core::keys::Hour;
+use ticket_s3::store::StoreError;
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+/// Where the table lives under `S3_PREFIX`.
+pub const TABLE_DIR: &str = "tables/tickets_with_team/";
+
+/// The table's partition columns, in the order of its directories.
+pub const PARTITION_COLUMNS: [&str; 4] = ["topic", "date", "hour", "partition"];
+
+/// The table's columns: the Parquet output's (`ticket_engine::output::ticket_schema`), then
+/// the partition columns, as `query` shows them for the object layout.
+fn columns() -> Vec<StructField> {
+    let string = |name: &str| StructField::new(name, DataType::STRING, true);
+    vec![
+        string("ticket_id"),
+        StructField::new("client_id", DataType::LONG, true),
+        StructField::new("created_at", DataType::TIMESTAMP, true),
+        string("request"),
+        string("request_type"),
+        string("priority"),
+        string("support_team"),
+        string("topic"),
+        StructField::new("date", DataType::DATE, true),
+        StructField::new("hour", DataType::INTEGER, true),
+        StructField::new("partition", DataType::INTEGER, true),
+    ]
+}
+
+/// The transaction app id of a Kafka partition.
+pub fn app_id(topic: &str, partition: i32) -> String {
+    format!("{topic}-{partition}")
+}
+
+/// A Parquet file of one Kafka partition's tickets of one hour, written before its commit.
+#[derive(Debug, Clone)]
+pub struct DataFile {
+    /// Relative to the table's root; unique (see [`DataFile::path_for`]).
+    pub path: String,
+    pub hour: Hour,
+    pub size: u64,
+    pub tickets: u64,
+}
+
+impl DataFile {
+    /// A unique name for a partition's tickets of one hour, offsets `first..=last`: a stale
+    /// owner's file never takes the place of the committed one.
+    pub fn path_for(topic: &str, partition: i32, hour: Hour, first: i64, last: i64) -> String {
+        format!(
+            "topic={topic}/{}/partition={partition}/{first:020}-{last:020}-{}.parquet",
+            hour.path(),
+            uuid::Uuid::new_v4().simple()
+        )
+    }
+}
+
+/// One Kafka partition's share of a commit.
+#[derive(Debug, Clone)]
+pub struct Part {
+    pub topic: String,
+    pub partition: i32,
+    /// The version this owner resumed from or last committed (`None`: the table has none).
+    pub expected: Option<i64>,
+    /// The last offset the part covers.
+    pub version: i64,
+    pub files: Vec<DataFile>,
+}
+
+/// What became of a [`Part`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// In the table now.
+    Committed,
+    /// Another owner moved the partition's version (to `found`): not committed.
+    Fenced { found: Option<i64> },
+}
+
+/// The table: its log store and the latest snapshot this process has read.
+pub struct Table {
+    log: LogStoreRef,
+    location: url::Url,
+    state: Mutex<DeltaTableState>,
+}
+
+impl Table {
+    /// The table at `{prefix}tables/tickets_with_team/` of `bucket`, created if there is none
+    /// (by whichever instance gets there first).
+    pub async fn open_or_create(
+        root: Arc<dyn ObjectStore>,
+        bucket: &str,
+        prefix: &str,
+    ) -> Result<Table, StoreError> {
+        let (log, location) = log_store(root, bucket, prefix)?;
+        let state = match DeltaTableState::try_new(log.as_ref(), None).await {
+            Ok(s) => s,
+            Err(DeltaTableError::NotATable(_)) => {
+                let created = CreateBuilder::new()
+                    .with_log_store(log.clone())
+                    .with_table_name("tickets_with_team")
+                    .with_columns(columns())
+                    .with_partition_columns(PARTITION_COLUMNS)
+                    .with_save_mode(SaveMode::Ignore)
+                    .await;
+                match created {
+                    Ok(_) | Err(DeltaTableError::Transaction { .. }) => {
+                        // Ours or another instance's: either way, read what is there.
+                        DeltaTableState::try_new(log.as_ref(), None)
+                            .await
+                            .map_err(|e| store_error("create", &location, e))?
+                    }
+                    Err(e) => return Err(store_error("create", &location, e)),
+                }
+            }
+            Err(e) => return Err(store_error("read", &location, e)),
+        };
+        Ok(Table {
+            log,
+            location,
+            state: Mutex::new(state),
+        })
+    }
+
+    /// The table, for readers; `None` when there is none yet.
+    pub async fn open(
+        root: Arc<dyn ObjectStore>,
+        bucket: &str,
+        prefix: &str,
+    ) -> Result<Option<Table>, StoreError> {
+        let (log, location) = log_store(root, bucket, prefix)?;
+        match DeltaTableState::try_new(log.as_ref(), None).await {
+            Ok(state) => Ok(Some(Table {
+                log,
+                location,
+                state: Mutex::new(state),
+            })),
+            Err(DeltaTableError::NotATable(_)) => Ok(None),
+            Err(e) => Err(store_error("read", &location, e)),
+        }
+    }
+
+    /// `s3://bucket/prefix/tables/tickets_with_team/`.
+    pub fn location(&self) -> &url::Url {
+        &self.location
+    }
+
+    /// The version of the table this process read last.
+    pub async fn version(&self) -> u64 {
+        self.state.lock().await.version()
+    }
+
+    /// A partition's version in the latest snapshot: the last offset committed for it.
+    pub async fn version_of(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
+        let mut state = self.state.lock().await;
+        self.refresh(&mut state).await?;
+        state
+            .transaction_version(self.log.as_ref(), app_id(topic, partition))
+            .await
+            .map_err(|e| store_error("read", &self.location, e))
+    }
+
+    /// The data files of the latest snapshot, relative to the table's root, with their
+    /// partition values: what a reader reads, no more (not a file of a half-done commit).
+    pub async fn files(
+        &self,
+    ) -> Result<Vec<(String, HashMap<String, Option<String>>)>, StoreError> {
+        let mut state = self.state.lock().await;
+        self.refresh(&mut state).await?;
+        let files = state.snapshot().log_data();
+        Ok(files
+            .iter()
+            .map(|f| {
+                let values = f
+                    .partition_values()
+                    .map(|v| {
+                        v.fields()
+                            .iter()
+                            .zip(v.values())
+                            .map(|(k, v)| {
+                                (k.name().to_string(), (!v.is_null()).then(|| v.serialize()))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                (f.path().to_string(), values)
+            })
+            .collect())
+    }
+
+    /// One commit of every part whose partition is still at the version its owner expects.
+    /// Conflicts with other writers are resolved by reading the table again and checking the
+    /// versions again; a part already in the table (a lost answer) reads as committed.
+    pub async fn commit(&self, parts: &[Part]) -> Result<Vec<Outcome>, StoreError> {
+        let mut state = self.state.lock().await;
+        loop {
+            self.refresh(&mut state).await?;
+            let mut outcomes = Vec::with_capacity(parts.len());
+            let mut actions = Vec::new();
+            let mut included = Vec::new();
+            for (i, part) in parts.iter().enumerate() {
+                let found = state
+                    .transaction_version(self.log.as_ref(), app_id(&part.topic, part.partition))
+                    .await
+                    .map_err(|e| store_error("read", &self.location, e))?;
+                if found == Some(part.version) {
+                    outcomes.push(Some(Outcome::Committed));
+                } else if found != part.expected {
+                    outcomes.push(Some(Outcome::Fenced { found }));
+                } else {
+                    outcomes.push(None);
+                    included.push(i);
+                    actions.extend(part.actions());
+                }
+            }
+            if included.is_empty() {
+                return Ok(outcomes.into_iter().flatten().collect());
+            }
+            let commit = CommitBuilder::from(CommitProperties::default())
+                .with_actions(actions)
+                // Conflicts come back to this loop, which checks the versions again.
+                .with_max_retries(0)
+                .build(
+                    Some(&*state),
+                    self.log.clone(),
+                    DeltaOperation::Write {
+                        mode: SaveMode::Append,
+                        partition_by: None,
+                        predicate: None,
+                    },
+                )
+                .await;
+            match commit {
+                Ok(done) => {
+                    *state = done.snapshot();
+                    return Ok(outcomes
+                        .into_iter()
+                        .map(|o| o.unwrap_or(Outcome::Committed))
+                        .collect());
+                }
+                Err(DeltaTableError::Transaction {
+                    source:
+                        TransactionError::MaxCommitAttempts(_)
+                        | TransactionError::VersionAlreadyExists(_)
+                        | TransactionError::CommitConflict(_),
+                }) => {
+                    tracing::debug!("Another writer committed to the table first; checking again.");
+                    continue;
+                }
+                Err(e) => return Err(store_error("commit to", &self.location, e)),
+            }
+        }
+    }
+
+    async fn refresh(&self, state: &mut DeltaTableState) -> Result<(), StoreError> {
+        state
+            .update(self.log.as_ref(), None)
+            .await
+            .map_err(|e| store_error("read", &self.location, e))
+    }
+}
+
+impl Part {
+    fn actions(&self) -> impl Iterator<Item = Action> + '_ {
+        let now = chrono::Utc::now().timestamp_millis();
+        let adds = self.files.iter().map(move |f| {
+            let start = f.hour.start();
+            let values = HashMap::from([
+                ("topic".to_string(), Some(self.topic.clone())),
+                (
+                    "date".to_string(),
+                    Some(start.format("%Y-%m-%d").to_string()),
+                ),
+                ("hour".to_string(), Some(start.format("%-H").to_string())),
+                ("partition".to_string(), Some(self.partition.to_string())),
+            ]);
+            Action::Add(Add {
+                path: f.path.clone(),
+                partition_values: values,
+                size: f.size as i64,
+                modification_time: now,
+                data_change: true,
+                stats: Some(format!("{{\"numRecords\":{}}}", f.tickets)),
+                ..Default::default()
+            })
+        });
+        let txn = Action::Txn(Transaction::new_with_last_update(
+            app_id(&self.topic, self.partition),
+            self.version,
+            Some(now),
+        ));
+        adds.chain(std::iter::once(txn))
+    }
+}
+
+/// The table's log store on the workspace's `object_store` client.
+fn log_store(
+    root: Arc<dyn ObjectStore>,
+    bucket: &str,
+    prefix: &str,
+) -> Result<(LogStoreRef, url::Url), StoreError> {
+    let dir = format!("{prefix}{TABLE_DIR}");
+    let location =
+        url::Url::parse(&format!("s3://{bucket}/{dir}")).map_err(|e| StoreError::Permanent {
+            op: "open",
+            location: format!("s3://{bucket}/{dir}"),
+            message: e.to_string(),
+            hint: "S3_BUCKET_NAME and S3_PREFIX must make a URL".into(),
+        })?;
+    let prefixed: Arc<dyn ObjectStore> = Arc::new(PrefixStore::new(
+        root.clone(),
+        object_store::path::Path::from(dir.as_str()),
+    ));
+    let log = default_logstore(prefixed, root, &location, &StorageConfig::default());
+    Ok((log, location))
+}
+
+/// Delta's errors as the store's: the object store's failures are worth retrying (bar
+/// refused credentials), anything else is about the table and will not go away.
+fn store_error(op: &'static str, location: &url::Url, e: DeltaTableError) -> StoreError {
+    let object_store = match &e {
+        DeltaTableError::ObjectStore { source } => Some(source),
+        DeltaTableError::Transaction {
+            source: TransactionError::ObjectStore { source },
+        } => Some(source),
+        _ => None,
+    };
+    match object_store {
+        Some(
+            object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. },
+        ) => StoreError::Permanent {
+            op,
+            location: location.to_string(),
+            message: e.to_string(),
+            hint: "check the AWS credentials and the bucket's policy".into(),
+        },
+        Some(_) => StoreError::Transient {
+            op,
+            location: location.to_string(),
+            message: e.to_string(),
+        },
+        None => StoreError::Permanent {
+            op,
+            location: location.to_string(),
+            message: e.to_string(),
+            hint: "the Delta table there is not one this processor can write (was it made by another tool?)".into(),
+        },
+    }
+}
+
+/// Commits [`Part`]s of many partitions together: a part waits while a commit is in flight
+/// and goes with every other part that arrived meanwhile, so a processor makes about one
+/// commit per flush, not one per partition.
+#[derive(Clone)]
+pub struct GroupCommit {
+    tx: mpsc::UnboundedSender<(Part, oneshot::Sender<Result<Outcome, StoreError>>)>,
+}
+
+impl GroupCommit {
+    pub fn spawn(table: Arc<Table>) -> GroupCommit {
+        let (tx, mut rx) =
+            mpsc::unbounded_channel::<(Part, oneshot::Sender<Result<Outcome, StoreError>>)>();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut waiting = vec![first];
+                while let Ok(more) = rx.try_recv() {
+                    waiting.push(more);
+                }
+                let parts: Vec<Part> = waiting.iter().map(|(p, _)| p.clone()).collect();
+                match table.commit(&parts).await {
+                    Ok(outcomes) => {
+                        for ((_, reply), outcome) in waiting.into_iter().zip(outcomes) {
+                            let _ = reply.send(Ok(outcome));
+                        }
+                    }
+                    Err(e) => {
+                        for (_, reply) in waiting {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                    }
+                }
+            }
+        });
+        GroupCommit { tx }
+    }
+
+    /// Commits the part with whatever else is waiting.
+    pub async fn commit(&self, part: Part) -> Result<Outcome, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let gone = || StoreError::Transient {
+            op: "commit to",
+            location: "the Delta table".into(),
+            message: "the table's committer stopped".into(),
+        };
+        self.tx.send((part, reply)).map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::memory::InMemory;
+
+    fn part(partition: i32, expected: Option<i64>, version: i64) -> Part {
+        let hour = Hour::from_millis(1_700_000_000_000);
+        Part {
+            topic: "tickets".into(),
+            partition,
+            expected,
+            version,
+            files: vec![DataFile {
+                path: DataFile::path_for("tickets", partition, hour, 0, version),
+                hour,
+                size: 10,
+                tickets: 3,
+            }],
+        }
+    }
+
+    async fn table(root: &Arc<dyn ObjectStore>) -> Table {
+        Table::open_or_create(root.clone(), "bucket", "p/")
+            .await
+            .expect("table")
+    }
+
+    #[tokio::test]
+    async fn one_commit_covers_every_partition_and_new_owners_read_their_versions() {
+        let root: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let t = table(&root).await;
+        let created = t.version().await;
+        let outcomes = t
+            .commit(&[part(0, None, 9), part(1, None, 4)])
+            .await
+            .expect("commit");
+        assert_eq!(outcomes, vec![Outcome::Committed; 2]);
+        assert_eq!(
+            t.version().await,
+            created + 1,
+            "one commit for both partitions"
+        );
+
+        // Another process (a new owner) reads the versions from the table.
+        let other = Table::open(root.clone(), "bucket", "p/")
+            .await
+            .expect("read")
+            .expect("a table");
+        assert_eq!(other.version_of("tickets", 0).await.expect("v"), Some(9));
+        assert_eq!(other.version_of("tickets", 1).await.expect("v"), Some(4));
+        assert_eq!(other.version_of("tickets", 2).await.expect("v"), None);
+        assert_eq!(other.files().await.expect("files").len(), 2);
+        // The layout a reader relies on: partition values and the table's place.
+        let (path, values) = &other.files().await.expect("files")[0];
+        assert!(
+            path.starts_with("topic=tickets/date=2023-11-14/hour=22/partition="),
+            "{path}"
+        );
+        assert_eq!(values["hour"].as_deref(), Some("22"));
+        assert_eq!(values["date"].as_deref(), Some("2023-11-14"));
+        assert_eq!(
+            other.location().as_str(),
+            "s3://bucket/p/tables/tickets_with_team/"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stale_owner_is_fenced_and_the_rest_of_its_commit_still_lands() {
+        let root: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let old = table(&root).await;
+        let new = table(&root).await;
+        // Both owned partition 0 from the start; the new owner committed first.
+        assert_eq!(
+            new.commit(&[part(0, None, 9)]).await.expect("commit"),
+            vec![Outcome::Committed]
+        );
+        // The old one's snapshot is behind: its commit conflicts, it reads the table again,
+        // finds partition 0 moved and commits only partition 1.
+        let outcomes = old
+            .commit(&[part(0, None, 12), part(1, None, 5)])
+            .await
+            .expect("commit");
+        assert_eq!(
+            outcomes,
+            vec![Outcome::Fenced { found: Some(9) }, Outcome::Committed]
+        );
+        assert_eq!(new.version_of("tickets", 0).await.expect("v"), Some(9));
+        assert_eq!(new.version_of("tickets", 1).await.expect("v"), Some(5));
+        assert_eq!(
+            new.files().await.expect("files").len(),
+            2,
+            "no row of the stale owner"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_commit_whose_answer_was_lost_is_not_made_twice() {
+        let root: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let t = table(&root).await;
+        let p = part(0, None, 9);
+        t.commit(std::slice::from_ref(&p)).await.expect("commit");
+        let version = t.version().await;
+        // The same part tried again, as after a timeout on the log write.
+        assert_eq!(
+            t.commit(std::slice::from_ref(&p)).await.expect("commit"),
+            vec![Outcome::Committed]
+        );
+        assert_eq!(
+            t.version().await,
+            version,
+            "nothing written the second time"
+        );
+        assert_eq!(t.files().await.expect("files").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_creators_share_one_table() {
+        let root: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let (a, b) = tokio::join!(table(&root), table(&root));
+        a.commit(&[part(0, None, 1)]).await.expect("commit");
+        b.commit(&[part(1, None, 1)]).await.expect("commit");
+        assert_eq!(a.files().await.expect("files").len(), 2);
+    }
+}
