@@ -618,3 +618,139 @@ async fn a_bucket_of_the_earlier_layout_keeps_working_and_query_reads_both() {
     assert!(ok, "{err}");
     assert_eq!(out, "all_tickets,with_hour\n30,10\n");
 }
+
+/// The Delta table as the `deltalake` Python package (delta-rs's reader, not our code) reads
+/// it over S3: its rows' ids, teams and partition values, and each Kafka partition's
+/// transaction version.
+fn read_delta_with_python(
+    fx: &Fixture,
+    partitions: i32,
+) -> (Vec<Value>, BTreeMap<i32, Option<i64>>) {
+    let script = r#"
+import json, sys
+from deltalake import DeltaTable
+uri, endpoint, key, secret, topic, partitions = sys.argv[1:7]
+dt = DeltaTable(uri, storage_options={
+    "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret,
+    "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"})
+versions = {p: dt.transaction_version(f"{topic}-{p}") for p in range(int(partitions))}
+print(json.dumps(versions))
+for row in dt.to_pyarrow_table(columns=["ticket_id", "request_type", "support_team", "topic", "partition", "date", "hour"]).to_pylist():
+    row["date"] = row["date"].isoformat()
+    print(json.dumps(row))
+"#;
+    let uri = format!("s3://{}/tables/tickets_with_team/", fx.s3.bucket);
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            script,
+            &uri,
+            &fx.s3.endpoint,
+            &fx.s3.access_key,
+            &fx.s3.secret_key,
+        ])
+        .args([&fx.topic, &partitions.to_string()])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "the deltalake package could not read the table (tests/run.sh installs it): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut lines = out.stdout.split(|b| *b == b'\n').filter(|l| !l.is_empty());
+    let versions: BTreeMap<String, Option<i64>> =
+        serde_json::from_slice(lines.next().expect("versions")).expect("json");
+    let versions = versions
+        .into_iter()
+        .map(|(p, v)| (p.parse().expect("partition"), v))
+        .collect();
+    let rows = lines
+        .map(|l| serde_json::from_slice(l).expect("json row"))
+        .collect();
+    (rows, versions)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_output_holds_every_ticket_once_through_a_kill_and_reruns_as_deltalake_reads_it() {
+    let fx = Fixture::start().await;
+    let env = fx
+        .env()
+        .set("OUTPUT_FORMAT", "delta")
+        .set("BATCH_MAX_RECORDS", "40");
+    run_ok(
+        "ticket-producer",
+        &env,
+        &["--count", "300", "--partitions", "3"],
+    )
+    .await;
+
+    // Killed for real once it has committed something, then finished by a --drain.
+    let mut killed = fx.spawn("ticket-processor", &env, &[], "killed");
+    let addr = killed.http_addr().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while metric(addr, "ticket_processor_tickets_written_total")
+        .await
+        .unwrap_or(0.0)
+        < 1.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing written: {}",
+            killed.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    killed.signal(nix::sys::signal::Signal::SIGKILL);
+    let status = killed.exit_within(std::time::Duration::from_secs(10)).await;
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "not killed: {status:?}"
+    );
+    run_ok("ticket-processor", &env, &["--drain"]).await;
+    // More tickets, and a rerun with nothing new.
+    run_ok("ticket-producer", &env, &["--count", "100"]).await;
+    run_ok("ticket-processor", &env, &["--drain"]).await;
+    run_ok("ticket-processor", &env, &["--drain"]).await;
+
+    let (rows, versions) = read_delta_with_python(&fx, 3);
+    let records = fx.broker.read_all(&fx.topic);
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let routing = ticket_core::Routing::default();
+    for r in &rows {
+        *seen
+            .entry(r["ticket_id"].as_str().expect("id").to_string())
+            .or_default() += 1;
+        assert_eq!(
+            r["support_team"].as_str(),
+            Some(routing.team_for(r["request_type"].as_str().expect("type"))),
+            "{r}"
+        );
+        assert_eq!(r["topic"].as_str(), Some(fx.topic.as_str()), "{r}");
+    }
+    let ids = fx.topic_ids();
+    assert_eq!(ids.len(), 400);
+    assert_eq!(rows.len(), 400, "every ticket once, no duplicate");
+    assert!(
+        ids.iter().all(|id| seen.get(id) == Some(&1)),
+        "a ticket missing or twice"
+    );
+    // Each partition's transaction version is its last offset: where a new owner resumes.
+    for p in 0..3 {
+        let last = records
+            .iter()
+            .filter(|r| r.partition == p)
+            .map(|r| r.offset)
+            .max();
+        assert_eq!(versions[&p], last, "partition {p}");
+    }
+    // The counts object, the data contract, is a GROUP BY over the table's snapshot.
+    let counts = fx
+        .s3
+        .get("counts_by_request_type/latest.jsonl")
+        .await
+        .expect("latest.jsonl");
+    assert_eq!(
+        common::checks::reported_by_type(&counts),
+        Ok(common::checks::tickets_by_type(&rows))
+    );
+}

@@ -19,6 +19,7 @@ pub type RawMessage<'a> = (Option<&'a [u8]>, Option<&'a [u8]>);
 /// A message read back from a topic.
 #[derive(Debug, Clone)]
 pub struct Record {
+    pub partition: i32,
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
@@ -216,6 +217,7 @@ impl Broker {
                 }
             }
             out.push(Record {
+                partition: m.partition(),
                 offset: m.offset(),
                 key: m.key().map(<[u8]>::to_vec),
                 value: m.payload().map(<[u8]>::to_vec),

@@ -203,7 +203,7 @@ impl Fixture {
 }
 
 /// Tickets per request type in the objects' lines.
-fn tickets_by_type(lines: &[Value]) -> BTreeMap<String, u64> {
+pub fn tickets_by_type(lines: &[Value]) -> BTreeMap<String, u64> {
     let mut by_type: BTreeMap<String, u64> = BTreeMap::new();
     for l in lines {
         *by_type
@@ -215,7 +215,7 @@ fn tickets_by_type(lines: &[Value]) -> BTreeMap<String, u64> {
 
 /// Tickets per request type as `latest.jsonl` reports them; an error if a line is not valid
 /// or its priority breakdown does not add up to its count.
-fn reported_by_type(counts: &[u8]) -> Result<BTreeMap<String, u64>, String> {
+pub fn reported_by_type(counts: &[u8]) -> Result<BTreeMap<String, u64>, String> {
     std::str::from_utf8(counts)
         .map_err(|e| e.to_string())?
         .lines()

@@ -70,18 +70,23 @@ pub struct DataFile {
     /// Relative to the table's root; unique (see [`DataFile::path_for`]).
     pub path: String,
     pub hour: Hour,
+    /// Offsets of the first and last ticket in it.
+    pub first: i64,
+    pub last: i64,
     pub size: u64,
     pub tickets: u64,
 }
 
 impl DataFile {
-    /// A unique name for a partition's tickets of one hour, offsets `first..=last`: a stale
-    /// owner's file never takes the place of the committed one.
-    pub fn path_for(topic: &str, partition: i32, hour: Hour, first: i64, last: i64) -> String {
+    /// A unique name for a partition's tickets of one hour (a stale owner's file never takes
+    /// the place of the committed one): a UUIDv7, so names sort by the time they were made.
+    /// The offsets the file holds are in its `add` action's tags (`first_offset`,
+    /// `last_offset`), not in the name, which stays short.
+    pub fn path_for(topic: &str, partition: i32, hour: Hour) -> String {
         format!(
-            "topic={topic}/{}/partition={partition}/{first:020}-{last:020}-{}.parquet",
+            "topic={topic}/{}/partition={partition}/{}.parquet",
             hour.path(),
-            uuid::Uuid::new_v4().simple()
+            uuid::Uuid::now_v7().simple()
         )
     }
 }
@@ -311,6 +316,10 @@ impl Part {
                 modification_time: now,
                 data_change: true,
                 stats: Some(format!("{{\"numRecords\":{}}}", f.tickets)),
+                tags: Some(HashMap::from([
+                    ("first_offset".to_string(), Some(f.first.to_string())),
+                    ("last_offset".to_string(), Some(f.last.to_string())),
+                ])),
                 ..Default::default()
             })
         });
@@ -441,8 +450,10 @@ mod tests {
             expected,
             version,
             files: vec![DataFile {
-                path: DataFile::path_for("tickets", partition, hour, 0, version),
+                path: DataFile::path_for("tickets", partition, hour),
                 hour,
+                first: 0,
+                last: version,
                 size: 10,
                 tickets: 3,
             }],

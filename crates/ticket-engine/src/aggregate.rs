@@ -93,6 +93,22 @@ impl Aggregator {
     /// SELECT request_type, priority, support_team, COUNT(*) AS count
     /// FROM tickets GROUP BY request_type, priority, support_team
     /// ```
+    /// The counts of a Parquet file of tickets with their team (a Delta table's data file).
+    pub async fn count_parquet(&self, body: bytes::Bytes) -> anyhow::Result<Counts> {
+        use datafusion::parquet::arrow::ProjectionMask;
+        use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(body)
+            .context("reading a Parquet file of tickets")?;
+        let wanted = ["request_type", "priority", "support_team"];
+        let mask = ProjectionMask::columns(builder.parquet_schema(), wanted);
+        let batches = builder
+            .with_projection(mask)
+            .build()?
+            .collect::<Result<Vec<_>, _>>()
+            .context("reading a Parquet file of tickets")?;
+        self.count(batches).await
+    }
+
     pub async fn count(&self, batches: Vec<RecordBatch>) -> anyhow::Result<Counts> {
         let mut counts = Counts::default();
         if batches.iter().all(|b| b.num_rows() == 0) {

@@ -265,9 +265,17 @@ pub fn json_logs() -> bool {
     std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json")
 }
 
+/// Quiet by default whatever `RUST_LOG` says, unless it names them: the Delta kernel logs
+/// every snapshot it builds at info, and as an error a table that does not exist yet (which
+/// the processor then creates); what fails reaches our own messages anyway.
+const QUIET: &str = "buoyant_kernel=off,deltalake_core=warn";
+
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+    let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info,rdkafka=warn".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(format!("{QUIET},{rust_log}"))
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(format!("{QUIET},info,rdkafka=warn"))
+        });
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

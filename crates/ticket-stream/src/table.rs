@@ -76,11 +76,11 @@ impl Committer for TableCommitter {
             .objects
             .into_iter()
             .map(|o| {
-                let path =
-                    DataFile::path_for(&self.sink.topic, self.partition, o.hour, o.first, o.last);
                 let file = DataFile {
-                    path,
+                    path: DataFile::path_for(&self.sink.topic, self.partition, o.hour),
                     hour: o.hour,
+                    first: o.first,
+                    last: o.last,
                     size: o.body.len() as u64,
                     tickets: o.tickets,
                 };
@@ -140,6 +140,8 @@ impl Committer for TableCommitter {
 }
 
 /// The committer `OUTPUT_FORMAT` chose for a partition.
+// One per owned partition, moved once: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum AnyCommitter {
     Objects(crate::sink::ObjectCommitter),
     Table(TableCommitter),

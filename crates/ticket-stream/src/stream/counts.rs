@@ -1,13 +1,19 @@
 //! `counts_by_request_type/latest.jsonl`, kept current by a task of its own (off the
 //! consumer's path): after commits, at most once per [`COUNTS_MIN_INTERVAL`], and every
-//! [`COUNTS_REFRESH`] so that concurrent instances converge.
+//! [`COUNTS_REFRESH`] so that concurrent instances converge. With the object layout they are
+//! the sum of the partitions' checkpoints; with the Delta table, a GROUP BY over the data
+//! files of its latest snapshot (each file read once: data files never change).
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::anyhow;
 use bytes::Bytes;
 use ticket_core::Routing;
+use ticket_core::counts::Counts;
 use ticket_core::keys::Layout;
+use ticket_engine::aggregate::Aggregator;
 use tokio::sync::Notify;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
@@ -16,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::Event;
 use crate::retry::Retrier;
 use crate::sink::{Failure, total_counts};
+use crate::table::TableSink;
 use ticket_s3::store::{Expect, SharedStore};
 
 /// The counts object is rewritten at most this often (each refresh lists and reads every
@@ -36,8 +43,17 @@ impl CountsPublisher {
         layout: Layout,
         routing: Routing,
         retry: Retrier,
+        table: Option<TableSink>,
         events: UnboundedSender<Event>,
     ) -> CountsPublisher {
+        let mut source = match table {
+            None => Source::Checkpoints,
+            Some(sink) => Source::Table {
+                sink,
+                per_file: HashMap::new(),
+                aggregator: Aggregator::default(),
+            },
+        };
         let changed = Arc::new(Notify::new());
         let stop = CancellationToken::new();
         let (notified, stopping) = (changed.clone(), stop.clone());
@@ -48,7 +64,7 @@ impl CountsPublisher {
                     _ = tokio::time::sleep(COUNTS_REFRESH) => false,
                     _ = stopping.cancelled() => true,
                 };
-                if let Err(e) = refresh(&store, &layout, &routing, &retry).await {
+                if let Err(e) = refresh(&mut source, &store, &layout, &routing, &retry).await {
                     match e {
                         Failure::Aborted => return,
                         e => {
@@ -87,14 +103,74 @@ impl CountsPublisher {
     }
 }
 
-/// Rewrites the counts from every partition's checkpoint when they differ.
+/// Where the counts come from.
+enum Source {
+    /// Every partition's checkpoint (the object layout).
+    Checkpoints,
+    /// The Delta table's current data files, counted once each.
+    Table {
+        sink: TableSink,
+        per_file: HashMap<String, Counts>,
+        aggregator: Aggregator,
+    },
+}
+
+impl Source {
+    async fn total(
+        &mut self,
+        store: &SharedStore,
+        layout: &Layout,
+        retry: &Retrier,
+    ) -> Result<Counts, Failure> {
+        let Source::Table {
+            sink,
+            per_file,
+            aggregator,
+        } = self
+        else {
+            return total_counts(store, layout, retry).await;
+        };
+        let table = &sink.table;
+        let files = retry.run("read the Delta table", || table.files()).await?;
+        let live: HashSet<&String> = files.iter().map(|(path, _)| path).collect();
+        // A compaction or vacuum takes files out of the snapshot.
+        per_file.retain(|path, _| live.contains(path));
+        for (path, _) in &files {
+            if per_file.contains_key(path) {
+                continue;
+            }
+            let key = format!("{}{path}", sink.root);
+            let Some(object) = retry
+                .run("read a Delta data file", || store.get(&key))
+                .await?
+            else {
+                return Err(Failure::Fatal(anyhow!(
+                    "the Delta table's snapshot refers to {key}, which is not in the bucket"
+                )));
+            };
+            let counts = aggregator
+                .count_parquet(Bytes::from(object.0))
+                .await
+                .map_err(|e| Failure::Fatal(e.context(format!("counting {key}"))))?;
+            per_file.insert(path.clone(), counts);
+        }
+        let mut total = Counts::default();
+        for counts in per_file.values() {
+            total.merge(counts);
+        }
+        Ok(total)
+    }
+}
+
+/// Rewrites the counts from their source when they differ.
 async fn refresh(
+    source: &mut Source,
     store: &SharedStore,
     layout: &Layout,
     routing: &Routing,
     retry: &Retrier,
 ) -> Result<(), Failure> {
-    let total = total_counts(store, layout, retry).await?;
+    let total = source.total(store, layout, retry).await?;
     let body = Bytes::from(total.to_jsonl(routing));
     let key = layout.counts_key();
     let current = retry.run("read counts", || store.get(&key)).await?;

@@ -292,6 +292,7 @@ pub async fn run(
         settings.layout.clone(),
         settings.routing.clone(),
         retry,
+        settings.table.clone(),
         events_tx.clone(),
     );
     let mut p = Processor {
