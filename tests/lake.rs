@@ -753,4 +753,15 @@ async fn delta_output_holds_every_ticket_once_through_a_kill_and_reruns_as_delta
         common::checks::reported_by_type(&counts),
         Ok(common::checks::tickets_by_type(&rows))
     );
+
+    // `query` reads the table's snapshot, not a listing: a data file no commit refers to (a
+    // crashed or fenced writer's) is not read.
+    let committed = fx.s3.keys("tables/tickets_with_team/topic=").await;
+    let body = fx.s3.get(&committed[0]).await.expect("a data file");
+    let orphan = committed[0].replace(".parquet", "0.parquet");
+    fx.s3.put(&orphan, body).await;
+    let sql = "SELECT count(*) AS n, count(DISTINCT ticket_id) AS ids, count(DISTINCT \"partition\") AS parts, min(\"hour\") IS NOT NULL AS hours FROM tickets";
+    let (ok, out, err) = query(&env, &["--format", "csv", sql]).await;
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "n,ids,parts,hours\n400,400,3,true", "{err}");
 }

@@ -22,6 +22,12 @@ if ! python3 -c 'import pyarrow' 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check pyarrow
 fi
 
+# delta-rs's Python reader: reads the Delta table (OUTPUT_FORMAT=delta) as other engines do.
+if ! python3 -c 'import deltalake' 2>/dev/null; then
+  echo "Installing deltalake (pip)..."
+  python3 -m pip install --quiet --disable-pip-version-check "deltalake>=1.1"
+fi
+
 APT=()
 [ -f /usr/include/openssl/ssl.h ] || APT+=(libssl-dev pkg-config zlib1g-dev)
 command -v chromium >/dev/null || APT+=(chromium)

@@ -21,7 +21,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use deltalake_core::kernel::scalars::ScalarExt as _;
 use deltalake_core::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
 use deltalake_core::kernel::{Action, Add, DataType, StructField, Transaction};
 use deltalake_core::logstore::{LogStoreRef, StorageConfig, default_logstore};
@@ -89,6 +88,16 @@ impl DataFile {
             uuid::Uuid::now_v7().simple()
         )
     }
+}
+
+/// A data file of a snapshot.
+#[derive(Debug, Clone)]
+pub struct SnapshotFile {
+    /// Relative to the table's root.
+    pub path: String,
+    pub size: u64,
+    /// By [`PARTITION_COLUMNS`] name, as the log writes them (`hour` without a leading 0).
+    pub partition_values: HashMap<String, Option<String>>,
 }
 
 /// One Kafka partition's share of a commit.
@@ -195,30 +204,18 @@ impl Table {
             .map_err(|e| store_error("read", &self.location, e))
     }
 
-    /// The data files of the latest snapshot, relative to the table's root, with their
-    /// partition values: what a reader reads, no more (not a file of a half-done commit).
-    pub async fn files(
-        &self,
-    ) -> Result<Vec<(String, HashMap<String, Option<String>>)>, StoreError> {
+    /// The data files of the latest snapshot: what a reader reads, no more (not a file of a
+    /// commit not made yet, nor one a commit never referred to).
+    pub async fn files(&self) -> Result<Vec<SnapshotFile>, StoreError> {
         let mut state = self.state.lock().await;
         self.refresh(&mut state).await?;
         let files = state.snapshot().log_data();
         Ok(files
             .iter()
-            .map(|f| {
-                let values = f
-                    .partition_values()
-                    .map(|v| {
-                        v.fields()
-                            .iter()
-                            .zip(v.values())
-                            .map(|(k, v)| {
-                                (k.name().to_string(), (!v.is_null()).then(|| v.serialize()))
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                (f.path().to_string(), values)
+            .map(|f| SnapshotFile {
+                path: f.path().to_string(),
+                size: f.size().max(0) as u64,
+                partition_values: f.partition_values_map(),
             })
             .collect())
     }
@@ -492,13 +489,15 @@ mod tests {
         assert_eq!(other.version_of("tickets", 2).await.expect("v"), None);
         assert_eq!(other.files().await.expect("files").len(), 2);
         // The layout a reader relies on: partition values and the table's place.
-        let (path, values) = &other.files().await.expect("files")[0];
+        let file = &other.files().await.expect("files")[0];
         assert!(
-            path.starts_with("topic=tickets/date=2023-11-14/hour=22/partition="),
-            "{path}"
+            file.path
+                .starts_with("topic=tickets/date=2023-11-14/hour=22/partition="),
+            "{file:?}"
         );
-        assert_eq!(values["hour"].as_deref(), Some("22"));
-        assert_eq!(values["date"].as_deref(), Some("2023-11-14"));
+        assert_eq!(file.partition_values["hour"].as_deref(), Some("22"));
+        assert_eq!(file.partition_values["date"].as_deref(), Some("2023-11-14"));
+        assert_eq!(file.size, 10);
         assert_eq!(
             other.location().as_str(),
             "s3://bucket/p/tables/tickets_with_team/"

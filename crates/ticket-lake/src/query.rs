@@ -8,6 +8,8 @@
 //!   `date` (DATE), `hour` (INT) and `partition` (INT) read from the keys. Objects written
 //!   before time partitions (`topic=…/partition=…/`) have NULL `date` and `hour`; a
 //!   `process-file` directory has NULL in all four.
+//!   With `OUTPUT_FORMAT=delta`, the Delta table's rows are in it too: the data files of the
+//!   table's snapshot as the query starts (`crate::delta`), never a file of a commit not made.
 //! - `counts`: `counts_by_request_type/latest.jsonl` (empty when it does not exist yet).
 //!
 //! The S3 side goes through DataFusion's own object store (`object_store`'s S3 client), given
@@ -179,7 +181,11 @@ pub async fn open(lake: &Lake<'_>) -> anyhow::Result<Opened> {
             (format!("s3://{}/{prefix}", args.bucket), store, root)
         }
     };
-    register_tickets(&ctx, &url, lake).await?;
+    let delta = match lake {
+        Lake::Bucket(args) => register_delta(&ctx, &store, args).await?,
+        Lake::Dir(_) => false,
+    };
+    register_tickets(&ctx, &url, lake, delta).await?;
     register_counts(&ctx, &url, &store).await?;
     Ok(Opened {
         ctx,
@@ -199,7 +205,12 @@ const BEFORE_HOURS: [(&str, DataType); 2] =
     [("topic", DataType::Utf8), ("partition", DataType::Int32)];
 
 /// `tickets`: the union of one listing table per layout and format that can be present.
-async fn register_tickets(ctx: &SessionContext, root: &str, lake: &Lake<'_>) -> anyhow::Result<()> {
+async fn register_tickets(
+    ctx: &SessionContext,
+    root: &str,
+    lake: &Lake<'_>,
+    delta: bool,
+) -> anyhow::Result<()> {
     let dir = format!("{root}tickets_with_team/");
     // process-file writes part files straight under tickets_with_team/.
     let flat = match lake {
@@ -258,12 +269,37 @@ async fn register_tickets(ctx: &SessionContext, root: &str, lake: &Lake<'_>) -> 
             ));
         }
     }
+    if delta {
+        selects.push(format!(
+            "SELECT ticket_id, client_id, created_at, request, request_type, priority, support_team, {} FROM tickets_delta",
+            PARTITIONED.iter().map(|(n, _)| format!("\"{n}\"")).collect::<Vec<_>>().join(", ")
+        ));
+    }
     ctx.sql(&format!(
         "CREATE VIEW tickets AS {}",
         selects.join(" UNION ALL ")
     ))
     .await?;
     Ok(())
+}
+
+/// `tickets_delta`: the Delta table's current snapshot, if the bucket has the table.
+async fn register_delta(
+    ctx: &SessionContext,
+    store: &Arc<dyn ObjectStore>,
+    args: &S3Args,
+) -> anyhow::Result<bool> {
+    let prefix = ticket_core::keys::Layout::new(&args.prefix, "")
+        .prefix()
+        .to_string();
+    let Some(table) = ticket_delta::Table::open(store.clone(), &args.bucket, &prefix).await? else {
+        return Ok(false);
+    };
+    let files = table.files().await?;
+    let root = format!("{prefix}{}", ticket_delta::TABLE_DIR);
+    let snapshot = crate::delta::Snapshot::new(&args.bucket, &root, read_schema(), files)?;
+    ctx.register_table("tickets_delta", Arc::new(snapshot))?;
+    Ok(true)
 }
 
 /// The ticket columns as `query` reads them: [`ticket_schema`] with its strings as views.

@@ -132,10 +132,10 @@ impl Source {
         };
         let table = &sink.table;
         let files = retry.run("read the Delta table", || table.files()).await?;
-        let live: HashSet<&String> = files.iter().map(|(path, _)| path).collect();
+        let live: HashSet<&String> = files.iter().map(|f| &f.path).collect();
         // A compaction or vacuum takes files out of the snapshot.
         per_file.retain(|path, _| live.contains(path));
-        for (path, _) in &files {
+        for path in files.iter().map(|f| &f.path) {
             if per_file.contains_key(path) {
                 continue;
             }
