@@ -508,3 +508,155 @@ async fn misconfiguration_is_a_clear_error_at_start_not_a_hang() {
         );
     }
 }
+
+/// `OUTPUT_FORMAT=delta` under the faults its commit must survive, one after the other on one
+/// stream: crashes on both sides of the log write, a commit whose answer is lost, a stale
+/// owner frozen before its commit while another instance takes its partition over, and an
+/// S3 outage. Then delta-rs's own reader must see every valid ticket exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_table_through_crashes_in_its_commit_a_lost_answer_a_stale_owner_and_an_outage() {
+    let fx = Fixture::start().await;
+    let proxy = fx.s3.proxy().await;
+    let env = fx
+        .env()
+        .s3_endpoint(&proxy)
+        .set("OUTPUT_FORMAT", "delta")
+        .set(
+            "KAFKA_OPTIONS",
+            "session.timeout.ms=6000,heartbeat.interval.ms=500,max.poll.interval.ms=7000",
+        )
+        .set("BATCH_MAX_RECORDS", "700")
+        .set("BATCH_MAX_AGE_MS", "300");
+    fx.create_topic(3).await;
+    publish_invalid(&fx, 20).await;
+    let total: u64 = 20_000;
+    let mut producer = fx.spawn(
+        "ticket-producer",
+        &env,
+        &["--count", &total.to_string(), "--rate", "1500"],
+        "producer",
+    );
+
+    // Crashes before and after the log write, and an answer lost after it (the process then
+    // asks again and must not commit the same rows twice).
+    let mut crashes = 0;
+    for fp in [
+        "before-table-commit:abort:2",
+        "after-table-commit:abort:2",
+        "after-table-commit:lose:2",
+    ] {
+        let mut p = fx.spawn("ticket-processor", &env.clone().failpoint(fp), &[], fp);
+        if fp.ends_with(":abort:2") {
+            let status = p.exit_within(Duration::from_secs(60)).await;
+            assert!(
+                status.is_some() && p.log().contains("Failpoint reached"),
+                "the processor did not crash at {fp}:\n{}",
+                p.log()
+            );
+            crashes += 1;
+        } else {
+            eventually(Duration::from_secs(60), "the lost answer", || async {
+                p.log().contains("Failpoint reached").then_some(())
+            })
+            .await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            p.signal(Signal::SIGKILL);
+            let _ = p.wait(Duration::from_secs(10)).await;
+        }
+    }
+
+    // The stale owner: frozen just before its commit until another instance has committed
+    // its partition; then it wakes and commits with the version it knew.
+    let stale_env = env.clone().failpoint("before-table-commit:pause-3000:2");
+    let stale = fx.spawn("ticket-processor", &stale_env, &[], "stale");
+    let partition: i32 = eventually(
+        Duration::from_secs(60),
+        "the stale owner's commit",
+        || async {
+            let log = stale.log();
+            let line = log.lines().find(|l| l.contains("Failpoint reached"))?;
+            line.split("partition=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        },
+    )
+    .await;
+    stale.signal(Signal::SIGSTOP);
+    let at_stop = fx.read_delta(3).versions[&partition];
+    let mut other = fx.spawn("ticket-processor", &env, &[], "other");
+    eventually(
+        Duration::from_secs(90),
+        "another instance to commit the stale owner's partition",
+        || async { (fx.read_delta(3).versions[&partition] > at_stop).then_some(()) },
+    )
+    .await;
+    stale.signal(Signal::SIGCONT);
+    eventually(
+        Duration::from_secs(60),
+        "the stale owner's commit refused",
+        || async {
+            stale
+                .log()
+                .contains("Another writer committed this partition first")
+                .then_some(())
+        },
+    )
+    .await;
+
+    // An S3 outage (the log and the data files alike) under the other instance.
+    proxy.down();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(other.is_running(), "died in the outage:\n{}", other.log());
+    proxy.up();
+
+    assert!(
+        producer.wait(Duration::from_secs(120)).await,
+        "producer failed:\n{}",
+        producer.log()
+    );
+    for p in [&stale, &other] {
+        p.signal(Signal::SIGTERM);
+    }
+    assert!(other.wait(Duration::from_secs(40)).await, "{}", other.log());
+    run_ok("ticket-processor", &env, &["--drain"]).await;
+
+    let ids = valid_ids(&fx);
+    assert_eq!(ids.len() as u64, total);
+    let (rows, lost, duplicated) = fx.tally_delta(&ids, 3);
+    report(
+        "delta",
+        &[
+            ("produced", total.to_string()),
+            ("invalid", "20".into()),
+            ("crashes_in_commit", crashes.to_string()),
+            ("rows", rows.to_string()),
+            ("lost", lost.to_string()),
+            ("duplicated", duplicated.to_string()),
+        ],
+    );
+    assert_eq!((rows as u64, lost, duplicated), (total, 0, 0));
+    // Each partition's version is its last offset, the invalid messages included.
+    let last: std::collections::BTreeMap<i32, i64> =
+        fx.broker
+            .read_all(&fx.topic)
+            .iter()
+            .fold(Default::default(), |mut m, r| {
+                let e = m.entry(r.partition).or_insert(r.offset);
+                *e = (*e).max(r.offset);
+                m
+            });
+    let versions = fx.read_delta(3).versions;
+    for (p, offset) in last {
+        assert_eq!(versions[&p], Some(offset), "partition {p}");
+    }
+    let sources: std::collections::BTreeSet<String> = fx
+        .broker
+        .read_all(&fx.dlq())
+        .iter()
+        .map(|r| r.headers["source.offset"].clone() + "/" + &r.headers["source.partition"])
+        .collect();
+    assert_eq!(sources.len(), 20, "every invalid message in the DLQ");
+}

@@ -619,57 +619,6 @@ async fn a_bucket_of_the_earlier_layout_keeps_working_and_query_reads_both() {
     assert_eq!(out, "all_tickets,with_hour\n30,10\n");
 }
 
-/// The Delta table as the `deltalake` Python package (delta-rs's reader, not our code) reads
-/// it over S3: its rows' ids, teams and partition values, and each Kafka partition's
-/// transaction version.
-fn read_delta_with_python(
-    fx: &Fixture,
-    partitions: i32,
-) -> (Vec<Value>, BTreeMap<i32, Option<i64>>) {
-    let script = r#"
-import json, sys
-from deltalake import DeltaTable
-uri, endpoint, key, secret, topic, partitions = sys.argv[1:7]
-dt = DeltaTable(uri, storage_options={
-    "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret,
-    "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"})
-versions = {p: dt.transaction_version(f"{topic}-{p}") for p in range(int(partitions))}
-print(json.dumps(versions))
-for row in dt.to_pyarrow_table(columns=["ticket_id", "request_type", "support_team", "topic", "partition", "date", "hour"]).to_pylist():
-    row["date"] = row["date"].isoformat()
-    print(json.dumps(row))
-"#;
-    let uri = format!("s3://{}/tables/tickets_with_team/", fx.s3.bucket);
-    let out = std::process::Command::new("python3")
-        .args([
-            "-c",
-            script,
-            &uri,
-            &fx.s3.endpoint,
-            &fx.s3.access_key,
-            &fx.s3.secret_key,
-        ])
-        .args([&fx.topic, &partitions.to_string()])
-        .output()
-        .expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "the deltalake package could not read the table (tests/run.sh installs it): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut lines = out.stdout.split(|b| *b == b'\n').filter(|l| !l.is_empty());
-    let versions: BTreeMap<String, Option<i64>> =
-        serde_json::from_slice(lines.next().expect("versions")).expect("json");
-    let versions = versions
-        .into_iter()
-        .map(|(p, v)| (p.parse().expect("partition"), v))
-        .collect();
-    let rows = lines
-        .map(|l| serde_json::from_slice(l).expect("json row"))
-        .collect();
-    (rows, versions)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delta_output_holds_every_ticket_once_through_a_kill_and_reruns_as_deltalake_reads_it() {
     let fx = Fixture::start().await;
@@ -712,7 +661,7 @@ async fn delta_output_holds_every_ticket_once_through_a_kill_and_reruns_as_delta
     run_ok("ticket-processor", &env, &["--drain"]).await;
     run_ok("ticket-processor", &env, &["--drain"]).await;
 
-    let (rows, versions) = read_delta_with_python(&fx, 3);
+    let DeltaRead { rows, versions } = fx.read_delta(3);
     let records = fx.broker.read_all(&fx.topic);
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     let routing = ticket_core::Routing::default();

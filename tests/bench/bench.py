@@ -359,6 +359,24 @@ def main():
             row("end to end, --drain to S3, OUTPUT_FORMAT=parquet, tickets/s", f"{N / pw:,.0f}", f"{N / w:,.0f} (JSON Lines, above)", f"{w / pw:.2f}x the JSON Lines rate", f"peak RSS {prss:.0f} MiB")
             row("mean ticket object (one batch of one partition)", f"{sum(map(os.path.getsize, pobjects)) / len(pobjects) / 1e6:.2f} MB Parquet ({len(pobjects)} objects)",
                 f"{sum(map(os.path.getsize, jobjects)) / len(jobjects) / 1e6:.2f} MB JSON Lines ({len(jobjects)} objects)", "")
+            # The same into the Delta table: the drain, and what the log looks like after it.
+            dw, drss, _ = timed([f"{REL}/ticket-processor", "--drain"], env=dict(penv, CONSUMER_GROUP="bench-delta", S3_PREFIX="delta/", OUTPUT_FORMAT="delta"))
+            table = os.path.join(s3_root, "bench", "delta", "tables", "tickets_with_team")
+            commits = glob.glob(os.path.join(table, "_delta_log", "*.json"))
+            log_bytes = sum(map(os.path.getsize, glob.glob(os.path.join(table, "_delta_log", "*"))))
+            dfiles = glob.glob(os.path.join(table, "**", "*.parquet"), recursive=True)
+            hours = {os.path.dirname(os.path.dirname(f)) for f in dfiles}
+            t0 = time.time()
+            rows = subprocess.check_output([sys.executable, "-c", "import sys; from deltalake import DeltaTable; print(DeltaTable(sys.argv[1]).to_pyarrow_table(columns=['ticket_id']).num_rows)", table], text=True).strip()
+            load = time.time() - t0
+            if int(rows) != N:
+                sys.exit(f"E2E OUTPUT WRONG with OUTPUT_FORMAT=delta: {rows} rows, expected {N}")
+            row("end to end, --drain to S3, OUTPUT_FORMAT=delta, tickets/s", f"{N / dw:,.0f}", f"{N / pw:,.0f} (Parquet objects, above)", f"{pw / dw:.2f}x the Parquet rate; {(N / dw) / (N / ceiling['seconds']):.2f} of ceiling", f"peak RSS {drss:.0f} MiB")
+            row(f"Delta log after {N:,} tickets", f"{len(commits)} commits, {len(dfiles)} data files, {len(dfiles) / max(len(hours), 1):.0f} files per partition-hour",
+                f"{log_bytes / 1e3:.0f} kB of log", f"{len(commits) / (dw / 60):.0f} commits/min during the drain", f"deltalake (Python) loads and reads the ids in {load:.2f} s")
+            for label, prefix in (("Parquet objects", "parquet/"), ("Delta table", "delta/")):
+                qt, _, qout = timed([f"{REL}/ticket-processor", "query", "--format", "csv", "SELECT count(*) AS n, count(DISTINCT request_type) AS types FROM tickets"], env=dict(penv, S3_PREFIX=prefix))
+                row(f"query count(*) over the {label}", f"{qt:.2f} s", "", "", qout.strip().splitlines()[-1])
             # 3b. Fixed rates for a minute: latency from send to listable in S3.
             for rate in (1000, 10000):
                 lat, peak = latency_run(rate, LATENCY_SECONDS, brokers, penv, s3_root)

@@ -10,6 +10,13 @@ use ticket_stream::stream::counts::COUNTS_REFRESH;
 
 use super::Fixture;
 
+/// What [`Fixture::read_delta`] read.
+pub struct DeltaRead {
+    pub rows: Vec<Value>,
+    /// Each Kafka partition's transaction version (`<topic>-<partition>`).
+    pub versions: BTreeMap<i32, Option<i64>>,
+}
+
 /// Polls `check` until it returns `Some`, or fails after `timeout` with `what`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where
@@ -189,6 +196,64 @@ impl Fixture {
     }
 
     /// Counts for the test report: (lines in S3, lost, duplicated).
+    /// The Delta table (`OUTPUT_FORMAT=delta`) as the `deltalake` Python package (delta-rs's
+    /// reader, not our code) reads its current snapshot over S3.
+    pub fn read_delta(&self, partitions: i32) -> DeltaRead {
+        let script = r#"
+import json, sys
+from deltalake import DeltaTable
+uri, endpoint, key, secret, topic, partitions = sys.argv[1:7]
+dt = DeltaTable(uri, storage_options={
+    "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret,
+    "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"})
+versions = {p: dt.transaction_version(f"{topic}-{p}") for p in range(int(partitions))}
+print(json.dumps(versions))
+columns = ["ticket_id", "request_type", "support_team", "topic", "partition", "date", "hour"]
+for row in dt.to_pyarrow_table(columns=columns).to_pylist():
+    row["date"] = row["date"].isoformat()
+    print(json.dumps(row))
+"#;
+        let uri = format!("s3://{}/tables/tickets_with_team/", self.s3.bucket);
+        let out = std::process::Command::new("python3")
+            .args(["-c", script, &uri, &self.s3.endpoint])
+            .args([&self.s3.access_key, &self.s3.secret_key, &self.topic])
+            .arg(partitions.to_string())
+            .output()
+            .expect("python3 runs");
+        assert!(
+            out.status.success(),
+            "the deltalake package could not read the table (tests/run.sh installs it): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut lines = out.stdout.split(|b| *b == b'\n').filter(|l| !l.is_empty());
+        let versions: BTreeMap<String, Option<i64>> =
+            serde_json::from_slice(lines.next().expect("versions")).expect("json");
+        DeltaRead {
+            versions: versions
+                .into_iter()
+                .map(|(p, v)| (p.parse().expect("partition"), v))
+                .collect(),
+            rows: lines
+                .map(|l| serde_json::from_slice(l).expect("json row"))
+                .collect(),
+        }
+    }
+
+    /// Rows of the Delta table, tickets lost, tickets there more than once.
+    pub fn tally_delta(&self, expected_ids: &[String], partitions: i32) -> (usize, usize, usize) {
+        let rows = self.read_delta(partitions).rows;
+        let ids: Vec<&str> = rows
+            .iter()
+            .map(|r| r["ticket_id"].as_str().unwrap_or_default())
+            .collect();
+        let unique: BTreeSet<&str> = ids.iter().copied().collect();
+        let lost = expected_ids
+            .iter()
+            .filter(|id| !unique.contains(id.as_str()))
+            .count();
+        (rows.len(), lost, ids.len() - unique.len())
+    }
+
     pub async fn tally(&self, expected_ids: &[String]) -> (usize, usize, usize) {
         let lines = self.s3.json_lines("tickets_with_team/").await;
         let ids: Vec<String> = lines

@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use broker::{Broker, RawMessage, Record};
-pub use checks::eventually;
+pub use checks::{DeltaRead, eventually};
 pub use process::{Running, http_get, metric, run, run_ok};
 pub use proxy::Proxy;
 pub use s3::S3;

@@ -359,6 +359,10 @@ fn store_error(op: &'static str, location: &url::Url, e: DeltaTableError) -> Sto
         DeltaTableError::Transaction {
             source: TransactionError::ObjectStore { source },
         } => Some(source),
+        DeltaTableError::KernelError(delta_kernel::Error::ObjectStore(source)) => Some(source),
+        DeltaTableError::Kernel {
+            source: deltalake_core::kernel::Error::ObjectStore(source),
+        } => Some(source),
         _ => None,
     };
     match object_store {

@@ -15,7 +15,7 @@ use ticket_delta::{DataFile, GroupCommit, Outcome, Part, Table};
 use ticket_s3::store::{Expect, SharedStore};
 
 use crate::retry::Retrier;
-use crate::sink::{Batch, Committer, Failure, Plan};
+use crate::sink::{Batch, Committer, Failure, Plan, failpoint};
 
 /// What the partitions' committers share: the table, its group commit, and where its files go.
 #[derive(Clone)]
@@ -111,11 +111,20 @@ impl Committer for TableCommitter {
                 version: batch.last,
                 files: batch.files.into_iter().map(|(f, _)| f).collect(),
             };
+            failpoint("before-table-commit", self.partition).await;
             let group = &self.sink.group;
-            let outcome = self
+            let mut outcome = self
                 .retry
                 .run("commit to the Delta table", || group.commit(part.clone()))
                 .await?;
+            if failpoint("after-table-commit", self.partition).await {
+                // The answer lost (`after-table-commit:lose:<n>`): asked again, as after a
+                // timeout on the log write.
+                outcome = self
+                    .retry
+                    .run("commit to the Delta table", || group.commit(part.clone()))
+                    .await?;
+            }
             match outcome {
                 Outcome::Committed => self.expected = Some(batch.last),
                 Outcome::Fenced { found } => {
