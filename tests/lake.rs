@@ -714,3 +714,78 @@ async fn delta_output_holds_every_ticket_once_through_a_kill_and_reruns_as_delta
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "n,ids,parts,hours\n400,400,3,true", "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compact_makes_one_file_per_partition_hour_and_vacuum_removes_what_no_snapshot_needs() {
+    let fx = Fixture::start().await;
+    fx.create_topic(1).await;
+    // Two past hours (08:xx and 09:xx), in many small batches: many files per hour.
+    let input = stamped(&tickets(300, 7), |i| BEFORE_NINE - 1_000_000 + i * 5_000);
+    fx.broker.publish_at(&fx.topic, &input).await;
+    let env = fx
+        .env()
+        .set("OUTPUT_FORMAT", "delta")
+        .set("BATCH_MAX_RECORDS", "20");
+    run_ok("ticket-processor", &env, &["--drain"]).await;
+    let data_files = || async {
+        let keys = fx.s3.keys("tables/tickets_with_team/topic=").await;
+        keys.into_iter()
+            .filter(|k| k.ends_with(".parquet"))
+            .collect::<Vec<_>>()
+    };
+    let written = data_files().await;
+    assert!(written.len() >= 15, "{written:?}");
+    let counts = fx.s3.get("counts_by_request_type/latest.jsonl").await;
+    // A writer killed between its data file and its commit left this behind.
+    let orphan = written[0].replace(".parquet", "0.parquet");
+    fx.s3
+        .put(&orphan, fx.s3.get(&written[0]).await.expect("file"))
+        .await;
+
+    // Two compactions at once: one rewrites each hour, the other finds it done.
+    let args = [
+        "compact",
+        "--older-than-hours",
+        "1",
+        "--vacuum-retain-hours",
+        "0",
+    ];
+    let (a, b) = tokio::join!(
+        run("ticket-processor", &env, &args),
+        run("ticket-processor", &env, &args)
+    );
+    assert!(a.0 && b.0, "{}\n{}\n{}\n{}", a.1, a.2, b.1, b.2);
+    let summary = format!("{}{}", a.1, b.1);
+    assert!(summary.contains("compacted"), "{summary}");
+
+    let DeltaRead { rows, .. } = fx.read_delta(1);
+    let mut ids: Vec<&str> = rows
+        .iter()
+        .map(|r| r["ticket_id"].as_str().expect("id"))
+        .collect();
+    ids.sort();
+    let mut expected: Vec<&str> = input.iter().map(|t| t.0.as_str()).collect();
+    expected.sort();
+    assert_eq!(ids, expected, "every ticket once after the rewrite");
+    // One file per partition-hour left in the bucket: the replaced ones and the orphan are gone.
+    let left = data_files().await;
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(
+        left.iter().any(|k| k.contains("/hour=08/"))
+            && left.iter().any(|k| k.contains("/hour=09/"))
+    );
+    assert!(!left.contains(&orphan));
+    // A processor after the compaction: nothing new, the counts are what they were.
+    run_ok("ticket-processor", &env, &["--drain"]).await;
+    assert_eq!(
+        fx.s3.get("counts_by_request_type/latest.jsonl").await,
+        counts
+    );
+    let (ok, out, err) = query(
+        &env,
+        &["--format", "csv", "SELECT count(*) AS n FROM tickets"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "n\n300");
+}

@@ -364,16 +364,17 @@ def main():
             table = os.path.join(s3_root, "bench", "delta", "tables", "tickets_with_team")
             commits = glob.glob(os.path.join(table, "_delta_log", "*.json"))
             log_bytes = sum(map(os.path.getsize, glob.glob(os.path.join(table, "_delta_log", "*"))))
+            checkpoints = glob.glob(os.path.join(table, "_delta_log", "*.checkpoint.parquet"))
             dfiles = glob.glob(os.path.join(table, "**", "*.parquet"), recursive=True)
             hours = {os.path.dirname(os.path.dirname(f)) for f in dfiles}
             t0 = time.time()
-            rows = subprocess.check_output([sys.executable, "-c", "import sys; from deltalake import DeltaTable; print(DeltaTable(sys.argv[1]).to_pyarrow_table(columns=['ticket_id']).num_rows)", table], text=True).strip()
+            rows = subprocess.check_output([sys.executable, "-c", "import os, sys; from deltalake import DeltaTable; print(DeltaTable(sys.argv[1]).to_pyarrow_table(columns=['ticket_id']).num_rows, flush=True); os._exit(0)", table], text=True).strip()
             load = time.time() - t0
             if int(rows) != N:
                 sys.exit(f"E2E OUTPUT WRONG with OUTPUT_FORMAT=delta: {rows} rows, expected {N}")
             row("end to end, --drain to S3, OUTPUT_FORMAT=delta, tickets/s", f"{N / dw:,.0f}", f"{N / pw:,.0f} (Parquet objects, above)", f"{pw / dw:.2f}x the Parquet rate; {(N / dw) / (N / ceiling['seconds']):.2f} of ceiling", f"peak RSS {drss:.0f} MiB")
             row(f"Delta log after {N:,} tickets", f"{len(commits)} commits, {len(dfiles)} data files, {len(dfiles) / max(len(hours), 1):.0f} files per partition-hour",
-                f"{log_bytes / 1e3:.0f} kB of log", f"{len(commits) / (dw / 60):.0f} commits/min during the drain", f"deltalake (Python) loads and reads the ids in {load:.2f} s")
+                f"{log_bytes / 1e3:.0f} kB of log, {len(checkpoints)} log checkpoints", f"{len(commits) / (dw / 60):.0f} commits/min during the drain", f"deltalake (Python) loads and reads the ids in {load:.2f} s")
             for label, prefix in (("Parquet objects", "parquet/"), ("Delta table", "delta/")):
                 qt, _, qout = timed([f"{REL}/ticket-processor", "query", "--format", "csv", "SELECT count(*) AS n, count(DISTINCT request_type) AS types FROM tickets"], env=dict(penv, S3_PREFIX=prefix))
                 row(f"query count(*) over the {label}", f"{qt:.2f} s", "", "", qout.strip().splitlines()[-1])

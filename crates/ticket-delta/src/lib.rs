@@ -22,12 +22,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use deltalake_core::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
-use deltalake_core::kernel::{Action, Add, DataType, StructField, Transaction};
+use deltalake_core::kernel::{Action, Add, DataType, Remove, StructField, Transaction};
 use deltalake_core::logstore::{LogStoreRef, StorageConfig, default_logstore};
 use deltalake_core::operations::create::CreateBuilder;
 use deltalake_core::protocol::{DeltaOperation, SaveMode};
 use deltalake_core::table::state::DeltaTableState;
 use deltalake_core::{DeltaTableError, ObjectStore};
+use object_store::ObjectStoreExt as _;
 use object_store::prefix::PrefixStore;
 use ticket_core::keys::Hour;
 use ticket_s3::store::StoreError;
@@ -125,7 +126,24 @@ pub enum Outcome {
 pub struct Table {
     log: LogStoreRef,
     location: url::Url,
-    state: Mutex<DeltaTableState>,
+    state: Mutex<Known>,
+}
+
+/// The snapshot this process read last, and the partitions' versions looked up in it (a
+/// lookup replays the log, so each is made once per snapshot read from S3; a commit of ours
+/// adds to both).
+struct Known {
+    snapshot: DeltaTableState,
+    versions: HashMap<String, Option<i64>>,
+}
+
+impl Known {
+    fn new(snapshot: DeltaTableState) -> Known {
+        Known {
+            snapshot,
+            versions: HashMap::new(),
+        }
+    }
 }
 
 impl Table {
@@ -162,7 +180,7 @@ impl Table {
         Ok(Table {
             log,
             location,
-            state: Mutex::new(state),
+            state: Mutex::new(Known::new(state)),
         })
     }
 
@@ -177,7 +195,7 @@ impl Table {
             Ok(state) => Ok(Some(Table {
                 log,
                 location,
-                state: Mutex::new(state),
+                state: Mutex::new(Known::new(state)),
             })),
             Err(DeltaTableError::NotATable(_)) => Ok(None),
             Err(e) => Err(store_error("read", &location, e)),
@@ -191,25 +209,22 @@ impl Table {
 
     /// The version of the table this process read last.
     pub async fn version(&self) -> u64 {
-        self.state.lock().await.version()
+        self.state.lock().await.snapshot.version()
     }
 
     /// A partition's version in the latest snapshot: the last offset committed for it.
     pub async fn version_of(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
-        let mut state = self.state.lock().await;
-        self.refresh(&mut state).await?;
-        state
-            .transaction_version(self.log.as_ref(), app_id(topic, partition))
-            .await
-            .map_err(|e| store_error("read", &self.location, e))
+        let mut known = self.state.lock().await;
+        self.refresh(&mut known).await?;
+        self.lookup(&mut known, &app_id(topic, partition)).await
     }
 
     /// The data files of the latest snapshot: what a reader reads, no more (not a file of a
     /// commit not made yet, nor one a commit never referred to).
     pub async fn files(&self) -> Result<Vec<SnapshotFile>, StoreError> {
-        let mut state = self.state.lock().await;
-        self.refresh(&mut state).await?;
-        let files = state.snapshot().log_data();
+        let mut known = self.state.lock().await;
+        self.refresh(&mut known).await?;
+        let files = known.snapshot.snapshot().log_data();
         Ok(files
             .iter()
             .map(|f| SnapshotFile {
@@ -224,71 +239,108 @@ impl Table {
     /// Conflicts with other writers are resolved by reading the table again and checking the
     /// versions again; a part already in the table (a lost answer) reads as committed.
     pub async fn commit(&self, parts: &[Part]) -> Result<Vec<Outcome>, StoreError> {
-        let mut state = self.state.lock().await;
+        let mut known = self.state.lock().await;
+        // First on the snapshot we know, without reading the log again: the log write is
+        // conditional on the next version, so if it lands, nobody committed since that
+        // snapshot and the versions checked in it were the latest. Otherwise: read the log
+        // again, check again.
         loop {
-            self.refresh(&mut state).await?;
             let mut outcomes = Vec::with_capacity(parts.len());
             let mut actions = Vec::new();
-            let mut included = Vec::new();
-            for (i, part) in parts.iter().enumerate() {
-                let found = state
-                    .transaction_version(self.log.as_ref(), app_id(&part.topic, part.partition))
-                    .await
-                    .map_err(|e| store_error("read", &self.location, e))?;
+            for part in parts {
+                let found = self
+                    .lookup(&mut known, &app_id(&part.topic, part.partition))
+                    .await?;
                 if found == Some(part.version) {
                     outcomes.push(Some(Outcome::Committed));
                 } else if found != part.expected {
                     outcomes.push(Some(Outcome::Fenced { found }));
                 } else {
                     outcomes.push(None);
-                    included.push(i);
                     actions.extend(part.actions());
                 }
             }
-            if included.is_empty() {
+            if actions.is_empty() {
                 return Ok(outcomes.into_iter().flatten().collect());
             }
-            let commit = CommitBuilder::from(CommitProperties::default())
-                .with_actions(actions)
-                // Conflicts come back to this loop, which checks the versions again.
-                .with_max_retries(0)
-                .build(
-                    Some(&*state),
-                    self.log.clone(),
-                    DeltaOperation::Write {
-                        mode: SaveMode::Append,
-                        partition_by: None,
-                        predicate: None,
-                    },
-                )
-                .await;
-            match commit {
-                Ok(done) => {
-                    *state = done.snapshot();
-                    return Ok(outcomes
-                        .into_iter()
-                        .map(|o| o.unwrap_or(Outcome::Committed))
-                        .collect());
+            let operation = DeltaOperation::Write {
+                mode: SaveMode::Append,
+                partition_by: None,
+                predicate: None,
+            };
+            if self.try_commit(&mut known, actions, operation).await? {
+                for (part, outcome) in parts.iter().zip(&outcomes) {
+                    if outcome.is_none() {
+                        known
+                            .versions
+                            .insert(app_id(&part.topic, part.partition), Some(part.version));
+                    }
                 }
-                Err(DeltaTableError::Transaction {
-                    source:
-                        TransactionError::MaxCommitAttempts(_)
-                        | TransactionError::VersionAlreadyExists(_)
-                        | TransactionError::CommitConflict(_),
-                }) => {
-                    tracing::debug!("Another writer committed to the table first; checking again.");
-                    continue;
-                }
-                Err(e) => return Err(store_error("commit to", &self.location, e)),
+                return Ok(outcomes
+                    .into_iter()
+                    .map(|o| o.unwrap_or(Outcome::Committed))
+                    .collect());
             }
+            tracing::debug!("Another writer committed to the table first; checking again.");
+            self.refresh(&mut known).await?;
         }
     }
 
-    async fn refresh(&self, state: &mut DeltaTableState) -> Result<(), StoreError> {
-        state
+    /// One attempt at committing `actions` on the known snapshot: true if it landed (the
+    /// snapshot is then the new version), false if another writer committed first.
+    async fn try_commit(
+        &self,
+        known: &mut Known,
+        actions: Vec<Action>,
+        operation: DeltaOperation,
+    ) -> Result<bool, StoreError> {
+        let commit = CommitBuilder::from(CommitProperties::default())
+            .with_actions(actions)
+            // Conflicts come back to the caller, which checks what it depends on again.
+            .with_max_retries(0)
+            .build(Some(&known.snapshot), self.log.clone(), operation)
+            .await;
+        match commit {
+            Ok(done) => {
+                known.snapshot = done.snapshot();
+                Ok(true)
+            }
+            Err(DeltaTableError::Transaction {
+                source:
+                    TransactionError::MaxCommitAttempts(_)
+                    | TransactionError::VersionAlreadyExists(_)
+                    | TransactionError::CommitConflict(_),
+            }) => Ok(false),
+            Err(e) => Err(store_error("commit to", &self.location, e)),
+        }
+    }
+
+    /// A partition's version in the known snapshot.
+    async fn lookup(&self, known: &mut Known, app: &str) -> Result<Option<i64>, StoreError> {
+        if let Some(v) = known.versions.get(app) {
+            return Ok(*v);
+        }
+        let v = known
+            .snapshot
+            .transaction_version(self.log.as_ref(), app)
+            .await
+            .map_err(|e| store_error("read", &self.location, e))?;
+        known.versions.insert(app.to_string(), v);
+        Ok(v)
+    }
+
+    /// Reads the log's new commits, if any; the versions looked up before are then forgotten.
+    async fn refresh(&self, known: &mut Known) -> Result<(), StoreError> {
+        let before = known.snapshot.version();
+        known
+            .snapshot
             .update(self.log.as_ref(), None)
             .await
-            .map_err(|e| store_error("read", &self.location, e))
+            .map_err(|e| store_error("read", &self.location, e))?;
+        if known.snapshot.version() != before {
+            known.versions.clear();
+        }
+        Ok(())
     }
 }
 
@@ -435,6 +487,244 @@ impl GroupCommit {
         };
         self.tx.send((part, reply)).map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
+    }
+}
+
+/// What [`Table::compact`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Compacted {
+    /// Partition-hours rewritten, each in a commit of its own.
+    pub hours: usize,
+    /// Data files replaced, and the files that replaced them.
+    pub files_before: usize,
+    pub files_after: usize,
+    /// Partition-hours skipped because another compaction changed their files first.
+    pub skipped: usize,
+}
+
+/// The data files of one Kafka partition's hour.
+type HourKey = (
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+impl Table {
+    /// Rewrites every partition-hour whose hour ended before `before` and that has more than
+    /// one data file into one file: one commit per partition-hour that removes the old files
+    /// and adds the new one, without changing the data. Late Kafka timestamps mean no hour is
+    /// ever closed, so this is a normal transaction beside the writers: an append to the same
+    /// hour meanwhile does not conflict with it (its new file is simply not part of this
+    /// rewrite); a concurrent compaction that removed one of the files first makes this one
+    /// give that partition-hour up. The old files stay for readers of older snapshots until
+    /// [`Table::vacuum`].
+    pub async fn compact(
+        &self,
+        before: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Compacted, StoreError> {
+        let mut done = Compacted::default();
+        let files = self.files().await?;
+        let mut hours: std::collections::BTreeMap<HourKey, Vec<SnapshotFile>> = Default::default();
+        for f in files {
+            let v = |k: &str| f.partition_values.get(k).cloned().flatten();
+            let key = (v("topic"), v("date"), v("hour"), v("partition"));
+            hours.entry(key).or_default().push(f);
+        }
+        let store = self.log.object_store(None);
+        for ((topic, date, hour, partition), files) in hours {
+            let ended = date.as_deref().zip(hour.as_deref()).and_then(|(d, h)| {
+                let start = chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").ok()?;
+                let h: u32 = h.parse().ok()?;
+                Some(start.and_hms_opt(h, 0, 0)?.and_utc() + chrono::Duration::hours(1))
+            });
+            if files.len() < 2 || ended.is_none_or(|end| end > before) {
+                continue;
+            }
+            let (path, size, rows) = self.rewrite(&store, &files).await?;
+            let now = chrono::Utc::now().timestamp_millis();
+            let values = files[0].partition_values.clone();
+            let mut actions: Vec<Action> = files
+                .iter()
+                .map(|f| {
+                    Action::Remove(Remove {
+                        path: f.path.clone(),
+                        data_change: false,
+                        deletion_timestamp: Some(now),
+                        extended_file_metadata: Some(true),
+                        partition_values: Some(f.partition_values.clone()),
+                        size: Some(f.size as i64),
+                        ..Default::default()
+                    })
+                })
+                .collect();
+            actions.push(Action::Add(Add {
+                path: path.clone(),
+                partition_values: values,
+                size: size as i64,
+                modification_time: now,
+                data_change: false,
+                stats: Some(format!("{{\"numRecords\":{rows}}}")),
+                ..Default::default()
+            }));
+            let gone: Vec<String> = files.iter().map(|f| f.path.clone()).collect();
+            let operation = DeltaOperation::Optimize {
+                predicate: None,
+                target_size: size as i64,
+            };
+            let committed = self
+                .commit_when(actions, operation, |live| {
+                    gone.iter().all(|p| live.contains(p.as_str()))
+                })
+                .await?;
+            tracing::info!(
+                ?topic,
+                ?date,
+                ?hour,
+                ?partition,
+                files = files.len(),
+                committed,
+                "Compacted a partition-hour."
+            );
+            if committed {
+                done.hours += 1;
+                done.files_before += files.len();
+                done.files_after += 1;
+            } else {
+                done.skipped += 1;
+            }
+        }
+        Ok(done)
+    }
+}
+
+impl Table {
+    /// Reads a partition-hour's files and writes their rows as one new file; returns its path,
+    /// size and row count.
+    async fn rewrite(
+        &self,
+        store: &Arc<dyn ObjectStore>,
+        files: &[SnapshotFile],
+    ) -> Result<(String, u64, usize), StoreError> {
+        use deltalake_core::parquet::arrow::ArrowWriter;
+        use deltalake_core::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+        use deltalake_core::parquet::basic::{Compression, ZstdLevel};
+        use deltalake_core::parquet::file::properties::WriterProperties;
+        let io = |op: &'static str, path: &str, e: &dyn std::fmt::Display| StoreError::Transient {
+            op,
+            location: format!("{}{path}", self.location),
+            message: e.to_string(),
+        };
+        let bad = |path: &str, e: &dyn std::fmt::Display| StoreError::Permanent {
+            op: "compact",
+            location: format!("{}{path}", self.location),
+            message: e.to_string(),
+            hint: "a data file of the table is not the Parquet this processor writes".into(),
+        };
+        let mut writer: Option<ArrowWriter<Vec<u8>>> = None;
+        let mut rows = 0;
+        for f in files {
+            let path = object_store::path::Path::from(f.path.as_str());
+            let body = store
+                .get(&path)
+                .await
+                .map_err(|e| io("GET", &f.path, &e))?
+                .bytes()
+                .await
+                .map_err(|e| io("GET", &f.path, &e))?;
+            let reader = ParquetRecordBatchReaderBuilder::try_new(body)
+                .and_then(|b| b.build())
+                .map_err(|e| bad(&f.path, &e))?;
+            for batch in reader {
+                let batch = batch.map_err(|e| bad(&f.path, &e))?;
+                if writer.is_none() {
+                    let props = WriterProperties::builder()
+                        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+                        .build();
+                    writer = Some(
+                        ArrowWriter::try_new(Vec::new(), batch.schema(), Some(props))
+                            .map_err(|e| bad(&f.path, &e))?,
+                    );
+                }
+                rows += batch.num_rows();
+                if let Some(w) = writer.as_mut() {
+                    w.write(&batch).map_err(|e| bad(&f.path, &e))?;
+                }
+            }
+        }
+        let first = &files[0];
+        let body = match writer {
+            Some(w) => w.into_inner().map_err(|e| bad(&first.path, &e))?,
+            None => Vec::new(),
+        };
+        let dir = first.path.rsplit_once('/').map_or("", |(d, _)| d);
+        let path = format!("{dir}/{}.parquet", uuid::Uuid::now_v7().simple());
+        let size = body.len() as u64;
+        store
+            .put(&object_store::path::Path::from(path.as_str()), body.into())
+            .await
+            .map_err(|e| io("PUT", &path, &e))?;
+        Ok((path, size, rows))
+    }
+
+    /// Commits `actions` on the latest snapshot if `still` holds for the snapshot's file paths
+    /// (checked again after every conflict); false if it no longer does.
+    async fn commit_when(
+        &self,
+        actions: Vec<Action>,
+        operation: DeltaOperation,
+        still: impl Fn(&std::collections::HashSet<String>) -> bool,
+    ) -> Result<bool, StoreError> {
+        let mut known = self.state.lock().await;
+        loop {
+            self.refresh(&mut known).await?;
+            let live: std::collections::HashSet<String> = known
+                .snapshot
+                .snapshot()
+                .log_data()
+                .iter()
+                .map(|f| f.path().to_string())
+                .collect();
+            if !still(&live) {
+                return Ok(false);
+            }
+            if self
+                .try_commit(&mut known, actions.clone(), operation.clone())
+                .await?
+            {
+                return Ok(true);
+            }
+        }
+    }
+}
+
+impl Table {
+    /// Deletes the data files no snapshot of the last `retain` needs: those a compaction (or
+    /// any removal) replaced before that, and those no commit ever referred to (a writer that
+    /// crashed or was fenced between its data files and its commit) older than that. `retain`
+    /// must be longer than any write-to-commit delay (an S3 outage stretches it) and than any
+    /// query: a shorter one can delete a file a commit is about to refer to.
+    pub async fn vacuum(&self, retain: std::time::Duration) -> Result<usize, StoreError> {
+        let retain = chrono::Duration::from_std(retain).map_err(|e| StoreError::Permanent {
+            op: "vacuum",
+            location: self.location.to_string(),
+            message: e.to_string(),
+            hint: "a shorter retention".into(),
+        })?;
+        let mut table = deltalake_core::DeltaTable::new(self.log.clone());
+        table
+            .load()
+            .await
+            .map_err(|e| store_error("read", &self.location, e))?;
+        let (_, metrics) = table
+            .vacuum()
+            .with_mode(deltalake_core::operations::vacuum::VacuumMode::Full)
+            .with_retention_period(retain)
+            // The retention is the caller's to choose (README: what a short one risks).
+            .with_enforce_retention_duration(false)
+            .await
+            .map_err(|e| store_error("vacuum", &self.location, e))?;
+        Ok(metrics.files_deleted.len())
     }
 }
 

@@ -5,6 +5,7 @@
 //! - [`report`]: `report`, the lake's figures as a self-contained HTML page;
 //! - [`file`]: `process-file`, a local JSON Lines file into the S3 layout in a directory.
 
+pub mod compact;
 mod delta;
 pub mod file;
 pub mod query;

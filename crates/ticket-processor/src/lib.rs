@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 pub use ticket_lake::FileArgs;
-use ticket_lake::{query, report};
+use ticket_lake::{compact, query, report};
 pub use ticket_stream::RunArgs;
 use ticket_stream::replay;
 
@@ -56,6 +56,9 @@ pub enum Command {
     /// Write reports/index.html (charts of tickets per hour, load per team) into the bucket or
     /// a directory; once, or every --every seconds.
     Report(report::ReportArgs),
+    /// The Delta table's maintenance (OUTPUT_FORMAT=delta): rewrite each old enough hour of a
+    /// partition into one file, then delete the files no snapshot needs.
+    Compact(compact::CompactArgs),
     /// Exit 0 if the processor on this host answers ready at HTTP_ADDR (the image's HEALTHCHECK;
     /// needs no curl or shell in the image).
     HealthCheck {

@@ -18,6 +18,7 @@ async fn main() -> std::process::ExitCode {
             );
         }),
         Some(Command::Query(args)) => ticket_lake::query::query(&args).await,
+        Some(Command::Compact(args)) => ticket_lake::compact::compact(&args).await,
         Some(Command::Report(args)) => {
             let shutdown = tokio_util::sync::CancellationToken::new();
             tokio::spawn(ticket_kafka::cancel_on_signal(shutdown.clone()));
