@@ -53,6 +53,25 @@ async fn steady_stream(fx: &Fixture, env: Env, total: u64) -> (Running, Running)
     (producer, processor)
 }
 
+/// The partition a process's failpoint stopped in, once it has (its log line names it).
+async fn failpoint_partition(p: &Running, timeout: Duration) -> i32 {
+    eventually(
+        timeout,
+        "the stale owner to reach its failpoint",
+        || async {
+            let log = p.log();
+            let line = log.lines().find(|l| l.contains("Failpoint reached"))?;
+            line.split("partition=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        },
+    )
+    .await
+}
+
 fn report(name: &str, figures: &[(&str, String)]) {
     let line: Vec<String> = figures.iter().map(|(k, v)| format!("{k}={v}")).collect();
     println!("FAULT-TEST {name}: {}", line.join(" "));
@@ -203,21 +222,7 @@ async fn three_instances_with_moving_partitions_and_a_stale_owner() {
     let mut others: Vec<Running> = (0..2)
         .map(|i| fx.spawn("ticket-processor", &env, &[], &format!("p{i}")))
         .collect();
-    let partition: i32 = eventually(
-        Duration::from_secs(90),
-        "the stale owner to start committing",
-        || async {
-            let log = stale.log();
-            let line = log.lines().find(|l| l.contains("Failpoint reached"))?;
-            line.split("partition=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        },
-    )
-    .await;
+    let partition = failpoint_partition(&stale, Duration::from_secs(90)).await;
     stale.signal(Signal::SIGSTOP);
     // Frozen until another instance has taken the partition over and committed a batch of
     // it (the stale owner's batch at least): its late commit must then be refused.
@@ -569,21 +574,7 @@ async fn delta_table_through_crashes_in_its_commit_a_lost_answer_a_stale_owner_a
     // its partition; then it wakes and commits with the version it knew.
     let stale_env = env.clone().failpoint("before-table-commit:pause-3000:2");
     let stale = fx.spawn("ticket-processor", &stale_env, &[], "stale");
-    let partition: i32 = eventually(
-        Duration::from_secs(60),
-        "the stale owner's commit",
-        || async {
-            let log = stale.log();
-            let line = log.lines().find(|l| l.contains("Failpoint reached"))?;
-            line.split("partition=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        },
-    )
-    .await;
+    let partition = failpoint_partition(&stale, Duration::from_secs(60)).await;
     stale.signal(Signal::SIGSTOP);
     let at_stop = fx.read_delta(3).versions[&partition];
     let mut other = fx.spawn("ticket-processor", &env, &[], "other");

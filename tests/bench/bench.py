@@ -366,7 +366,7 @@ def main():
             log_bytes = sum(map(os.path.getsize, glob.glob(os.path.join(table, "_delta_log", "*"))))
             checkpoints = glob.glob(os.path.join(table, "_delta_log", "*.checkpoint.parquet"))
             dfiles = glob.glob(os.path.join(table, "**", "*.parquet"), recursive=True)
-            hours = {os.path.dirname(os.path.dirname(f)) for f in dfiles}
+            hours = {os.path.dirname(f) for f in dfiles}  # one directory per partition and hour
             t0 = time.time()
             rows = subprocess.check_output([sys.executable, "-c", "import os, sys; from deltalake import DeltaTable; print(DeltaTable(sys.argv[1]).to_pyarrow_table(columns=['ticket_id']).num_rows, flush=True); os._exit(0)", table], text=True).strip()
             load = time.time() - t0

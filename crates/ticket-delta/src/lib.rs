@@ -855,4 +855,35 @@ mod tests {
         b.commit(&[part(1, None, 1)]).await.expect("commit");
         assert_eq!(a.files().await.expect("files").len(), 2);
     }
+
+    #[tokio::test]
+    async fn the_log_is_checkpointed_at_the_crates_interval() {
+        let root: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let t = table(&root).await;
+        // Version 0 made the table; the crate checkpoints the version whose number + 1 is a
+        // multiple of the interval (100).
+        for v in 1..=100 {
+            t.commit(&[part(0, (v > 1).then_some(v - 1), v)])
+                .await
+                .expect("commit");
+        }
+        let log = object_store::path::Path::from("p/tables/tickets_with_team/_delta_log");
+        let names: Vec<String> =
+            futures::TryStreamExt::try_collect::<Vec<_>>(root.list(Some(&log)))
+                .await
+                .expect("list")
+                .into_iter()
+                .map(|m| m.location.to_string())
+                .collect();
+        assert!(
+            names.iter().any(|n| n.ends_with("0099.checkpoint.parquet")),
+            "no log checkpoint after 100 commits: {names:?}"
+        );
+        // A new reader loads from it and still finds the partition's version.
+        let other = Table::open(root.clone(), "bucket", "p/")
+            .await
+            .expect("read")
+            .expect("a table");
+        assert_eq!(other.version_of("tickets", 0).await.expect("v"), Some(100));
+    }
 }

@@ -162,6 +162,22 @@ pub enum AnyPrepared {
     Table(PreparedFiles),
 }
 
+impl AnyPrepared {
+    fn objects(self) -> Option<crate::sink::PreparedBatch> {
+        match self {
+            AnyPrepared::Objects(b) => Some(b),
+            AnyPrepared::Table(_) => None,
+        }
+    }
+
+    fn files(self) -> Option<PreparedFiles> {
+        match self {
+            AnyPrepared::Table(b) => Some(b),
+            AnyPrepared::Objects(_) => None,
+        }
+    }
+}
+
 impl Committer for AnyCommitter {
     type Prepared = AnyPrepared;
 
@@ -180,30 +196,15 @@ impl Committer for AnyCommitter {
     }
 
     async fn commit(&mut self, batches: Vec<AnyPrepared>) -> Result<(), Failure> {
+        // A committer only ever gets the batches it prepared.
         match self {
             AnyCommitter::Objects(c) => {
-                c.commit(
-                    batches
-                        .into_iter()
-                        .filter_map(|b| match b {
-                            AnyPrepared::Objects(b) => Some(b),
-                            AnyPrepared::Table(_) => None,
-                        })
-                        .collect(),
-                )
-                .await
+                let batches = batches.into_iter().filter_map(AnyPrepared::objects);
+                c.commit(batches.collect()).await
             }
             AnyCommitter::Table(c) => {
-                c.commit(
-                    batches
-                        .into_iter()
-                        .filter_map(|b| match b {
-                            AnyPrepared::Table(b) => Some(b),
-                            AnyPrepared::Objects(_) => None,
-                        })
-                        .collect(),
-                )
-                .await
+                let batches = batches.into_iter().filter_map(AnyPrepared::files);
+                c.commit(batches.collect()).await
             }
         }
     }
