@@ -515,9 +515,9 @@ async fn misconfiguration_is_a_clear_error_at_start_not_a_hang() {
 }
 
 /// `OUTPUT_FORMAT=delta` under the faults its commit must survive, one after the other on one
-/// stream: crashes on both sides of the log write, a commit whose answer is lost, a stale
-/// owner frozen before its commit while another instance takes its partition over, and an
-/// S3 outage. Then delta-rs's own reader must see every valid ticket exactly once.
+/// stream: crashes on both sides of the log write, a commit whose answer is lost, SIGKILLs at
+/// random moments, a stale owner frozen before its commit while two other instances take its
+/// partition over, and an S3 outage under those two. Then delta-rs's own reader must see every valid ticket exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delta_table_through_crashes_in_its_commit_a_lost_answer_a_stale_owner_and_an_outage() {
     let fx = Fixture::start().await;
@@ -570,14 +570,24 @@ async fn delta_table_through_crashes_in_its_commit_a_lost_answer_a_stale_owner_a
         }
     }
 
+    // SIGKILLs at random moments.
+    let mut rng = rand::rng();
+    for round in 0..3 {
+        let mut p = fx.spawn("ticket-processor", &env, &[], &format!("killed-{round}"));
+        tokio::time::sleep(Duration::from_millis(rng.random_range(1500..4000))).await;
+        p.signal(Signal::SIGKILL);
+        let _ = p.wait(Duration::from_secs(10)).await;
+    }
+
     // The stale owner: frozen just before its commit until another instance has committed
-    // its partition; then it wakes and commits with the version it knew.
+    // its partition; then it wakes and commits with the version it knew. Three instances.
     let stale_env = env.clone().failpoint("before-table-commit:pause-3000:2");
     let stale = fx.spawn("ticket-processor", &stale_env, &[], "stale");
     let partition = failpoint_partition(&stale, Duration::from_secs(60)).await;
     stale.signal(Signal::SIGSTOP);
     let at_stop = fx.read_delta(3).versions[&partition];
     let mut other = fx.spawn("ticket-processor", &env, &[], "other");
+    let mut third = fx.spawn("ticket-processor", &env, &[], "third");
     eventually(
         Duration::from_secs(90),
         "another instance to commit the stale owner's partition",
@@ -601,6 +611,7 @@ async fn delta_table_through_crashes_in_its_commit_a_lost_answer_a_stale_owner_a
     proxy.down();
     tokio::time::sleep(Duration::from_secs(8)).await;
     assert!(other.is_running(), "died in the outage:\n{}", other.log());
+    assert!(third.is_running(), "died in the outage:\n{}", third.log());
     proxy.up();
 
     assert!(
@@ -608,10 +619,11 @@ async fn delta_table_through_crashes_in_its_commit_a_lost_answer_a_stale_owner_a
         "producer failed:\n{}",
         producer.log()
     );
-    for p in [&stale, &other] {
+    for p in [&stale, &other, &third] {
         p.signal(Signal::SIGTERM);
     }
     assert!(other.wait(Duration::from_secs(40)).await, "{}", other.log());
+    assert!(third.wait(Duration::from_secs(40)).await, "{}", third.log());
     run_ok("ticket-processor", &env, &["--drain"]).await;
 
     let ids = valid_ids(&fx);
@@ -623,6 +635,7 @@ async fn delta_table_through_crashes_in_its_commit_a_lost_answer_a_stale_owner_a
             ("produced", total.to_string()),
             ("invalid", "20".into()),
             ("crashes_in_commit", crashes.to_string()),
+            ("sigkills", "3".into()),
             ("rows", rows.to_string()),
             ("lost", lost.to_string()),
             ("duplicated", duplicated.to_string()),
