@@ -235,3 +235,90 @@ async fn s3_over_https_with_a_private_ca_needs_aws_ca_bundle_and_is_exactly_once
         "query over HTTPS:\n{out}"
     );
 }
+
+/// No secret in any output: the S3 secret key, a session token and a Kafka password, set as a
+/// user sets them, never appear in what the binaries print (logs at trace level included),
+/// in `--help`, in `/metrics` or in the error of a failing SASL login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_appear_in_no_output_at_any_log_level() {
+    let fx = Fixture::start().await;
+    let password = "KAFKA-PASSWORD-5b7e19c2";
+    let token = "SESSION-TOKEN-0d9a44f1";
+    let mut secrets = vec![password, token];
+    // The S3 secret is the fixture's (the server checks it); an external MinIO's default
+    // secret equals its access key, which is no secret and shows in every signed request.
+    if fx.s3.secret_key != fx.s3.access_key {
+        secrets.push(fx.s3.secret_key.as_str());
+    }
+    let env = fx
+        .env()
+        .set("RUST_LOG", "trace")
+        .set("KAFKA_PASSWORD", password)
+        .set("KAFKA_USERNAME", "ticket-user");
+    let mut outputs: Vec<(String, String)> = Vec::new();
+
+    // --help of both binaries, with the secrets in the environment.
+    for name in ["ticket-producer", "ticket-processor"] {
+        let (_, out, err) = run(name, &env, &["--help"]).await;
+        outputs.push((format!("{name} --help"), out + &err));
+    }
+    // A failing SASL login (the test broker has no SASL): an error, and no password in it.
+    let sasl = env.clone().set("KAFKA_SECURITY_PROTOCOL", "sasl_plaintext");
+    let (ok, out, err) = run("ticket-producer", &sasl, &["--count", "1"]).await;
+    assert!(
+        !ok,
+        "a SASL login against a broker without SASL succeeded:\n{out}\n{err}"
+    );
+    assert!(
+        err.contains("KAFKA_SECURITY_PROTOCOL/credentials"),
+        "the failing login does not say what to check:\n{err}"
+    );
+    outputs.push(("producer, failing SASL login".into(), out + &err));
+    let (ok, out, err) = run("ticket-processor", &sasl, &["--drain"]).await;
+    assert!(!ok, "{out}\n{err}");
+    outputs.push(("processor, failing SASL login".into(), out + &err));
+
+    // A working run at trace level, with /metrics read while it runs; and one with a
+    // session token the S3 server does not know (a refusal, with its error).
+    let plain = env
+        .clone()
+        .set("KAFKA_PASSWORD", "")
+        .set("KAFKA_USERNAME", "");
+    run_ok("ticket-producer", &plain, &["--count", "50"]).await;
+    let mut p = fx.spawn("ticket-processor", &plain, &[], "trace");
+    let addr = p.http_addr().await;
+    let (_, metrics) = http_get(addr, "/metrics").await;
+    outputs.push(("/metrics".into(), metrics));
+    eventually(Duration::from_secs(60), "the tickets written", || async {
+        (metric(addr, "ticket_processor_tickets_written_total").await? >= 50.0).then_some(())
+    })
+    .await;
+    p.signal(Signal::SIGTERM);
+    assert!(p.wait(Duration::from_secs(30)).await, "{}", p.log());
+    outputs.push(("processor at trace level".into(), p.log()));
+    let with_token = plain.clone().set("AWS_SESSION_TOKEN", token);
+    let (_, out, err) = run("ticket-processor", &with_token, &["--drain"]).await;
+    outputs.push(("processor with a session token".into(), out + &err));
+    let (_, out, err) = run(
+        "ticket-processor",
+        &with_token,
+        &["query", "SELECT count(*) FROM tickets"],
+    )
+    .await;
+    outputs.push(("query with a session token".into(), out + &err));
+
+    let trace = &outputs
+        .iter()
+        .find(|(w, _)| w == "processor at trace level")
+        .expect("run")
+        .1;
+    assert!(
+        trace.lines().filter(|l| l.contains("TRACE")).count() > 100,
+        "the run did not log at trace level:\n{trace}"
+    );
+    for (what, text) in &outputs {
+        for s in &secrets {
+            assert!(!text.contains(s), "{what} shows the secret {s:?}");
+        }
+    }
+}
