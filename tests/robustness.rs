@@ -278,8 +278,8 @@ async fn secrets_appear_in_no_output_at_any_log_level() {
     assert!(!ok, "{out}\n{err}");
     outputs.push(("processor, failing SASL login".into(), out + &err));
 
-    // A working run at trace level, with /metrics read while it runs; and one with a
-    // session token the S3 server does not know (a refusal, with its error).
+    // A working run at trace level, with /metrics read while it runs; then a drain and a
+    // query with a session token set (whatever the S3 server makes of it).
     let plain = env
         .clone()
         .set("KAFKA_PASSWORD", "")
