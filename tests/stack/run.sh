@@ -558,6 +558,35 @@ scenario() {
   wait_for 120 "reports/index.html showing $total tickets" report_shows "$total"
   result "report: the page followed the new tickets ($total on it)"
 
+  log "scenario: the same topic into a Delta table"
+  # A user switching to the table: OUTPUT_FORMAT=delta with a prefix and a consumer group of its
+  # own, as a --drain beside the running processors; then query, compact, and a reader we did
+  # not write.
+  compose run --rm -T -e OUTPUT_FORMAT=delta -e S3_PREFIX=delta/ -e CONSUMER_GROUP=stack-delta \
+    ticket-processor --drain >>"$WORK/delta.log" 2>&1 ||
+    die "the --drain into the Delta table failed (see $WORK/delta.log)"
+  local dq
+  dq=$(compose run --rm -T -e S3_PREFIX=delta/ ticket-processor query --format csv \
+    "SELECT count(*) AS n, count(DISTINCT ticket_id) AS ids FROM tickets" 2>>"$WORK/delta.log") ||
+    die "query over the Delta table failed (see $WORK/delta.log)"
+  [ "$(tail -1 <<<"$dq")" = "$total,$total" ] || die "query over the Delta table: $dq (expected $total,$total)"
+  local dc
+  dc=$(compose run --rm -T -e S3_PREFIX=delta/ ticket-processor compact --older-than-hours 0 --no-vacuum 2>>"$WORK/delta.log") ||
+    die "compact failed (see $WORK/delta.log)"
+  result "delta: --drain into delta/tables/tickets_with_team/, query counts $total tickets once; compact: $(head -1 <<<"$dc")"
+  if python3 -c 'import deltalake' 2>/dev/null; then
+    local rows
+    rows=$(python3 -c 'import os, sys; from deltalake import DeltaTable
+t = DeltaTable(sys.argv[1], storage_options={"AWS_ENDPOINT_URL": sys.argv[2], "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"})
+ids = t.to_pyarrow_table(columns=["ticket_id"]).column("ticket_id").to_pylist()
+print(len(ids), len(set(ids)), flush=True); os._exit(0)' "s3://$S3_BUCKET_NAME/delta/tables/tickets_with_team/" "$S3_HOST_ENDPOINT") ||
+      die "the deltalake package could not read the table"
+    [ "$rows" = "$total $total" ] || die "deltalake read $rows (rows, distinct), expected $total"
+    result "delta: the deltalake package (delta-rs) reads $total rows, each ticket once"
+  else
+    result "NOTE delta: the deltalake Python package is not installed; the table was not read by another engine"
+  fi
+
   log "scenario: docker compose stop"
   local procs; procs=$(ids ticket-processor)
   local ts=$SECONDS
