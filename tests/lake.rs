@@ -165,17 +165,9 @@ for row in table.to_pylist():
     row["created_at"] = row["created_at"].isoformat()
     print(json.dumps(row))
 "#;
-    let out = std::process::Command::new("python3")
-        .args(["-c", script])
-        .arg(dir)
-        .output()
-        .expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "pyarrow could not read the Parquet files (tests/run.sh installs it): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut lines = out.stdout.split(|b| *b == b'\n').filter(|l| !l.is_empty());
+    let dir = dir.to_str().expect("utf-8 path");
+    let lines = python_lines(script, &[dir], "pyarrow could not read the Parquet files");
+    let mut lines = lines.iter();
     let head: Value = serde_json::from_slice(lines.next().expect("schema")).expect("json");
     let rows = lines
         .map(|l| serde_json::from_slice(l).expect("json row"))

@@ -214,18 +214,21 @@ for row in dt.to_pyarrow_table(columns=columns).to_pylist():
     print(json.dumps(row))
 "#;
         let uri = format!("s3://{}/tables/tickets_with_team/", self.s3.bucket);
-        let out = std::process::Command::new("python3")
-            .args(["-c", script, &uri, &self.s3.endpoint])
-            .args([&self.s3.access_key, &self.s3.secret_key, &self.topic])
-            .arg(partitions.to_string())
-            .output()
-            .expect("python3 runs");
-        assert!(
-            out.status.success(),
-            "the deltalake package could not read the table (tests/run.sh installs it): {}",
-            String::from_utf8_lossy(&out.stderr)
+        let partitions = partitions.to_string();
+        let args = [
+            uri.as_str(),
+            &self.s3.endpoint,
+            &self.s3.access_key,
+            &self.s3.secret_key,
+            &self.topic,
+            &partitions,
+        ];
+        let lines = super::python_lines(
+            script,
+            &args,
+            "the deltalake package could not read the table",
         );
-        let mut lines = out.stdout.split(|b| *b == b'\n').filter(|l| !l.is_empty());
+        let mut lines = lines.iter();
         let versions: BTreeMap<String, Option<i64>> =
             serde_json::from_slice(lines.next().expect("versions")).expect("json");
         DeltaRead {

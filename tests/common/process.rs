@@ -147,3 +147,23 @@ pub async fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
     body.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
+
+/// Runs a Python script (a reader we did not write: pyarrow, deltalake) and returns the
+/// non-empty lines it printed; fails the test with `what` and its stderr if it fails.
+pub fn python_lines(script: &str, args: &[&str], what: &str) -> Vec<Vec<u8>> {
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .args(args)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "{what} (tests/run.sh installs it): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect()
+}
