@@ -236,9 +236,111 @@ async fn s3_over_https_with_a_private_ca_needs_aws_ca_bundle_and_is_exactly_once
     );
 }
 
+/// The broker over TLS with a private CA (stunnel in front of the test's Tansu, certificates
+/// made by the test): every client runs through it with `KAFKA_SSL_CA_LOCATION`, exactly once;
+/// a certificate that is not trusted, has expired or names another host stops each binary at
+/// start, at the failed handshake (not after the connect timeout, which librdkafka's endless
+/// retries would reach), with an error that says which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_over_tls_is_exactly_once_and_a_refused_certificate_stops_each_binary_at_start() {
+    let (broker, tls) = Broker::tansu_behind_tls().await;
+    let fx = Fixture::with_broker(broker).await;
+    let env = fx.env().set("KAFKA_CONNECT_TIMEOUT_SECS", "60");
+
+    let cases = [
+        (
+            "no CA set",
+            env.clone().set("KAFKA_SSL_CA_LOCATION", ""),
+            "set KAFKA_SSL_CA_LOCATION to that CA's PEM file",
+        ),
+        (
+            "another CA",
+            env.clone()
+                .set("KAFKA_SSL_CA_LOCATION", tls.other_ca.display().to_string()),
+            "not signed by the certificate authority in KAFKA_SSL_CA_LOCATION=",
+        ),
+        (
+            "an expired certificate",
+            env.clone().set("KAFKA_BROKERS", &tls.expired),
+            "certificate has expired",
+        ),
+        (
+            "a certificate for another host",
+            env.clone().set("KAFKA_BROKERS", &tls.wrong_name),
+            "not issued for the name in KAFKA_BROKERS",
+        ),
+    ];
+    for (case, e, says) in &cases {
+        for (bin, args) in [
+            ("ticket-producer", &["--count", "1"][..]),
+            ("ticket-processor", &["--drain"][..]),
+            ("ticket-processor", &["replay-dlq"][..]),
+        ] {
+            let started = std::time::Instant::now();
+            let (ok, _, err) = run(bin, e, args).await;
+            let took = started.elapsed();
+            assert!(!ok, "{bin} {args:?} with {case}: started anyway");
+            assert!(
+                err.contains(says) && err.contains("SSL handshake failed"),
+                "{bin} {args:?} with {case}: the error does not say {says:?}:\n{err}"
+            );
+            assert!(
+                took < Duration::from_secs(30),
+                "{bin} {args:?} with {case}: stopped after {took:?}, i.e. waited for the 60 s connect timeout instead of the handshake's failure"
+            );
+        }
+    }
+
+    // Trusted: the producer (creating the topic), the streaming processor, more tickets with
+    // the CA given the old way (KAFKA_OPTIONS=ssl.ca.location), replay-dlq and --drain.
+    run_ok(
+        "ticket-producer",
+        &env,
+        &["--count", "300", "--partitions", "2"],
+    )
+    .await;
+    let mut processor = fx.spawn("ticket-processor", &env, &[], "processor-tls");
+    fx.wait_for_tickets(300, Duration::from_secs(90)).await;
+    processor.signal(Signal::SIGTERM);
+    assert!(
+        processor
+            .exit_within(Duration::from_secs(60))
+            .await
+            .is_some_and(|s| s.success()),
+        "the processor over TLS did not stop cleanly:\n{}",
+        processor.log()
+    );
+    let ca = tls.ca.display().to_string();
+    let old_way = env.clone().set("KAFKA_SSL_CA_LOCATION", "").set(
+        "KAFKA_OPTIONS",
+        format!("session.timeout.ms=6000,ssl.ca.location={ca}"),
+    );
+    run_ok("ticket-producer", &old_way, &["--count", "200"]).await;
+    let letter = r#"{"ticket_id":"TLS-REPLAY-1","client_id":7,"created_at":"2025-10-20T03:00:23.010952","request":"Replayed over TLS.","request_type":"billing","priority":"high"}"#;
+    fx.broker
+        .publish_with_headers(
+            &fx.dlq(),
+            b"TLS-REPLAY-1",
+            letter.as_bytes(),
+            &[
+                ("error.message", "replayed by the test"),
+                ("source.topic", &fx.topic),
+                ("source.partition", "0"),
+                ("source.offset", "100000"),
+            ],
+        )
+        .await;
+    let out = run_ok("ticket-processor", &env, &["replay-dlq"]).await;
+    assert!(out.contains("1 replayed"), "replay-dlq over TLS: {out}");
+    run_ok("ticket-processor", &env, &["--drain"]).await;
+    let ids = fx.topic_ids();
+    assert_eq!(ids.len(), 501, "the topic read back over TLS");
+    assert_eq!(fx.assert_exactly_once(&ids).await, 501);
+}
+
 /// No secret in any output: the S3 secret key, a session token and a Kafka password, set as a
 /// user sets them, never appear in what the binaries print (logs at trace level included),
-/// in `--help`, in `/metrics` or in the error of a failing SASL login.
+/// in `--help`, in `/metrics` or in the error of a SASL login the broker refuses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_appear_in_no_output_at_any_log_level() {
     let fx = Fixture::start().await;
@@ -262,21 +364,33 @@ async fn secrets_appear_in_no_output_at_any_log_level() {
         let (_, out, err) = run(name, &env, &["--help"]).await;
         outputs.push((format!("{name} --help"), out + &err));
     }
-    // A failing SASL login (the test broker has no SASL): an error, and no password in it.
-    let sasl = env.clone().set("KAFKA_SECURITY_PROTOCOL", "sasl_plaintext");
-    let (ok, out, err) = run("ticket-producer", &sasl, &["--count", "1"]).await;
-    assert!(
-        !ok,
-        "a SASL login against a broker without SASL succeeded:\n{out}\n{err}"
-    );
-    assert!(
-        err.contains("KAFKA_SECURITY_PROTOCOL/credentials"),
-        "the failing login does not say what to check:\n{err}"
-    );
-    outputs.push(("producer, failing SASL login".into(), out + &err));
-    let (ok, out, err) = run("ticket-processor", &sasl, &["--drain"]).await;
-    assert!(!ok, "{out}\n{err}");
-    outputs.push(("processor, failing SASL login".into(), out + &err));
+    // A refused SASL login: a broker that requires one and knows no such user answers the
+    // SCRAM exchange with a refusal. Each binary stops at once (librdkafka would retry for
+    // ever; the connect timeout is 60 s here) and says what to check; no password in it.
+    let refusing = Broker::tansu_requiring_login().await;
+    let sasl = env
+        .clone()
+        .set("KAFKA_BROKERS", &refusing.bootstrap)
+        .set("KAFKA_SECURITY_PROTOCOL", "sasl_plaintext")
+        .set("KAFKA_CONNECT_TIMEOUT_SECS", "60");
+    for (name, args) in [
+        ("ticket-producer", &["--count", "1"][..]),
+        ("ticket-processor", &["--drain"][..]),
+    ] {
+        let started = std::time::Instant::now();
+        let (ok, out, err) = run(name, &sasl, args).await;
+        assert!(!ok, "{name}: a refused SASL login went on:\n{out}\n{err}");
+        assert!(
+            err.contains("SASL authentication error")
+                && err.contains("check KAFKA_USERNAME, KAFKA_PASSWORD"),
+            "{name}: the refused login does not say what to check:\n{err}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{name}: waited for the connect timeout instead of stopping at the refusal"
+        );
+        outputs.push((format!("{name}, refused SASL login"), out + &err));
+    }
 
     // A working run at trace level, with /metrics read while it runs; then a drain and a
     // query with a session token set (whatever the S3 server makes of it).

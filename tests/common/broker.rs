@@ -11,6 +11,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
+use super::tls::TlsFront;
 use super::{Proxy, free_port, unique, wait_for_port};
 
 /// A message as bytes: (key, value), either possibly absent.
@@ -29,6 +30,8 @@ pub struct Record {
 /// A Kafka-protocol broker for one test; its process, if it has one, is killed on drop.
 pub struct Broker {
     pub bootstrap: String,
+    /// The CA to trust when the broker is reached over TLS ([`Broker::tansu_behind_tls`]).
+    pub tls_ca: Option<PathBuf>,
     _process: Option<tokio::process::Child>,
 }
 
@@ -54,10 +57,23 @@ impl Broker {
         if let Ok(b) = std::env::var("KAFKA_BROKERS") {
             return Broker {
                 bootstrap: b,
+                tls_ca: None,
                 _process: None,
             };
         }
-        Broker::tansu(None).await.0
+        Broker::tansu(None, &[]).await.0
+    }
+
+    /// A Tansu broker reached over TLS only: stunnel in front of it with a certificate of a CA
+    /// made by the test ([`TlsFront`]), Tansu advertising the TLS address. Always a process
+    /// of the test's own, even with `KAFKA_BROKERS` set (an external broker's listeners are
+    /// what they are).
+    pub async fn tansu_behind_tls() -> (Broker, TlsFront) {
+        let port = free_port();
+        let (mut broker, addr) = Broker::tansu(Some(("localhost", port)), &[]).await;
+        let front = TlsFront::start_on(port, &addr.to_string()).await;
+        broker.tls_ca = Some(front.ca.clone());
+        (broker, front)
     }
 
     /// A Tansu broker that clients reach through a [`Proxy`], to cut it off.
@@ -67,7 +83,7 @@ impl Broker {
             .await
             .expect("bind proxy");
         let proxy_port = listener.local_addr().expect("proxy addr").port();
-        let (broker, addr) = Broker::tansu(Some(proxy_port)).await;
+        let (broker, addr) = Broker::tansu(Some(("127.0.0.1", proxy_port)), &[]).await;
         (broker, Proxy::with_listener(listener, addr))
     }
 
@@ -75,18 +91,27 @@ impl Broker {
     /// if given; returns it and the address it listens on. The port is free when chosen but
     /// Tansu binds it a moment later, so a Tansu that exits before listening is started again
     /// on another port.
-    async fn tansu(advertised: Option<u16>) -> (Broker, SocketAddr) {
+    /// A Tansu broker that requires a SASL login (`--authentication`) and knows no user:
+    /// every login is refused by the broker's SCRAM exchange ("unknown-user"). (Tansu 0.6
+    /// refuses its own `user create` request when authentication is on, and keeps users in
+    /// memory, so no login can succeed: a broker to be refused by.)
+    pub async fn tansu_requiring_login() -> Broker {
+        Broker::tansu(None, &["--authentication"]).await.0
+    }
+
+    async fn tansu(advertised: Option<(&str, u16)>, extra: &[&str]) -> (Broker, SocketAddr) {
         for _ in 0..3 {
             let port = free_port();
-            let adv = advertised.unwrap_or(port);
+            let (host, adv) = advertised.unwrap_or(("127.0.0.1", port));
             let mut process = tokio::process::Command::new(tansu_bin())
                 .args([
                     "broker",
                     "--listener-url",
                     &format!("tcp://127.0.0.1:{port}"),
                     "--advertised-listener-url",
-                    &format!("tcp://127.0.0.1:{adv}"),
+                    &format!("tcp://{host}:{adv}"),
                 ])
+                .args(extra)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .kill_on_drop(true)
@@ -102,7 +127,8 @@ impl Broker {
                         continue;
                     }
                     let broker = Broker {
-                        bootstrap: format!("127.0.0.1:{adv}"),
+                        bootstrap: format!("{host}:{adv}"),
+                        tls_ca: None,
                         _process: Some(process),
                     };
                     return (broker, addr);
@@ -116,6 +142,10 @@ impl Broker {
     pub fn config(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.bootstrap);
+        if let Some(ca) = &self.tls_ca {
+            c.set("security.protocol", "ssl")
+                .set("ssl.ca.location", ca.display().to_string());
+        }
         c
     }
 

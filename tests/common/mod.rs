@@ -123,8 +123,13 @@ impl Fixture {
 
     /// The environment that runs the binaries against this fixture's services.
     pub fn env(&self) -> Env {
-        Env::default()
-            .set("KAFKA_BROKERS", &self.broker.bootstrap)
+        let env = match &self.broker.tls_ca {
+            Some(ca) => Env::default()
+                .set("KAFKA_SECURITY_PROTOCOL", "ssl")
+                .set("KAFKA_SSL_CA_LOCATION", ca.display().to_string()),
+            None => Env::default(),
+        };
+        env.set("KAFKA_BROKERS", &self.broker.bootstrap)
             .set("TICKETS_TOPIC", &self.topic)
             .set("DLQ_TOPIC", self.dlq())
             .set("CONSUMER_GROUP", self.group())
