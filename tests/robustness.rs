@@ -236,6 +236,79 @@ async fn s3_over_https_with_a_private_ca_needs_aws_ca_bundle_and_is_exactly_once
     );
 }
 
+/// Over HTTPS the request signature skips the body, so what protects a body from damage
+/// behind the TLS terminator is the CRC32C sent with every PUT. A relay between stunnel and
+/// the S3 server flips one byte of the first data object's body: the server refuses it (400
+/// BadDigest, stored nothing), the processor sends it again, and every ticket lands once,
+/// byte for byte as published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_damaged_in_flight_under_https_is_refused_by_its_checksum_and_sent_again() {
+    let fx = Fixture::start().await;
+    let target = fx
+        .s3
+        .endpoint
+        .split("://")
+        .nth(1)
+        .expect("an http:// endpoint")
+        .trim_end_matches('/');
+    let target = std::net::ToSocketAddrs::to_socket_addrs(target)
+        .expect("the S3 endpoint's address")
+        .next()
+        .expect("an address");
+    let corrupter = Corrupter::start(target, "tickets_with_team", 1).await;
+    let tls = common::tls::TlsFront::start(&format!("127.0.0.1:{}", corrupter.port)).await;
+    let env = fx
+        .env()
+        .set("S3_ENDPOINT", format!("https://{}", tls.address))
+        .set("AWS_CA_BUNDLE", tls.ca.display().to_string());
+    fx.create_topic(2).await;
+    run_ok("ticket-producer", &env, &["--count", "500"]).await;
+    let (ok, out, err) = run("ticket-processor", &env, &["--drain"]).await;
+    assert!(ok, "the drain failed:\n{out}\n{err}");
+
+    assert_eq!(
+        corrupter.damaged(),
+        1,
+        "no body was damaged: the test proves nothing"
+    );
+    if std::env::var("S3_ENDPOINT").is_err() {
+        assert_eq!(
+            fx.s3.bad_digests(),
+            1,
+            "the server did not refuse the damaged body"
+        );
+    }
+    assert!(
+        err.contains("BadDigest"),
+        "the processor's log does not show the refused write it retried:\n{err}"
+    );
+    let ids = fx.topic_ids();
+    assert_eq!(fx.assert_exactly_once(&ids).await, 500);
+    let published: std::collections::BTreeMap<String, serde_json::Value> = fx
+        .broker
+        .read_all(&fx.topic)
+        .into_iter()
+        .filter_map(|r| serde_json::from_slice::<serde_json::Value>(&r.value?).ok())
+        .map(|t| (t["ticket_id"].as_str().unwrap_or_default().to_string(), t))
+        .collect();
+    for line in fx.s3.json_lines("tickets_with_team/").await {
+        let id = line["ticket_id"].as_str().expect("ticket_id");
+        let source = &published[id];
+        for f in [
+            "ticket_id",
+            "client_id",
+            "request",
+            "request_type",
+            "priority",
+        ] {
+            assert_eq!(
+                line[f], source[f],
+                "field {f} of {id} differs from what was published"
+            );
+        }
+    }
+}
+
 /// The broker over TLS with a private CA (stunnel in front of the test's Tansu, certificates
 /// made by the test): every client runs through it with `KAFKA_SSL_CA_LOCATION`, exactly once;
 /// a certificate that is not trusted, has expired or names another host stops each binary at

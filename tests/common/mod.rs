@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 pub use broker::{Broker, RawMessage, Record};
 pub use checks::{DeltaRead, eventually};
 pub use process::{Running, http_get, metric, python_lines, run, run_ok};
-pub use proxy::Proxy;
+pub use proxy::{Corrupter, Proxy};
 pub use s3::S3;
 
 pub fn unique(name: &str) -> String {

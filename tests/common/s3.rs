@@ -24,10 +24,18 @@ pub struct S3 {
     /// Writes (PUT, COPY) to keys under this prefix are refused with 403 AccessDenied, as a
     /// bucket policy would; `None` when the server is an external one.
     denied: Option<Arc<std::sync::Mutex<Option<String>>>>,
+    /// PUT bodies the in-process server refused for a wrong CRC32C (400 BadDigest).
+    bad_digests: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// The in-process server's access control: everything allowed but writes under one prefix.
-struct DenyWrites(Arc<std::sync::Mutex<Option<String>>>);
+/// It also checks a PUT's body against its CRC32C before s3s-fs sees it, as S3 does: s3s-fs
+/// 0.14 stores the body first and compares after, so a body damaged in flight would be
+/// stored although the answer is 400 BadDigest. Counts the bodies it refused.
+struct DenyWrites(
+    Arc<std::sync::Mutex<Option<String>>>,
+    Arc<std::sync::atomic::AtomicUsize>,
+);
 
 impl DenyWrites {
     fn check(&self, key: &str) -> s3s::S3Result<()> {
@@ -52,7 +60,26 @@ impl s3s::access::S3Access for DenyWrites {
         &self,
         req: &mut s3s::S3Request<s3s::dto::PutObjectInput>,
     ) -> s3s::S3Result<()> {
-        self.check(&req.input.key)
+        self.check(&req.input.key)?;
+        let (Some(expected), Some(mut body)) =
+            (req.input.checksum_crc32c.clone(), req.input.body.take())
+        else {
+            return Ok(());
+        };
+        let mut bytes = Vec::new();
+        while let Some(chunk) = futures::StreamExt::next(&mut body).await {
+            bytes.extend_from_slice(&chunk.map_err(|e| s3s::s3_error!(IncompleteBody, "{e}"))?);
+        }
+        let crc = aws_smithy_types::base64::encode(crc32c::crc32c(&bytes).to_be_bytes());
+        if crc != expected {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            return Err(s3s::s3_error!(
+                BadDigest,
+                "The CRC32C you specified did not match the calculated checksum."
+            ));
+        }
+        req.input.body = Some(s3s::dto::StreamingBlob::from(s3s::Body::from(bytes)));
+        Ok(())
     }
 
     async fn copy_object(
@@ -93,6 +120,7 @@ impl S3 {
                 _dir: None,
                 server: None,
                 denied: None,
+                bad_digests: Arc::default(),
             };
         }
         let dir = tempfile::tempdir().expect("tempdir");
@@ -101,7 +129,8 @@ impl S3 {
         let mut b = s3s::service::S3ServiceBuilder::new(fs);
         b.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
         let denied = Arc::new(std::sync::Mutex::new(None));
-        b.set_access(DenyWrites(denied.clone()));
+        let bad_digests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        b.set_access(DenyWrites(denied.clone(), bad_digests.clone()));
         let service = b.build();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -135,10 +164,16 @@ impl S3 {
             _dir: Some(dir),
             server: Some(server),
             denied: Some(denied),
+            bad_digests,
         }
     }
 
     /// A [`Proxy`] in front of the server, to cut it off: see [`super::Env::s3_endpoint`].
+    /// How many PUT bodies the in-process server refused for a wrong CRC32C.
+    pub fn bad_digests(&self) -> usize {
+        self.bad_digests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub async fn proxy(&self) -> Proxy {
         let addr: SocketAddr = self
             .endpoint

@@ -248,6 +248,22 @@ impl Store {
                 self.bucket
             )),
             (Some(301), _) => permanent("set AWS_REGION to the bucket's region".to_string()),
+            // A body damaged on the way (its checksum or length does not match what was
+            // sent): S3 stored nothing; the same body sent again is the cure.
+            (
+                Some(400),
+                Some(
+                    "BadDigest"
+                    | "InvalidDigest"
+                    | "XAmzContentChecksumMismatch"
+                    | "XAmzContentSHA256Mismatch"
+                    | "IncompleteBody",
+                ),
+            ) => StoreError::Transient {
+                op,
+                location,
+                message,
+            },
             (Some(400), Some("RequestTimeout" | "ExpiredToken" | "TokenRefreshRequired")) => {
                 StoreError::Transient {
                     op,
