@@ -276,7 +276,9 @@ fn every_variable_the_compose_files_interpolate_is_in_env_example() {
     for file in [
         "docker-compose.yml",
         "docker-compose.sasl.yml",
+        "docker-compose.tls.yml",
         "tests/stack/compose.standins.yml",
+        "tests/stack/compose.standins.tls.yml",
     ] {
         // Comments are not interpolated.
         let text: String = read(file)
@@ -611,6 +613,12 @@ const CONSOLE_KEYS: &[&str] = &[
     "kafka.clientId",
     "kafka.rackId",
     "kafka.tls",
+    // KafkaTLS (backend/pkg/config/kafka_tls.go).
+    "kafka.tls.enabled",
+    "kafka.tls.caFilepath",
+    "kafka.tls.certFilepath",
+    "kafka.tls.keyFilepath",
+    "kafka.tls.insecureSkipTlsVerify",
     "kafka.startup",
     "kafka.sasl",
     "kafka.sasl.enabled",
@@ -684,12 +692,12 @@ fn console_configuration_matches_the_pinned_console() {
         "Console must use the internal listener"
     );
     // Console maps environment variables onto keys: KAFKA_SASL_ENABLED -> kafka.sasl.enabled.
-    let sasl = yaml("docker-compose.sasl.yml");
-    let env = environment(service(&sasl, "console"));
-    assert!(
-        !env.is_empty(),
-        "the SASL override gives Console no SASL settings"
-    );
+    let mut env = BTreeMap::new();
+    for file in ["docker-compose.sasl.yml", "docker-compose.tls.yml"] {
+        let over = environment(service(&yaml(file), "console"));
+        assert!(!over.is_empty(), "{file} gives Console no settings");
+        env.extend(over);
+    }
     for k in env.keys() {
         let parts: Vec<&str> = k.split('_').collect();
         let found = CONSOLE_KEYS.iter().any(|key| {
@@ -742,6 +750,77 @@ fn the_sasl_override_repeats_the_base_command_and_authenticates_every_app() {
                 "{app} gets no {k} in the SASL override"
             );
         }
+    }
+}
+
+/// The TLS override: Redpanda's command is the base one plus TLS on its listeners, every
+/// client of the stack switches to TLS and gets the CA where its setting points, and MinIO
+/// gets its certificate where it looks for one.
+#[test]
+fn the_tls_override_repeats_the_base_command_and_gives_every_client_the_ca() {
+    let base = yaml("docker-compose.yml");
+    let tls = yaml("docker-compose.tls.yml");
+    for name in services(&tls).keys() {
+        assert!(
+            !base["services"][name.as_str()].is_null(),
+            "the TLS override names {name}, which docker-compose.yml does not have"
+        );
+    }
+    let base_cmd = strings(&service(&base, "redpanda")["command"]);
+    let tls_cmd = strings(&service(&tls, "redpanda")["command"]);
+    assert!(
+        tls_cmd.starts_with(&base_cmd),
+        "docker-compose.tls.yml's redpanda command must be docker-compose.yml's plus its --set line:\n{base_cmd:?}\n{tls_cmd:?}"
+    );
+    let extra = tls_cmd[base_cmd.len()..].join(" ");
+    let listeners = ["internal", "external"];
+    for l in listeners {
+        assert!(
+            extra.contains(&format!("name: {l}, enabled: true")),
+            "TLS is not enabled on Redpanda's {l} listener: {extra}"
+        );
+    }
+    let mounted = |svc: &str| -> Vec<String> { strings(&service(&tls, svc)["volumes"]) };
+    let ca_in = |svc: &str, path: &str| {
+        assert!(
+            mounted(svc)
+                .iter()
+                .any(|v| v.ends_with(&format!(":{path}:ro"))),
+            "{svc} does not get the CA at {path}: {:?}",
+            mounted(svc)
+        )
+    };
+    for app in ["topics", "ticket-producer", "ticket-processor"] {
+        let env = resolved_env(service(&tls, app), &HashMap::new());
+        assert_eq!(
+            env.get("KAFKA_SECURITY_PROTOCOL").map(String::as_str),
+            Some("ssl"),
+            "{app}"
+        );
+        let ca = env
+            .get("KAFKA_SSL_CA_LOCATION")
+            .expect("KAFKA_SSL_CA_LOCATION");
+        ca_in(app, ca);
+    }
+    for app in ["ticket-processor", "ticket-report"] {
+        let env = resolved_env(service(&tls, app), &HashMap::new());
+        assert!(
+            env.get("S3_ENDPOINT")
+                .is_some_and(|e| e.starts_with("https://")),
+            "{app} does not use HTTPS for S3: {env:?}"
+        );
+        ca_in(app, env.get("AWS_CA_BUNDLE").expect("AWS_CA_BUNDLE"));
+    }
+    let console = environment(service(&tls, "console"));
+    let console_ca = console["KAFKA_TLS_CAFILEPATH"].clone().expect("a CA path");
+    ca_in("console", &console_ca);
+    for file in ["public.crt", "private.key"] {
+        assert!(
+            mounted("minio")
+                .iter()
+                .any(|v| v.ends_with(&format!(":/root/.minio/certs/{file}:ro"))),
+            "MinIO gets no {file}"
+        );
     }
 }
 

@@ -434,7 +434,15 @@ save_logs() {
   done
 }
 
-s3_state() { python3 "$HERE/s3check.py" "$S3_HOST_ENDPOINT" "$S3_BUCKET_NAME" "${S3_PREFIX:-}"; }
+# (SSL_CERT_FILE: the CA to trust when the TLS phase serves S3 over HTTPS.)
+S3_HOST_CA=""
+s3_state() {
+  if [ -n "$S3_HOST_CA" ]; then
+    SSL_CERT_FILE="$S3_HOST_CA" python3 "$HERE/s3check.py" "$S3_HOST_ENDPOINT" "$S3_BUCKET_NAME" "${S3_PREFIX:-}"
+  else
+    python3 "$HERE/s3check.py" "$S3_HOST_ENDPOINT" "$S3_BUCKET_NAME" "${S3_PREFIX:-}"
+  fi
+}
 json() { python3 -c 'import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1], {}, d))' "$1"; }
 
 # Every produced ticket is in S3 exactly once, with its team, and latest.jsonl agrees.
@@ -616,6 +624,69 @@ print(len(ids), len(set(ids)), flush=True); os._exit(0)' "s3://$S3_BUCKET_NAME/d
   result "down -v: no container, network or volume left"
 }
 
+# The stack again under docker-compose.tls.yml, as its header says to run it: certificates made
+# with the openssl commands it gives, Kafka over TLS and S3 over HTTPS for every client (the
+# stand-ins behind stunnel when the vendor images cannot be had).
+tls_scenario() {
+  log "scenario: docker-compose.tls.yml (TLS on Kafka and S3, a CA made here)"
+  local dir="$SRC/tls"
+  mkdir -p "$dir"
+  (
+    cd "$dir"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+      -keyout ca.key -out ca.pem -subj /CN=ticket-pipeline-stack-ca
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+      -keyout server.key -out server.csr -subj /CN=redpanda
+    printf 'subjectAltName=DNS:redpanda,DNS:minio,DNS:localhost,IP:127.0.0.1\n' >san.cnf
+    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+      -extfile san.cnf -out server.pem
+    chmod 644 server.key
+  ) >"$WORK/tls-certs.log" 2>&1 || { cat "$WORK/tls-certs.log" >&2; die "making the certificates failed"; }
+  local standins=""
+  [ ${#COMPOSE_FILES[@]} -gt 2 ] && standins=1
+  COMPOSE_FILES=(-f docker-compose.yml -f docker-compose.tls.yml)
+  [ -z "$standins" ] || COMPOSE_FILES+=(-f tests/stack/compose.standins.yml -f tests/stack/compose.standins.tls.yml)
+  S3_HOST_ENDPOINT="https://127.0.0.1:${STACK_HOST_PORT_BASE:-29000}"
+  S3_HOST_CA="$dir/ca.pem"
+  STACK_UP=1
+  compose up -d >"$WORK/tls-up.log" 2>&1 || { tail -30 "$WORK/tls-up.log" >&2; die "up -d with docker-compose.tls.yml failed"; }
+  local topics producer
+  topics=$(ids topics); producer=$(ids ticket-producer)
+  wait_for 90 "topics job exited (TLS)" is_exited "$topics"
+  exited_ok "$topics" || die "topics job over TLS: $(state "$topics"): $(docker logs "$topics" 2>&1 | tail -3)"
+  wait_for 120 "producer exited (TLS)" is_exited "$producer"
+  exited_ok "$producer" || die "producer over TLS: $(state "$producer"): $(docker logs "$producer" 2>&1 | tail -3)"
+  docker logs "$producer" 2>&1 | grep -q "delivered $NB_TICKETS of $NB_TICKETS tickets" ||
+    die "producer over TLS did not report $NB_TICKETS delivered"
+  result "tls: topics job and producer exited 0 over TLS (delivered $NB_TICKETS of $NB_TICKETS)"
+  wait_for 120 "processor healthy (TLS)" all_healthy 1
+  wait_for 120 "$NB_TICKETS tickets in S3 (HTTPS)" s3_has "$NB_TICKETS"
+  assert_exactly_once "$NB_TICKETS" "[$NB_TICKETS]"
+  result "tls: the processor consumed over TLS and wrote over HTTPS: $NB_TICKETS tickets exactly once (read back over HTTPS trusting only the CA)"
+  local q
+  q=$(compose run --rm -T ticket-processor query --format csv "SELECT count(*) AS n FROM tickets" 2>>"$WORK/tls-up.log") ||
+    die "query over HTTPS failed (see $WORK/tls-up.log)"
+  [ "$(tail -1 <<<"$q")" = "$NB_TICKETS" ] || die "query over HTTPS counted '$(tail -1 <<<"$q")'"
+  wait_for 120 "reports/index.html showing $NB_TICKETS tickets (HTTPS)" report_shows "$NB_TICKETS"
+  result "tls: query and the ticket-report service read the results over HTTPS"
+  # The same containers without the CA: refused at start, saying why.
+  local out
+  if out=$(compose run --rm -T -e KAFKA_SSL_CA_LOCATION= ticket-producer --count 1 2>&1); then
+    die "the producer without the CA connected anyway: $out"
+  fi
+  grep -q "SSL handshake failed" <<<"$out" && grep -q "KAFKA_SSL_CA_LOCATION" <<<"$out" ||
+    die "the producer without the CA did not say why: $(tail -3 <<<"$out")"
+  if out=$(compose run --rm -T -e AWS_CA_BUNDLE= ticket-processor query "SELECT count(*) FROM tickets" 2>&1); then
+    die "query without the CA read S3 anyway: $out"
+  fi
+  grep -q "AWS_CA_BUNDLE" <<<"$out" || die "query without the CA did not say why: $(tail -3 <<<"$out")"
+  result "tls: without the CA, the producer and query stop at once naming KAFKA_SSL_CA_LOCATION / AWS_CA_BUNDLE"
+  save_logs
+  compose down -v --remove-orphans >>"$WORK/tls-up.log" 2>&1 || die "down -v (TLS) failed"
+  STACK_UP=""
+  result "tls: down -v"
+}
+
 # A run stopped from outside (a timeout's SIGKILL) leaves its compose project behind, and the
 # next `up` then trips over containers whose network is gone ("No such object"). This
 # project's own containers, networks and volumes are removed first; nothing else is touched.
@@ -650,4 +721,5 @@ build_images
 [ "$MODE" = build ] && exit 0
 STACK_UP=1
 scenario
+tls_scenario
 log "all steps passed"
