@@ -343,6 +343,26 @@ async fn parquet_holds_what_jsonl_holds_and_query_reads_both_the_bucket_and_a_di
     .await;
     assert!(ok, "{err}");
     assert_eq!(out, expected_csv, "query over a process-file directory");
+    // Its tickets have the hour they were created in, and no topic or partition.
+    let (ok, out, err) = query(
+        &Env::default(),
+        &[
+            "--dir",
+            out_dir,
+            "--format",
+            "csv",
+            "SELECT count(*) AS n FROM tickets WHERE hour IS NOT NULL \
+             AND date = CAST(date_trunc('day', created_at) AS DATE) \
+             AND hour = date_part('hour', created_at) AND topic IS NULL AND \"partition\" IS NULL",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert_eq!(
+        out,
+        format!("n\n{}\n", input.len()),
+        "process-file's date and hour"
+    );
 
     // query only reads: no COPY (or DDL) into the lake.
     let copy = format!("COPY (SELECT * FROM tickets) TO '{out_dir}/tickets_with_team/dup.csv'");
@@ -354,8 +374,8 @@ async fn parquet_holds_what_jsonl_holds_and_query_reads_both_the_bucket_and_a_di
             .exists()
     );
 
-    // The report of that directory: its dead letter counted, its tickets without an hour
-    // explained rather than flagged.
+    // The report of that directory: its dead letter counted, its tickets in the hours they
+    // were created in (none without an hour: the issue was "0 hours covered").
     run_ok(
         "ticket-processor",
         &Env::default(),
@@ -366,7 +386,11 @@ async fn parquet_holds_what_jsonl_holds_and_query_reads_both_the_bucket_and_a_di
         .expect("reports/index.html in the directory");
     assert!(page.contains(r#"data-total="tickets" data-value="500""#));
     assert!(page.contains(r#"data-total="dead_letters" data-value="1""#));
-    assert!(page.contains(r#"data-undated="500""#));
+    assert!(!page.contains("data-undated="), "tickets without an hour");
+    assert!(
+        page.contains(r#"data-total="hours""#)
+            && !page.contains(r#"data-total="hours" data-value="0""#)
+    );
     assert!(!page.contains("did not see the same tickets"));
 }
 
@@ -544,8 +568,9 @@ async fn a_bucket_of_the_earlier_layout_keeps_working_and_query_reads_both() {
         &["process-file", file, "--output-dir", out_s],
     )
     .await;
-    let enriched =
-        std::fs::read_to_string(out.join("tickets_with_team/part-00000.jsonl")).expect("output");
+    let enriched: String = jsonl_tree(&out.join("tickets_with_team"))
+        .into_values()
+        .collect();
     let lines: Vec<&str> = enriched.lines().collect();
     assert_eq!(lines.len(), 20);
     let topic = &fx.topic;
@@ -705,6 +730,87 @@ async fn delta_output_holds_every_ticket_once_through_a_kill_and_reruns_as_delta
     let (ok, out, err) = query(&env, &["--format", "csv", sql]).await;
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "n,ids,parts,hours\n400,400,3,true", "{err}");
+}
+
+/// A backfill and the stream end in one table: `process-file --output-format delta` appends
+/// a file's tickets to the table the stream writes, by the hour of their `created_at`, in one
+/// commit; run again on the same file it adds nothing. Read by delta-rs and by `query`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_backfill_lands_once_in_the_streams_delta_table_by_the_hour_it_was_created() {
+    let fx = Fixture::start().await;
+    let env = fx.env().set("OUTPUT_FORMAT", "delta");
+    run_ok(
+        "ticket-producer",
+        &env,
+        &["--count", "50", "--partitions", "1"],
+    )
+    .await;
+    run_ok("ticket-processor", &env, &["--drain"]).await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("backfill.jsonl");
+    let created = |i: usize| format!("2024-05-0{}T{:02}:20:00+02:00", 1 + i % 3, i % 24);
+    let mut text: String = (0..30)
+        .map(|i| {
+            format!(
+                "{{\"ticket_id\":\"BACKFILL-{i}\",\"client_id\":{i},\"created_at\":\"{}\",\"request\":\"old\",\"request_type\":\"billing\",\"priority\":\"low\"}}\n",
+                created(i)
+            )
+        })
+        .collect();
+    text.push_str("not a ticket\n");
+    std::fs::write(&file, text).expect("write");
+    let out_dir = dir.path().join("out");
+    let args = [
+        "process-file",
+        file.to_str().expect("utf8"),
+        "--output-dir",
+        out_dir.to_str().expect("utf8"),
+    ];
+    let out = run_ok("ticket-processor", &env, &args).await;
+    assert!(
+        out.contains("appended to the Delta table") && out.contains("30 tickets"),
+        "{out}"
+    );
+    let out = run_ok("ticket-processor", &env, &args).await;
+    assert!(out.contains("already in the Delta table"), "a rerun: {out}");
+
+    let rows = fx.read_delta(1).rows;
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &rows {
+        let id = r["ticket_id"].as_str().expect("id");
+        *seen.entry(id.to_string()).or_default() += 1;
+        if let Some(i) = id.strip_prefix("BACKFILL-") {
+            let i: usize = i.parse().expect("n");
+            let utc = chrono::DateTime::parse_from_rfc3339(&created(i))
+                .expect("time")
+                .to_utc();
+            assert_eq!(
+                r["date"].as_str(),
+                Some(utc.format("%Y-%m-%d").to_string().as_str()),
+                "{r}"
+            );
+            assert_eq!(
+                r["hour"].as_i64(),
+                Some(i64::from(chrono::Timelike::hour(&utc))),
+                "{r}"
+            );
+            assert!(
+                r["topic"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("file:backfill.jsonl@")),
+                "{r}"
+            );
+        } else {
+            assert_eq!(r["topic"].as_str(), Some(fx.topic.as_str()), "{r}");
+        }
+    }
+    assert_eq!(rows.len(), 80, "50 streamed and 30 backfilled, each once");
+    assert!(seen.values().all(|n| *n == 1), "a ticket twice");
+    let sql = "SELECT count(*) AS n, count(DISTINCT ticket_id) AS ids FROM tickets";
+    let (ok, out, err) = query(&env, &["--format", "csv", sql]).await;
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "n,ids\n80,80", "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -254,13 +254,30 @@ async fn process_file_agrees_with_the_streaming_path() {
     .await;
     assert!(out.contains("701 lines: 700 valid, 1 invalid"), "{out}");
 
+    // Each ticket in the folder of the UTC hour of its created_at.
     let mut from_file: Vec<Value> = Vec::new();
-    for e in std::fs::read_dir(out_dir.join("tickets_with_team")).expect("dir") {
-        let body = std::fs::read_to_string(e.expect("entry").path()).expect("read");
-        from_file.extend(
-            body.lines()
-                .map(|l| serde_json::from_str::<Value>(l).expect("json")),
-        );
+    for (path, body) in jsonl_tree(&out_dir.join("tickets_with_team")) {
+        for l in body.lines() {
+            let v: Value = serde_json::from_str(l).expect("json");
+            let created =
+                chrono::DateTime::parse_from_rfc3339(v["created_at"].as_str().expect("created_at"))
+                    .or_else(|_| {
+                        chrono::NaiveDateTime::parse_from_str(
+                            v["created_at"].as_str().unwrap_or_default(),
+                            "%Y-%m-%dT%H:%M:%S%.f",
+                        )
+                        .map(|t| t.and_utc().fixed_offset())
+                    })
+                    .expect("a timestamp")
+                    .to_utc();
+            let folder = created.format("date=%Y-%m-%d/hour=%H/").to_string();
+            assert!(
+                path.starts_with(&folder),
+                "{} in {path}, not {folder}",
+                v["ticket_id"]
+            );
+            from_file.push(v);
+        }
     }
     let mut from_s3 = fx.s3.json_lines("tickets_with_team/").await;
     let key = |v: &Value| v["ticket_id"].as_str().unwrap_or_default().to_string();

@@ -221,15 +221,15 @@ def lake(tickets):
             w, r, _ = timed([f"{REL}/ticket-processor", "process-file", tickets, "--output-dir", f"{WORK}/lake_{fmt}", "--output-format", fmt])
             walls[fmt].append(w)
             rss[fmt] = r
-    sizes = {fmt: dir_mb(f"{WORK}/lake_{fmt}/tickets_with_team/*.{fmt}") for fmt in walls}
+    sizes = {fmt: dir_mb(f"{WORK}/lake_{fmt}/tickets_with_team/**/*.{fmt}") for fmt in walls}
     j, p = statistics.median(walls["jsonl"]), statistics.median(walls["parquet"])
     row(f"process-file {N:,} tickets, --output-format parquet (median of {RUNS})", f"{p:.2f} s, {rss['parquet']:.0f} MiB",
         f"{j:.2f} s, {rss['jsonl']:.0f} MiB (JSON Lines, same run)", f"{p / j:.2f}x the JSON Lines time")
     row("output size, tickets_with_team/", f"{sizes['parquet']:.1f} MB Parquet (zstd)", f"{sizes['jsonl']:.1f} MB JSON Lines",
         f"{sizes['jsonl'] / sizes['parquet']:.1f}x smaller")
 
-    for fmt, source in (("jsonl", f"read_json_auto('{WORK}/lake_jsonl/tickets_with_team/*.jsonl')"),
-                        ("parquet", f"read_parquet('{WORK}/lake_parquet/tickets_with_team/*.parquet')")):
+    for fmt, source in (("jsonl", f"read_json_auto('{WORK}/lake_jsonl/tickets_with_team/**/*.jsonl')"),
+                        ("parquet", f"read_parquet('{WORK}/lake_parquet/tickets_with_team/**/*.parquet')")):
         ours, duck = [], []
         for run in range(RUNS):
             w, r, out = timed([f"{REL}/ticket-processor", "query", "--dir", f"{WORK}/lake_{fmt}", "--format", "csv", GROUP_BY])
@@ -268,7 +268,7 @@ def main():
             spark = json.loads(spark_out.strip().splitlines()[-1])
             ours_counts = {r["request_type"]: r["count"] for r in read_jsonl(f"{WORK}/ours/counts_by_request_type/latest.jsonl")}
             spark_counts = {r["request_type"]: r["count"] for r in read_jsonl(f"{WORK}/spark/ticket_counts_by_type/part-*.json")}
-            ours_lines = sum(1 for f in glob.glob(f"{WORK}/ours/tickets_with_team/*.jsonl") for _ in open(f))
+            ours_lines = sum(1 for f in glob.glob(f"{WORK}/ours/tickets_with_team/**/*.jsonl", recursive=True) for _ in open(f))
             spark_lines = sum(1 for f in glob.glob(f"{WORK}/spark/enriched_tickets/part-*.json") for _ in open(f))
             if ours_counts != spark_counts or ours_lines != N or spark_lines != N:
                 sys.exit(f"OUTPUTS DISAGREE: ours {ours_counts} ({ours_lines} lines), spark {spark_counts} ({spark_lines} lines)")

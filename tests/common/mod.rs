@@ -203,6 +203,29 @@ impl Env {
     }
 }
 
+/// The JSON Lines files under `dir`, at any depth (a `process-file` output's
+/// `date=…/hour=…/part-…` folders): (path relative to `dir`, contents), by path.
+pub fn jsonl_tree(dir: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).expect("a directory").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if p.extension().is_some_and(|x| x == "jsonl") {
+                let rel = p
+                    .strip_prefix(dir)
+                    .expect("under dir")
+                    .display()
+                    .to_string();
+                out.insert(rel, std::fs::read_to_string(&p).expect("read"));
+            }
+        }
+    }
+    out
+}
+
 /// The workspace's binary `name`, built on first use. `cargo test` builds the binaries of a
 /// package only for that package's own integration tests, and these tests live in the root
 /// package: without this, a clean checkout would have no binaries and a stale one old binaries.

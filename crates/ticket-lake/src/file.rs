@@ -3,13 +3,22 @@
 //! benchmark against the original.
 //!
 //! ```text
-//! DIR/tickets_with_team/part-00000.jsonl ...   valid tickets with support_team
-//!                                              (part-00000.parquet ... with --output-format parquet)
+//! DIR/tickets_with_team/date=YYYY-MM-DD/hour=HH/part-00000.jsonl ...
+//!                                              valid tickets with support_team, by the UTC
+//!                                              hour of their created_at (.parquet with
+//!                                              --output-format parquet)
 //! DIR/counts_by_request_type/latest.jsonl      one line per request type
 //! DIR/dead_letters/part-00000.jsonl            {"line": N, "error": "...", "raw": "..."}
 //! ```
 //!
-//! A file has no Kafka timestamps, so its tickets are not split into `date=`/`hour=` folders.
+//! A file has no Kafka timestamps: its tickets go into the `date=`/`hour=` folders of the hour
+//! they were created in (`created_at`, in UTC; a time without an offset is UTC), the only time
+//! a file has. The stream files a ticket by the time Kafka received it instead; for tickets
+//! published as they are created, the two are the same hour or the next.
+//!
+//! Each worker keeps at most [`OPEN_HOURS`] hours' files open; an hour it comes back to after
+//! its file was closed gets another part file (`part-WWWWW-N`), so that neither memory nor open
+//! files grow with the span of time a file covers.
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom};
@@ -18,8 +27,11 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use datafusion::arrow::array::RecordBatch;
 use serde::Serialize;
+use std::collections::HashMap;
+
 use ticket_core::Routing;
 use ticket_core::counts::Counts;
+use ticket_core::keys::Hour;
 
 use ticket_engine::aggregate::Aggregator;
 use ticket_engine::enrich::BatchBuilder;
@@ -44,6 +56,9 @@ struct DeadLetter<'a> {
 /// How much of the file a worker reads at a time: memory stays bounded by workers x this.
 /// Tiny in tests, so that lines straddle blocks.
 const BLOCK: usize = if cfg!(test) { 16 } else { 4 << 20 };
+
+/// How many hours' files one worker keeps open at most.
+const OPEN_HOURS: usize = if cfg!(test) { 2 } else { 64 };
 
 /// What one worker did with its byte range of the file.
 #[derive(Default)]
@@ -88,8 +103,12 @@ pub async fn process_file(
         let handles: Vec<_> = (0..workers)
             .map(|w| {
                 let range = (len * w / workers, len * (w + 1) / workers);
-                let out = tickets_dir.join(format!("part-{w:05}.{}", format.extension()));
-                s.spawn(move || process_range(input, range, &out, routing, format))
+                let out = Out {
+                    dir: &tickets_dir,
+                    worker: w,
+                    format,
+                };
+                s.spawn(move || process_range(input, range, out, routing))
             })
             .collect();
         handles
@@ -131,13 +150,129 @@ pub async fn process_file(
     Ok(report)
 }
 
-/// Processes the lines that start in `start..end` of the file into `out`.
+/// Where a worker writes: `dir/date=…/hour=…/part-WWWWW[-N].ext`.
+#[derive(Clone, Copy)]
+struct Out<'a> {
+    dir: &'a Path,
+    worker: u64,
+    format: OutputFormat,
+}
+
+impl Out<'_> {
+    /// The path of the worker's `n`th file of `hour` (the first has no `-N`).
+    fn path(&self, hour: Hour, n: u32) -> PathBuf {
+        let name = match n {
+            0 => format!("part-{:05}.{}", self.worker, self.format.extension()),
+            n => format!("part-{:05}-{n}.{}", self.worker, self.format.extension()),
+        };
+        self.dir.join(hour.path()).join(name)
+    }
+}
+
+/// One hour's tickets in a worker: those not written yet, and its open file.
+struct HourOut {
+    builder: BatchBuilder,
+    writer: Option<ObjectWriter<BufWriter<File>>>,
+    /// Files of this hour this worker has made (the next one's number).
+    files: u32,
+    /// The last block that added to it (to close the least recently used).
+    used: u64,
+}
+
+/// A worker's hours.
+struct Hours<'a> {
+    out: Out<'a>,
+    hours: HashMap<Hour, HourOut>,
+}
+
+impl Hours<'_> {
+    fn push(&mut self, routing: &Routing, ticket: &ticket_core::ticket::TicketRef<'_>, block: u64) {
+        let format = self.out.format;
+        let h = self
+            .hours
+            .entry(Hour::of(&ticket.created_at()))
+            .or_insert_with(|| HourOut {
+                builder: BatchBuilder::new(format),
+                writer: None,
+                files: 0,
+                used: block,
+            });
+        h.builder.push_ticket(routing, ticket);
+        h.used = block;
+    }
+
+    /// Writes what each hour gathered into its file, then closes the least recently used
+    /// files beyond [`OPEN_HOURS`].
+    fn flush(&mut self, part: &mut Part) -> anyhow::Result<()> {
+        for (hour, h) in &mut self.hours {
+            if h.builder.valid == 0 {
+                continue;
+            }
+            let w = match &mut h.writer {
+                Some(w) => w,
+                None => {
+                    let path = self.out.path(*hour, h.files);
+                    h.files += 1;
+                    let dir = path.parent().unwrap_or(self.out.dir);
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("cannot create {}", dir.display()))?;
+                    let file = File::create(&path)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    h.writer
+                        .insert(ObjectWriter::new(self.out.format, BufWriter::new(file))?)
+                }
+            };
+            part.valid += h.builder.valid;
+            let mut done = std::mem::replace(&mut h.builder, BatchBuilder::new(self.out.format));
+            w.write(std::mem::replace(
+                &mut done.rows,
+                Rows::new(self.out.format),
+            ))
+            .context("cannot write a ticket file")?;
+            part.columns
+                .push(std::mem::take(&mut done.columns).finish());
+        }
+        let open = self.hours.values().filter(|h| h.writer.is_some()).count();
+        if open > OPEN_HOURS {
+            let mut by_use: Vec<(u64, Hour)> = self
+                .hours
+                .iter()
+                .filter(|(_, h)| h.writer.is_some())
+                .map(|(k, h)| (h.used, *k))
+                .collect();
+            by_use.sort();
+            for (_, hour) in by_use.into_iter().take(open - OPEN_HOURS) {
+                if let Some(h) = self.hours.get_mut(&hour) {
+                    finish(h.writer.take())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> anyhow::Result<()> {
+        for (_, h) in self.hours {
+            finish(h.writer)?;
+        }
+        Ok(())
+    }
+}
+
+fn finish(writer: Option<ObjectWriter<BufWriter<File>>>) -> anyhow::Result<()> {
+    if let Some(w) = writer {
+        w.finish()
+            .and_then(|f| f.into_inner().map_err(|e| e.into_error().into()))
+            .context("cannot finish a ticket file")?;
+    }
+    Ok(())
+}
+
+/// Processes the lines that start in `start..end` of the file into `out`'s hours.
 fn process_range(
     input: &Path,
     (start, end): (u64, u64),
-    out: &Path,
+    out: Out<'_>,
     routing: &Routing,
-    format: OutputFormat,
 ) -> anyhow::Result<Part> {
     let read_error = || format!("cannot read {}", input.display());
     let mut file = File::open(input).with_context(read_error)?;
@@ -147,13 +282,16 @@ fn process_range(
     let mut skipping = start > 0;
 
     let mut part = Part::default();
-    let mut builder = BatchBuilder::new(format);
-    let mut writer: Option<ObjectWriter<BufWriter<File>>> = None;
-    let write_error = || format!("cannot write {}", out.display());
+    let mut hours = Hours {
+        out,
+        hours: HashMap::new(),
+    };
     let mut buf: Vec<u8> = Vec::with_capacity(2 * BLOCK);
     let mut eof = false;
     let mut done = false;
+    let mut block = 0;
     while !done {
+        block += 1;
         let filled = buf.len();
         buf.resize(filled + BLOCK, 0);
         let n = file.read(&mut buf[filled..]).with_context(read_error)?;
@@ -190,36 +328,24 @@ fn process_range(
                 }
                 None => break,
             };
-            process_line(line, routing, &mut builder, &mut part);
+            process_line(line, routing, &mut hours, block, &mut part);
             used = next;
         }
-
-        if builder.valid > part.valid {
-            part.valid = builder.valid;
-            let w = match &mut writer {
-                Some(w) => w,
-                None => {
-                    let file = File::create(out).with_context(write_error)?;
-                    writer.insert(ObjectWriter::new(format, BufWriter::new(file))?)
-                }
-            };
-            let rows = std::mem::replace(&mut builder.rows, Rows::new(format));
-            w.write(rows).with_context(write_error)?;
-            part.columns
-                .push(std::mem::take(&mut builder.columns).finish());
-        }
+        hours.flush(&mut part)?;
         buf.drain(..used);
         pos += used as u64;
     }
-    if let Some(w) = writer {
-        w.finish()
-            .and_then(|f| f.into_inner().map_err(|e| e.into_error().into()))
-            .with_context(write_error)?;
-    }
+    hours.finish()?;
     Ok(part)
 }
 
-fn process_line(line: &[u8], routing: &Routing, builder: &mut BatchBuilder, part: &mut Part) {
+fn process_line(
+    line: &[u8],
+    routing: &Routing,
+    hours: &mut Hours<'_>,
+    block: u64,
+    part: &mut Part,
+) {
     let index = part.lines_seen;
     part.lines_seen += 1;
     let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -227,9 +353,12 @@ fn process_line(line: &[u8], routing: &Routing, builder: &mut BatchBuilder, part
         return; // blank lines separate nothing in JSON Lines
     }
     part.lines += 1;
-    if let Err(reason) = builder.push(routing, line) {
-        let raw = String::from_utf8_lossy(line).into_owned();
-        part.dead.push((index, reason.to_string(), raw));
+    match ticket_core::validate::decode_ref(line) {
+        Ok(ticket) => hours.push(routing, &ticket, block),
+        Err(reason) => {
+            let raw = String::from_utf8_lossy(line).into_owned();
+            part.dead.push((index, reason.to_string(), raw));
+        }
     }
 }
 
@@ -237,27 +366,273 @@ fn write(path: &PathBuf, bytes: &[u8]) -> anyhow::Result<()> {
     std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Removes the `.jsonl` and `.parquet` files a previous run left, so a rerun replaces rather
-/// than adds (in either format).
+/// Removes the `.jsonl` and `.parquet` files a previous run left, in `dir` and in its
+/// `date=…/hour=…` folders (then the folders left empty), so that a rerun replaces rather than
+/// adds, in either format and either layout (earlier versions wrote the parts flat).
 fn clear_parts(dir: &Path) -> anyhow::Result<()> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Ok(());
     };
     for e in entries.flatten() {
-        if e.path()
+        let path = e.path();
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if path.is_dir() && (name.starts_with("date=") || name.starts_with("hour=")) {
+            clear_parts(&path)?;
+            // Only if empty now: anything else in it is not ours to delete.
+            let _ = std::fs::remove_dir(&path);
+        } else if path
             .extension()
             .is_some_and(|x| x == "jsonl" || x == "parquet")
         {
-            std::fs::remove_file(e.path())
-                .with_context(|| format!("cannot remove {}", e.path().display()))?;
+            std::fs::remove_file(&path)
+                .with_context(|| format!("cannot remove {}", path.display()))?;
         }
     }
     Ok(())
 }
 
+/// What [`into_table`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableLoad {
+    /// The `topic` the file's rows have in the table: `file:<name>@<sha256, 12 hex>`.
+    pub topic: String,
+    /// Data files added (0 when the file was in the table already).
+    pub files: usize,
+    /// Tickets added.
+    pub tickets: u64,
+    /// The file (same name, same bytes) had been committed before: nothing was added.
+    pub already: bool,
+}
+
+/// Appends what [`process_file`] wrote in Parquet under `out_dir` to the Delta table of the
+/// bucket (`{S3_PREFIX}tables/tickets_with_team/`, where the stream's `OUTPUT_FORMAT=delta`
+/// writes), in one commit, exactly once per file: the commit's transaction action is the
+/// stream's kind, with the app id `file:<name>@<sha256>-0` for `topic` `file:<name>@<sha256>`
+/// and partition 0, and the file's line count as its version. A rerun of the same file finds
+/// its app id in the table and adds nothing; a changed file is another backfill.
+pub async fn into_table(
+    input: &Path,
+    out_dir: &Path,
+    lines: u64,
+    s3: &ticket_s3::S3Args,
+) -> anyhow::Result<TableLoad> {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    let read_error = || format!("cannot read {}", input.display());
+    let mut f = File::open(input).with_context(read_error)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).with_context(read_error)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let digest = hex::encode(hasher.finalize());
+    let name = input
+        .file_name()
+        .map_or_else(|| "-".to_string(), |n| n.to_string_lossy().into_owned());
+    let topic = format!("file:{name}@{}", &digest[..12]);
+
+    let store = ticket_s3::object_store(s3).await?;
+    let prefix = ticket_core::keys::Layout::new(&s3.prefix, "")
+        .prefix()
+        .to_string();
+    let table = ticket_delta::Table::open_or_create(store.clone(), &s3.bucket, &prefix).await?;
+    let mut load = TableLoad {
+        topic: topic.clone(),
+        files: 0,
+        tickets: 0,
+        already: table.version_of(&topic, 0).await?.is_some(),
+    };
+    if load.already {
+        return Ok(load);
+    }
+    let mut files = Vec::new();
+    for (path, hour) in hour_files(&out_dir.join("tickets_with_team"))? {
+        let body =
+            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let rows = datafusion::parquet::file::reader::SerializedFileReader::new(
+            bytes::Bytes::from(body.clone()),
+        )
+        .map(|r| {
+            use datafusion::parquet::file::reader::FileReader;
+            r.metadata().file_metadata().num_rows()
+        })
+        .with_context(|| format!("{} is not a Parquet file", path.display()))?;
+        let file = ticket_delta::DataFile {
+            path: ticket_delta::DataFile::path_for(&topic, 0, hour),
+            hour,
+            // No Kafka offsets: a file's rows have none.
+            first: -1,
+            last: -1,
+            size: body.len() as u64,
+            tickets: rows as u64,
+        };
+        let key = format!("{prefix}{}{}", ticket_delta::TABLE_DIR, file.path);
+        object_store::ObjectStoreExt::put(
+            store.as_ref(),
+            &object_store::path::Path::from(key.as_str()),
+            body.into(),
+        )
+        .await
+        .with_context(|| format!("cannot write s3://{}/{key}", s3.bucket))?;
+        load.tickets += file.tickets;
+        files.push(file);
+    }
+    load.files = files.len();
+    let part = ticket_delta::Part {
+        topic,
+        partition: 0,
+        expected: None,
+        version: lines as i64,
+        files,
+    };
+    match table.commit(std::slice::from_ref(&part)).await?.first() {
+        Some(ticket_delta::Outcome::Committed) => Ok(load),
+        // Another run of the same file committed first: its rows are in, ours are not.
+        _ => Ok(TableLoad {
+            files: 0,
+            tickets: 0,
+            already: true,
+            ..load
+        }),
+    }
+}
+
+/// The Parquet files under `dir`'s `date=YYYY-MM-DD/hour=HH/` folders, with their hour.
+fn hour_files(dir: &Path) -> anyhow::Result<Vec<(PathBuf, Hour)>> {
+    let mut out = Vec::new();
+    for date in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let date_name = date.file_name().to_string_lossy().into_owned();
+        let Some(day) = date_name
+            .strip_prefix("date=")
+            .and_then(|d| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").ok())
+        else {
+            continue;
+        };
+        for hour in std::fs::read_dir(date.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let hour_name = hour.file_name().to_string_lossy().into_owned();
+            let Some(h) = hour_name
+                .strip_prefix("hour=")
+                .and_then(|h| h.parse::<u32>().ok())
+                .and_then(|h| day.and_hms_opt(h, 0, 0))
+            else {
+                continue;
+            };
+            for f in std::fs::read_dir(hour.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if f.path().extension().is_some_and(|x| x == "parquet") {
+                    out.push((f.path(), Hour::of(&h.and_utc())));
+                }
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every file under `dir`, by path: (path relative to `dir`, contents).
+    fn files(dir: &Path) -> std::collections::BTreeMap<String, String> {
+        let mut out = std::collections::BTreeMap::new();
+        let mut todo = vec![dir.to_path_buf()];
+        while let Some(d) = todo.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    todo.push(p);
+                } else {
+                    let rel = p
+                        .strip_prefix(dir)
+                        .expect("under dir")
+                        .display()
+                        .to_string();
+                    out.insert(rel, std::fs::read_to_string(&p).expect("read"));
+                }
+            }
+        }
+        out
+    }
+
+    fn read_tree(dir: &Path) -> Vec<String> {
+        files(dir).into_values().collect()
+    }
+
+    fn ticket(id: &str, created_at: &str) -> String {
+        format!(
+            r#"{{"ticket_id":"{id}","client_id":1,"created_at":"{created_at}","request":"r","request_type":"billing","priority":"low"}}"#
+        )
+    }
+
+    /// Tickets land in the folder of the UTC hour of their created_at, offsets converted; a
+    /// worker that keeps fewer files open than the hours it meets starts another part file
+    /// for an hour it comes back to, and every ticket is written once.
+    #[test]
+    fn tickets_go_to_the_utc_hour_they_were_created_in_with_few_files_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let input = dir.path().join("in.jsonl");
+        // Three hours, coming back to the first after the others (OPEN_HOURS is 2 in
+        // tests, a block is 16 bytes: each line is a block of its own).
+        let lines = [
+            ticket("A", "2025-03-01T10:15:00"),
+            ticket("B", "2025-03-01T12:59:59+01:00"),
+            ticket("C", "2025-03-01T23:30:00-02:00"),
+            ticket("D", "2025-03-01T10:45:00Z"),
+        ];
+        std::fs::write(&input, lines.join("\n")).expect("write");
+        let out_dir = dir.path().join("tickets_with_team");
+        let out = Out {
+            dir: &out_dir,
+            worker: 0,
+            format: OutputFormat::Jsonl,
+        };
+        let len = std::fs::metadata(&input).expect("input").len();
+        let part = process_range(&input, (0, len), out, &Routing::default()).expect("runs");
+        assert_eq!(part.valid, 4);
+        let tree = files(&out_dir);
+        let ids_in = |hour: &str| -> Vec<String> {
+            let mut ids: Vec<String> = tree
+                .iter()
+                .filter(|(p, _)| p.starts_with(hour))
+                .flat_map(|(_, c)| c.lines().map(str::to_string).collect::<Vec<_>>())
+                .map(|l| {
+                    serde_json::from_str::<serde_json::Value>(&l).expect("json")["ticket_id"]
+                        .to_string()
+                })
+                .collect();
+            ids.sort();
+            ids
+        };
+        assert_eq!(
+            ids_in("date=2025-03-01/hour=10/"),
+            ["\"A\"", "\"D\""],
+            "{tree:?}"
+        );
+        assert_eq!(ids_in("date=2025-03-01/hour=11/"), ["\"B\""], "{tree:?}");
+        assert_eq!(ids_in("date=2025-03-02/hour=01/"), ["\"C\""], "{tree:?}");
+        assert_eq!(
+            tree.len(),
+            4,
+            "hour 10 was closed and came back: two files: {tree:?}"
+        );
+        assert!(
+            tree.keys()
+                .any(|p| p.starts_with("date=2025-03-01/hour=10/part-00000-1.")),
+            "{tree:?}"
+        );
+    }
 
     /// Every cut of a file into ranges processes each line exactly once and numbers it right,
     /// whatever the ranges' sizes relative to the lines (blank lines, CRLF, no final newline).
@@ -284,17 +659,15 @@ mod tests {
             let mut dead = Vec::new();
             let mut first_line = 1;
             for (i, range) in [(0, cut), (cut, len)].into_iter().enumerate() {
-                let out = dir.path().join(format!("out-{i}"));
-                let _ = std::fs::remove_file(&out);
-                let part = process_range(
-                    &input,
-                    range,
-                    &out,
-                    &Routing::default(),
-                    OutputFormat::Jsonl,
-                )
-                .expect("runs");
-                ids += &std::fs::read_to_string(&out).unwrap_or_default();
+                let out_dir = dir.path().join(format!("out-{i}"));
+                let _ = std::fs::remove_dir_all(&out_dir);
+                let out = Out {
+                    dir: &out_dir,
+                    worker: i as u64,
+                    format: OutputFormat::Jsonl,
+                };
+                let part = process_range(&input, range, out, &Routing::default()).expect("runs");
+                ids += &read_tree(&out_dir).concat();
                 dead.extend(
                     part.dead
                         .iter()
@@ -341,10 +714,35 @@ mod tests {
             .expect("runs");
             assert_eq!((r.lines, r.valid, r.invalid), (3, 2, 1));
         }
-        let tickets: String = std::fs::read_dir(out.join("tickets_with_team"))
-            .expect("dir")
-            .map(|e| std::fs::read_to_string(e.expect("entry").path()).expect("read"))
-            .collect();
+        // Another format, and an earlier version's flat part file: replaced by the next run.
+        std::fs::write(out.join("tickets_with_team/part-00007.jsonl"), good).expect("write");
+        let r = process_file(
+            &input,
+            &out,
+            &Routing::default(),
+            &Aggregator::default(),
+            OutputFormat::Parquet,
+        )
+        .await
+        .expect("runs");
+        assert_eq!(r.valid, 2);
+        let r = process_file(
+            &input,
+            &out,
+            &Routing::default(),
+            &Aggregator::default(),
+            OutputFormat::Jsonl,
+        )
+        .await
+        .expect("runs");
+        assert_eq!(r.valid, 2);
+        let tree = files(&out.join("tickets_with_team"));
+        assert!(
+            tree.keys()
+                .all(|p| p.starts_with("date=2025-03-01/hour=10/part-") && p.ends_with(".jsonl")),
+            "the earlier runs' files are gone: {tree:?}"
+        );
+        let tickets: String = tree.into_values().collect();
         assert_eq!(tickets.lines().count(), 2);
         assert!(tickets.contains("\"support_team\":\"Billing Team\""));
         let dead = std::fs::read_to_string(out.join("dead_letters/part-00000.jsonl"))

@@ -7,7 +7,8 @@
 //!   with the columns of [`ticket_engine::output::ticket_schema`] and the partition columns `topic`,
 //!   `date` (DATE), `hour` (INT) and `partition` (INT) read from the keys. Objects written
 //!   before time partitions (`topic=…/partition=…/`) have NULL `date` and `hour`; a
-//!   `process-file` directory has NULL in all four.
+//!   `process-file` directory has NULL `topic` and `partition`, and the hour of each ticket's
+//!   `created_at` (an earlier version's flat directory: NULL in all four).
 //!   With `OUTPUT_FORMAT=delta`, the Delta table's rows are in it too: the data files of the
 //!   table's snapshot as the query starts (`crate::delta`), never a file of a commit not made.
 //! - `counts`: `counts_by_request_type/latest.jsonl` (empty when it does not exist yet).
@@ -203,6 +204,40 @@ const PARTITIONED: [(&str, DataType); 4] = [
 ];
 const BEFORE_HOURS: [(&str, DataType); 2] =
     [("topic", DataType::Utf8), ("partition", DataType::Int32)];
+/// `process-file`'s layout: no topic or partition, the hour of `created_at`.
+const BY_HOUR: [(&str, DataType); 2] = [("date", DataType::Date32), ("hour", DataType::Int32)];
+
+/// What a local directory's `tickets_with_team/` holds.
+enum DirLayout {
+    /// `date=…/hour=…/part-…`: a `process-file` run.
+    Hours,
+    /// Part files straight in it: a `process-file` run of an earlier version.
+    Flat,
+    /// `topic=…/…`: a copy of the bucket.
+    Bucket,
+}
+
+fn dir_layout(tickets: &Path) -> DirLayout {
+    let mut flat = false;
+    for e in std::fs::read_dir(tickets).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() && e.file_name().to_string_lossy().starts_with("date=") {
+            return DirLayout::Hours;
+        }
+        flat = flat
+            || p.is_file()
+                && p.extension().is_some_and(|x| {
+                    OutputFormat::value_variants()
+                        .iter()
+                        .any(|f| x == f.extension())
+                });
+    }
+    if flat {
+        DirLayout::Flat
+    } else {
+        DirLayout::Bucket
+    }
+}
 
 /// `tickets`: the union of one listing table per layout and format that can be present.
 async fn register_tickets(
@@ -212,27 +247,13 @@ async fn register_tickets(
     delta: bool,
 ) -> anyhow::Result<()> {
     let dir = format!("{root}tickets_with_team/");
-    // process-file writes part files straight under tickets_with_team/.
-    let flat = match lake {
-        Lake::Dir(d) => std::fs::read_dir(d.join("tickets_with_team"))
-            .map(|entries| {
-                entries.flatten().any(|e| {
-                    let p = e.path();
-                    p.is_file()
-                        && p.extension().is_some_and(|x| {
-                            OutputFormat::value_variants()
-                                .iter()
-                                .any(|f| x == f.extension())
-                        })
-                })
-            })
-            .unwrap_or(false),
-        Lake::Bucket(_) => false,
-    };
-    let layouts: Vec<&[(&str, DataType)]> = if flat {
-        vec![&[]]
-    } else {
-        vec![&PARTITIONED, &BEFORE_HOURS]
+    let layouts: Vec<&[(&str, DataType)]> = match lake {
+        Lake::Dir(d) => match dir_layout(&d.join("tickets_with_team")) {
+            DirLayout::Hours => vec![&BY_HOUR],
+            DirLayout::Flat => vec![&[]],
+            DirLayout::Bucket => vec![&PARTITIONED, &BEFORE_HOURS],
+        },
+        Lake::Bucket(_) => vec![&PARTITIONED, &BEFORE_HOURS],
     };
     let mut selects = Vec::new();
     for (i, cols) in layouts.iter().enumerate() {

@@ -100,7 +100,7 @@ async fn process_file(args: ticket_processor::FileArgs) -> anyhow::Result<()> {
         &args.output_dir,
         &routing,
         &aggregator,
-        args.output_format,
+        args.output_format.files(),
     )
     .await?;
     println!(
@@ -111,5 +111,20 @@ async fn process_file(args: ticket_processor::FileArgs) -> anyhow::Result<()> {
         args.output_dir.display(),
         start.elapsed().as_secs_f64()
     );
+    if args.output_format == ticket_lake::FileOutput::Delta {
+        let t =
+            ticket_lake::file::into_table(&args.input, &args.output_dir, r.lines, &args.s3).await?;
+        if t.already {
+            println!(
+                "already in the Delta table as topic {:?}: nothing added (a changed file is another backfill)",
+                t.topic
+            );
+        } else {
+            println!(
+                "appended to the Delta table as topic {:?}: {} tickets in {} files, one commit",
+                t.topic, t.tickets, t.files
+            );
+        }
+    }
     Ok(())
 }

@@ -43,8 +43,9 @@ pub struct S3Args {
 
     /// PEM file of certificate authorities to trust for S3 over HTTPS, besides the system's:
     /// a private CA that signed MinIO's certificate, say (the variable the AWS CLI reads).
+    /// Empty: unset.
     #[arg(long = "s3-ca-bundle", env = "AWS_CA_BUNDLE")]
-    pub ca_bundle: Option<std::path::PathBuf>,
+    pub ca_bundle: Option<String>,
 }
 
 impl S3Args {
@@ -56,19 +57,14 @@ impl S3Args {
     /// The certificates of `AWS_CA_BUNDLE` (PEM), if it is set: an error that names the
     /// setting if the file cannot be read or holds no certificate.
     pub fn ca_pem(&self) -> anyhow::Result<Option<Vec<u8>>> {
-        let Some(path) = self
-            .ca_bundle
-            .as_ref()
-            .filter(|p| !p.as_os_str().is_empty())
-        else {
+        let Some(path) = self.ca_bundle.as_deref().filter(|p| !p.trim().is_empty()) else {
             return Ok(None);
         };
         let pem = std::fs::read(path)
-            .with_context(|| format!("AWS_CA_BUNDLE={}: cannot read the file", path.display()))?;
+            .with_context(|| format!("AWS_CA_BUNDLE={path}: cannot read the file"))?;
         if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
             bail!(
-                "AWS_CA_BUNDLE={} holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)",
-                path.display()
+                "AWS_CA_BUNDLE={path} holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)"
             );
         }
         Ok(Some(pem))

@@ -63,7 +63,7 @@ pub struct ReportData {
     pub per_hour: Vec<HourTypeCount>,
     pub load: Vec<TeamPriorityCount>,
     /// Tickets in `load` that have no hour (objects written before time partitions, or a
-    /// `process-file` directory): counted in the totals, not in `per_hour`.
+    /// `process-file` directory of an earlier version): counted in the totals, not in `per_hour`.
     pub undated: u64,
 }
 
@@ -369,7 +369,7 @@ fn undated_note(undated: u64) -> String {
         return String::new();
     }
     format!(
-        r#"<p class="note" role="note" data-undated="{undated}">{} tickets have no hour (written before time partitions, or by process-file): they are in the totals and the load per team, not in the tickets per hour.</p>
+        r#"<p class="note" role="note" data-undated="{undated}">{} tickets have no hour (written before time partitions, or by an earlier version of process-file): they are in the totals and the load per team, not in the tickets per hour.</p>
 "#,
         thousands(undated)
     )
