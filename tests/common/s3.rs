@@ -171,6 +171,16 @@ impl S3 {
     }
 
     /// A [`Proxy`] in front of the server, to cut it off: see [`super::Env::s3_endpoint`].
+    /// The server's `host:port` (its endpoint without the scheme), for a proxy in front of it.
+    pub fn host_port(&self) -> String {
+        self.endpoint
+            .split("://")
+            .nth(1)
+            .expect("an http:// endpoint")
+            .trim_end_matches('/')
+            .to_string()
+    }
+
     /// How many PUT bodies the in-process server refused for a wrong CRC32C.
     pub fn bad_digests(&self) -> usize {
         self.bad_digests.load(std::sync::atomic::Ordering::SeqCst)

@@ -316,7 +316,7 @@ mod tests {
         kafka: KafkaArgs,
     }
 
-    fn parse(args: &[&str]) -> KafkaArgs {
+    pub(crate) fn parse(args: &[&str]) -> KafkaArgs {
         Cli::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
             .expect("parses")
             .kafka

@@ -201,18 +201,14 @@ fn explain(args: &KafkaArgs, reason: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        kafka: KafkaArgs,
-    }
 
     fn args(extra: &[&str]) -> KafkaArgs {
-        Cli::try_parse_from(["x", "--brokers", "b:9093"].iter().chain(extra))
-            .expect("parses")
-            .kafka
+        let all: Vec<&str> = ["--brokers", "b:9093"]
+            .iter()
+            .chain(extra)
+            .copied()
+            .collect();
+        crate::tests::parse(&all)
     }
 
     #[test]

@@ -32,6 +32,10 @@ pub struct CompactArgs {
 }
 
 pub async fn compact(args: &CompactArgs) -> anyhow::Result<()> {
+    ticket_s3::Store::connect(&args.s3)
+        .await?
+        .check_reachable()
+        .await?;
     let store = ticket_s3::object_store(&args.s3).await?;
     let prefix = ticket_core::keys::Layout::new(&args.s3.prefix, "")
         .prefix()

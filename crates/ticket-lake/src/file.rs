@@ -435,6 +435,10 @@ pub async fn into_table(
         .map_or_else(|| "-".to_string(), |n| n.to_string_lossy().into_owned());
     let topic = format!("file:{name}@{}", &digest[..12]);
 
+    ticket_s3::Store::connect(s3)
+        .await?
+        .check_reachable()
+        .await?;
     let store = ticket_s3::object_store(s3).await?;
     let prefix = ticket_core::keys::Layout::new(&s3.prefix, "")
         .prefix()
@@ -716,26 +720,18 @@ mod tests {
         }
         // Another format, and an earlier version's flat part file: replaced by the next run.
         std::fs::write(out.join("tickets_with_team/part-00007.jsonl"), good).expect("write");
-        let r = process_file(
-            &input,
-            &out,
-            &Routing::default(),
-            &Aggregator::default(),
-            OutputFormat::Parquet,
-        )
-        .await
-        .expect("runs");
-        assert_eq!(r.valid, 2);
-        let r = process_file(
-            &input,
-            &out,
-            &Routing::default(),
-            &Aggregator::default(),
-            OutputFormat::Jsonl,
-        )
-        .await
-        .expect("runs");
-        assert_eq!(r.valid, 2);
+        for format in [OutputFormat::Parquet, OutputFormat::Jsonl] {
+            let r = process_file(
+                &input,
+                &out,
+                &Routing::default(),
+                &Aggregator::default(),
+                format,
+            )
+            .await
+            .expect("runs");
+            assert_eq!(r.valid, 2);
+        }
         let tree = files(&out.join("tickets_with_team"));
         assert!(
             tree.keys()

@@ -170,6 +170,13 @@ pub async fn open(lake: &Lake<'_>) -> anyhow::Result<Opened> {
             (url, store, path)
         }
         Lake::Bucket(args) => {
+            // First through the AWS SDK, whose errors say what to fix (endpoint, region,
+            // credentials, an untrusted certificate); object_store's retries end in a bare
+            // "error sending request".
+            ticket_s3::Store::connect(args)
+                .await?
+                .check_reachable()
+                .await?;
             let store = ticket_s3::object_store(args).await?;
             let bucket = url::Url::parse(&format!("s3://{}", args.bucket)).with_context(|| {
                 format!("S3_BUCKET_NAME {:?} is not a bucket name", args.bucket)

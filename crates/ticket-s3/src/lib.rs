@@ -169,9 +169,9 @@ impl Store {
         &self.bucket
     }
 
-    /// Checks at start that the bucket exists and that we may write and delete in it, and
-    /// says what to fix when not.
-    pub async fn check_writable(&self, prefix: &str) -> anyhow::Result<()> {
+    /// Checks that the bucket exists and answers us (HEAD bucket), and says what to fix when
+    /// not: a wrong endpoint, region, credentials, or a TLS certificate not trusted.
+    pub async fn check_reachable(&self) -> anyhow::Result<()> {
         let where_ = format!("bucket {:?} at {}", self.bucket, self.endpoint);
         if let Err(e) = self.client.head_bucket().bucket(&self.bucket).send().await {
             let status = e.raw_response().map(|r| r.status().as_u16());
@@ -189,6 +189,14 @@ impl Store {
                 ),
             }
         }
+        Ok(())
+    }
+
+    /// Checks at start that the bucket exists and that we may write and delete in it, and
+    /// says what to fix when not.
+    pub async fn check_writable(&self, prefix: &str) -> anyhow::Result<()> {
+        self.check_reachable().await?;
+        let where_ = format!("bucket {:?} at {}", self.bucket, self.endpoint);
         let probe = format!("{prefix}_checkpoints/.write-check-{}", uuid::Uuid::new_v4());
         self.put(&probe, bytes::Bytes::from_static(b"ok"), Expect::Any)
             .await
