@@ -31,7 +31,8 @@ fi
 APT=()
 [ -f /usr/include/openssl/ssl.h ] || APT+=(libssl-dev pkg-config zlib1g-dev)
 command -v chromium >/dev/null || APT+=(chromium)
-# TLS in front of the test S3 server (tests/common/tls.rs).
+# TLS in front of the test broker and S3 server (tests/common/tls.rs): openssl makes the
+# certificates, stunnel terminates TLS.
 command -v openssl >/dev/null || APT+=(openssl)
 command -v stunnel4 >/dev/null || command -v stunnel >/dev/null || APT+=(stunnel4)
 command -v npm >/dev/null || APT+=(nodejs npm)
