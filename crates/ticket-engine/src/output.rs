@@ -94,6 +94,14 @@ impl Rows {
         }
     }
 
+    /// Rows with no room reserved, for many small groups (`process-file`'s hours).
+    pub fn small(format: OutputFormat) -> Rows {
+        match format {
+            OutputFormat::Jsonl => Rows::Jsonl(Vec::new()),
+            OutputFormat::Parquet => Rows::Parquet(Box::new(TicketColumns::with_capacity(0))),
+        }
+    }
+
     /// See [`crate::enrich::BatchBuilder::with_room_for`]. A JSON line is the input plus its
     /// team (`,"support_team":"…"`) and the time's fixed precision.
     pub fn with_room_for(format: OutputFormat, records: usize, bytes: usize) -> Rows {
@@ -139,19 +147,25 @@ pub struct TicketColumns {
 
 impl Default for TicketColumns {
     fn default() -> Self {
-        TicketColumns {
-            ticket_id: StringBuilder::new(),
-            client_id: Int64Builder::new(),
-            created_at: TimestampMicrosecondBuilder::new().with_timezone("UTC"),
-            request: StringBuilder::new(),
-            request_type: StringBuilder::new(),
-            priority: StringBuilder::new(),
-            support_team: StringBuilder::new(),
-        }
+        TicketColumns::with_capacity(1024)
     }
 }
 
 impl TicketColumns {
+    /// Room for `rows` rows (the text columns grow as needed).
+    fn with_capacity(rows: usize) -> Self {
+        let text = || StringBuilder::with_capacity(rows, rows);
+        TicketColumns {
+            ticket_id: text(),
+            client_id: Int64Builder::with_capacity(rows),
+            created_at: TimestampMicrosecondBuilder::with_capacity(rows).with_timezone("UTC"),
+            request: text(),
+            request_type: text(),
+            priority: text(),
+            support_team: text(),
+        }
+    }
+
     fn push(&mut self, t: &TicketRef<'_>, team: &str) {
         self.ticket_id.append_value(t.ticket_id());
         self.client_id.append_value(t.client_id());

@@ -16,9 +16,13 @@
 //! a file has. The stream files a ticket by the time Kafka received it instead; for tickets
 //! published as they are created, the two are the same hour or the next.
 //!
-//! Each worker keeps at most [`OPEN_HOURS`] hours' files open; an hour it comes back to after
-//! its file was closed gets another part file (`part-WWWWW-N`), so that neither memory nor open
-//! files grow with the span of time a file covers.
+//! Each worker gathers its tickets by hour, up to its share of [`PENDING_BYTES`], then writes
+//! each hour's into that hour's file, and keeps at most [`OPEN_HOURS`] files open; an hour it
+//! comes back to after its file was closed gets another part file (`part-WWWWW-N`), so that
+//! neither memory nor open files grow with the span of time a file covers. A file in time
+//! order makes one file per hour and worker; one whose tickets are spread over many hours in
+//! no order makes one per hour, worker and write (sort such a file by `created_at` first for
+//! fewer, larger files).
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom};
@@ -29,12 +33,12 @@ use datafusion::arrow::array::RecordBatch;
 use serde::Serialize;
 use std::collections::HashMap;
 
-use ticket_core::Routing;
 use ticket_core::counts::Counts;
 use ticket_core::keys::Hour;
+use ticket_core::{Routing, TicketRef};
 
 use ticket_engine::aggregate::Aggregator;
-use ticket_engine::enrich::BatchBuilder;
+use ticket_engine::aggregate::Columns;
 use ticket_engine::output::{ObjectWriter, OutputFormat, Rows};
 
 /// What a file run did.
@@ -59,6 +63,11 @@ const BLOCK: usize = if cfg!(test) { 16 } else { 4 << 20 };
 
 /// How many hours' files one worker keeps open at most.
 const OPEN_HOURS: usize = if cfg!(test) { 2 } else { 64 };
+
+/// How many bytes of tickets the workers together gather, grouped by hour, before each writes
+/// them out: the more, the fewer files a file spread over many hours is cut into (its hours
+/// get a file per worker each time it writes). Tiny in tests, so that every block is written.
+const PENDING_BYTES: usize = if cfg!(test) { 1 } else { 32 << 20 };
 
 /// What one worker did with its byte range of the file.
 #[derive(Default)]
@@ -107,6 +116,7 @@ pub async fn process_file(
                     dir: &tickets_dir,
                     worker: w,
                     format,
+                    pending_bytes: PENDING_BYTES / workers as usize,
                 };
                 s.spawn(move || process_range(input, range, out, routing))
             })
@@ -156,6 +166,8 @@ struct Out<'a> {
     dir: &'a Path,
     worker: u64,
     format: OutputFormat,
+    /// How much the worker gathers before it writes.
+    pending_bytes: usize,
 }
 
 impl Out<'_> {
@@ -169,101 +181,121 @@ impl Out<'_> {
     }
 }
 
-/// One hour's tickets in a worker: those not written yet, and its open file.
-struct HourOut {
-    builder: BatchBuilder,
-    writer: Option<ObjectWriter<BufWriter<File>>>,
-    /// Files of this hour this worker has made (the next one's number).
-    files: u32,
-    /// The last block that added to it (to close the least recently used).
-    used: u64,
-}
-
-/// A worker's hours.
+/// A worker's hours: the tickets not written yet, grouped by hour, and the files it has open.
 struct Hours<'a> {
     out: Out<'a>,
-    hours: HashMap<Hour, HourOut>,
+    /// Valid tickets not written yet, by hour; each hour's rows start with no room reserved,
+    /// as a file spread over years has thousands of hours of a few tickets each.
+    pending: HashMap<Hour, Rows>,
+    /// About how many bytes `pending` holds (the input lines' length).
+    pending_bytes: usize,
+    /// The grouping columns of the valid tickets since the last flush (one set per worker,
+    /// not per hour).
+    columns: Columns,
+    valid: u64,
+    /// Open files, at most [`OPEN_HOURS`], with the flush that last wrote to each.
+    open: HashMap<Hour, (ObjectWriter<BufWriter<File>>, u64)>,
+    /// How many files of each hour this worker has made (the next one's number).
+    files: HashMap<Hour, u32>,
+    flushes: u64,
 }
 
-impl Hours<'_> {
-    fn push(&mut self, routing: &Routing, ticket: &ticket_core::ticket::TicketRef<'_>, block: u64) {
+impl<'a> Hours<'a> {
+    fn new(out: Out<'a>) -> Self {
+        Hours {
+            out,
+            pending: HashMap::new(),
+            pending_bytes: 0,
+            columns: Columns::default(),
+            valid: 0,
+            open: HashMap::new(),
+            files: HashMap::new(),
+            flushes: 0,
+        }
+    }
+
+    fn push(&mut self, routing: &Routing, ticket: &TicketRef<'_>, line_len: usize) {
+        let team = routing.team_for(ticket.request_type());
         let format = self.out.format;
-        let h = self
-            .hours
+        self.pending
             .entry(Hour::of(&ticket.created_at()))
-            .or_insert_with(|| HourOut {
-                builder: BatchBuilder::new(format),
-                writer: None,
-                files: 0,
-                used: block,
-            });
-        h.builder.push_ticket(routing, ticket);
-        h.used = block;
+            .or_insert_with(|| Rows::small(format))
+            .push(ticket, team);
+        self.columns
+            .push(ticket.request_type(), ticket.priority().as_str(), team);
+        self.valid += 1;
+        self.pending_bytes += line_len;
     }
 
-    /// Writes what each hour gathered into its file, then closes the least recently used
-    /// files beyond [`OPEN_HOURS`].
+    /// Writes every hour's pending tickets into its open file (or a new one), then closes the
+    /// least recently written files beyond [`OPEN_HOURS`].
     fn flush(&mut self, part: &mut Part) -> anyhow::Result<()> {
-        for (hour, h) in &mut self.hours {
-            if h.builder.valid == 0 {
-                continue;
-            }
-            let w = match &mut h.writer {
-                Some(w) => w,
-                None => {
-                    let path = self.out.path(*hour, h.files);
-                    h.files += 1;
-                    let dir = path.parent().unwrap_or(self.out.dir);
-                    std::fs::create_dir_all(dir)
-                        .with_context(|| format!("cannot create {}", dir.display()))?;
-                    let file = File::create(&path)
-                        .with_context(|| format!("cannot write {}", path.display()))?;
-                    h.writer
-                        .insert(ObjectWriter::new(self.out.format, BufWriter::new(file))?)
+        self.flushes += 1;
+        let now = self.flushes;
+        let mut new = Vec::new();
+        for (hour, rows) in self.pending.drain() {
+            match self.open.get_mut(&hour) {
+                Some((w, used)) => {
+                    *used = now;
+                    w.write(rows).context("cannot write a ticket file")?;
                 }
-            };
-            part.valid += h.builder.valid;
-            let mut done = std::mem::replace(&mut h.builder, BatchBuilder::new(self.out.format));
-            w.write(std::mem::replace(
-                &mut done.rows,
-                Rows::new(self.out.format),
-            ))
-            .context("cannot write a ticket file")?;
-            part.columns
-                .push(std::mem::take(&mut done.columns).finish());
-        }
-        let open = self.hours.values().filter(|h| h.writer.is_some()).count();
-        if open > OPEN_HOURS {
-            let mut by_use: Vec<(u64, Hour)> = self
-                .hours
-                .iter()
-                .filter(|(_, h)| h.writer.is_some())
-                .map(|(k, h)| (h.used, *k))
-                .collect();
-            by_use.sort();
-            for (_, hour) in by_use.into_iter().take(open - OPEN_HOURS) {
-                if let Some(h) = self.hours.get_mut(&hour) {
-                    finish(h.writer.take())?;
-                }
+                None => new.push((hour, rows)),
             }
         }
+        // Room for the new hours: close the files this write did not add to, least recently
+        // written first. New hours beyond the room get a file written and closed at once.
+        let mut idle: Vec<(u64, Hour)> = (self.open.iter())
+            .filter(|(_, (_, used))| *used < now)
+            .map(|(hour, (_, used))| (*used, *hour))
+            .collect();
+        idle.sort_unstable();
+        let over = (self.open.len() + new.len()).saturating_sub(OPEN_HOURS);
+        for (_, hour) in idle.into_iter().take(over) {
+            if let Some((w, _)) = self.open.remove(&hour) {
+                finish(w)?;
+            }
+        }
+        for (hour, rows) in new {
+            let mut w = self.create(hour)?;
+            w.write(rows).context("cannot write a ticket file")?;
+            if self.open.len() < OPEN_HOURS {
+                self.open.insert(hour, (w, now));
+            } else {
+                finish(w)?;
+            }
+        }
+        self.pending_bytes = 0;
+        part.valid += std::mem::take(&mut self.valid);
+        part.columns
+            .push(std::mem::take(&mut self.columns).finish());
         Ok(())
     }
 
-    fn finish(self) -> anyhow::Result<()> {
-        for (_, h) in self.hours {
-            finish(h.writer)?;
+    /// Starts the worker's next file of `hour`.
+    fn create(&mut self, hour: Hour) -> anyhow::Result<ObjectWriter<BufWriter<File>>> {
+        let n = self.files.entry(hour).or_insert(0);
+        let path = self.out.path(hour, *n);
+        *n += 1;
+        let dir = path.parent().unwrap_or(self.out.dir);
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let file =
+            File::create(&path).with_context(|| format!("cannot write {}", path.display()))?;
+        ObjectWriter::new(self.out.format, BufWriter::new(file))
+    }
+
+    fn finish(mut self, part: &mut Part) -> anyhow::Result<()> {
+        self.flush(part)?;
+        for (_, (w, _)) in self.open {
+            finish(w)?;
         }
         Ok(())
     }
 }
 
-fn finish(writer: Option<ObjectWriter<BufWriter<File>>>) -> anyhow::Result<()> {
-    if let Some(w) = writer {
-        w.finish()
-            .and_then(|f| f.into_inner().map_err(|e| e.into_error().into()))
-            .context("cannot finish a ticket file")?;
-    }
+fn finish(w: ObjectWriter<BufWriter<File>>) -> anyhow::Result<()> {
+    w.finish()
+        .and_then(|f| f.into_inner().map_err(|e| e.into_error().into()))
+        .context("cannot finish a ticket file")?;
     Ok(())
 }
 
@@ -282,16 +314,11 @@ fn process_range(
     let mut skipping = start > 0;
 
     let mut part = Part::default();
-    let mut hours = Hours {
-        out,
-        hours: HashMap::new(),
-    };
+    let mut hours = Hours::new(out);
     let mut buf: Vec<u8> = Vec::with_capacity(2 * BLOCK);
     let mut eof = false;
     let mut done = false;
-    let mut block = 0;
     while !done {
-        block += 1;
         let filled = buf.len();
         buf.resize(filled + BLOCK, 0);
         let n = file.read(&mut buf[filled..]).with_context(read_error)?;
@@ -328,24 +355,20 @@ fn process_range(
                 }
                 None => break,
             };
-            process_line(line, routing, &mut hours, block, &mut part);
+            process_line(line, routing, &mut hours, &mut part);
             used = next;
         }
-        hours.flush(&mut part)?;
+        if hours.pending_bytes >= out.pending_bytes {
+            hours.flush(&mut part)?;
+        }
         buf.drain(..used);
         pos += used as u64;
     }
-    hours.finish()?;
+    hours.finish(&mut part)?;
     Ok(part)
 }
 
-fn process_line(
-    line: &[u8],
-    routing: &Routing,
-    hours: &mut Hours<'_>,
-    block: u64,
-    part: &mut Part,
-) {
+fn process_line(line: &[u8], routing: &Routing, hours: &mut Hours<'_>, part: &mut Part) {
     let index = part.lines_seen;
     part.lines_seen += 1;
     let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -354,7 +377,7 @@ fn process_line(
     }
     part.lines += 1;
     match ticket_core::validate::decode_ref(line) {
-        Ok(ticket) => hours.push(routing, &ticket, block),
+        Ok(ticket) => hours.push(routing, &ticket, line.len()),
         Err(reason) => {
             let raw = String::from_utf8_lossy(line).into_owned();
             part.dead.push((index, reason.to_string(), raw));
@@ -548,9 +571,9 @@ fn hour_files(dir: &Path) -> anyhow::Result<Vec<(PathBuf, Hour)>> {
 mod tests {
     use super::*;
 
-    /// Every file under `dir`, by path: (path relative to `dir`, contents).
-    fn files(dir: &Path) -> std::collections::BTreeMap<String, String> {
-        let mut out = std::collections::BTreeMap::new();
+    /// The files under `dir`, as paths relative to it.
+    fn read_dir_names(dir: &Path) -> Vec<String> {
+        let mut names = Vec::new();
         let mut todo = vec![dir.to_path_buf()];
         while let Some(d) = todo.pop() {
             for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
@@ -558,16 +581,23 @@ mod tests {
                 if p.is_dir() {
                     todo.push(p);
                 } else {
-                    let rel = p
-                        .strip_prefix(dir)
-                        .expect("under dir")
-                        .display()
-                        .to_string();
-                    out.insert(rel, std::fs::read_to_string(&p).expect("read"));
+                    let rel = p.strip_prefix(dir).expect("under dir");
+                    names.push(rel.display().to_string());
                 }
             }
         }
-        out
+        names
+    }
+
+    /// Every file under `dir`, by path: (path relative to `dir`, contents).
+    fn files(dir: &Path) -> std::collections::BTreeMap<String, String> {
+        read_dir_names(dir)
+            .into_iter()
+            .map(|rel| {
+                let text = std::fs::read_to_string(dir.join(&rel)).expect("read");
+                (rel, text)
+            })
+            .collect()
     }
 
     fn read_tree(dir: &Path) -> Vec<String> {
@@ -601,6 +631,7 @@ mod tests {
             dir: &out_dir,
             worker: 0,
             format: OutputFormat::Jsonl,
+            pending_bytes: 1,
         };
         let len = std::fs::metadata(&input).expect("input").len();
         let part = process_range(&input, (0, len), out, &Routing::default()).expect("runs");
@@ -636,6 +667,33 @@ mod tests {
                 .any(|p| p.starts_with("date=2025-03-01/hour=10/part-00000-1.")),
             "{tree:?}"
         );
+
+        // Gathered before they are written, the same tickets make one file per hour, in
+        // either format, with every ticket once.
+        for format in [OutputFormat::Jsonl, OutputFormat::Parquet] {
+            let out_dir = dir.path().join(format!("gathered-{}", format.extension()));
+            let out = Out {
+                dir: &out_dir,
+                worker: 0,
+                format,
+                pending_bytes: 1 << 20,
+            };
+            let part = process_range(&input, (0, len), out, &Routing::default()).expect("runs");
+            assert_eq!(part.valid, 4);
+            let rows: usize = part.columns.iter().map(RecordBatch::num_rows).sum();
+            assert_eq!(rows, 4, "every ticket counted once");
+            let mut names = read_dir_names(&out_dir);
+            names.sort();
+            let ext = format.extension();
+            assert_eq!(
+                names,
+                [
+                    format!("date=2025-03-01/hour=10/part-00000.{ext}"),
+                    format!("date=2025-03-01/hour=11/part-00000.{ext}"),
+                    format!("date=2025-03-02/hour=01/part-00000.{ext}"),
+                ]
+            );
+        }
     }
 
     /// Every cut of a file into ranges processes each line exactly once and numbers it right,
@@ -669,6 +727,7 @@ mod tests {
                     dir: &out_dir,
                     worker: i as u64,
                     format: OutputFormat::Jsonl,
+                    pending_bytes: 1,
                 };
                 let part = process_range(&input, range, out, &Routing::default()).expect("runs");
                 ids += &read_tree(&out_dir).concat();

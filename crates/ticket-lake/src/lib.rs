@@ -24,7 +24,8 @@ pub struct FileArgs {
     pub input: PathBuf,
     /// Directory to write tickets_with_team/, counts_by_request_type/ and dead_letters/ into.
     /// Tickets go under tickets_with_team/date=YYYY-MM-DD/hour=HH/ by the UTC hour of their
-    /// created_at (a time without an offset is UTC): a file has no Kafka timestamps.
+    /// created_at (a time without an offset is UTC): a file has no Kafka timestamps. A file
+    /// in time order gets one file per hour; sort one that is not, for fewer, larger files.
     #[arg(long)]
     pub output_dir: PathBuf,
     /// Format of the ticket files: jsonl or parquet in --output-dir, or delta: also appended
