@@ -92,3 +92,22 @@ pub async fn health_check(mut addr: SocketAddr) -> anyhow::Result<()> {
         bail!("not ready: {}", reply.lines().next().unwrap_or_default())
     }
 }
+
+/// Buffers of 1 MiB and more (a batch's JSON body, its Arrow columns, an upload's request)
+/// are given back to the system when freed, instead of staying in glibc's heaps.
+///
+/// glibc raises its mmap threshold each time such a buffer is freed (up to 32 MiB), after which
+/// batch-sized buffers come from heaps that it returns to the system only from the top, so a
+/// drain's peak RSS grew by the buffers of several batches. Fixed at 1 MiB, a 1M-ticket drain
+/// peaks 7-8 MiB lower (BENCHMARKS.md, "Backfills by the hour, and peak memory").
+/// `MALLOC_MMAP_THRESHOLD_` in the environment, glibc's own setting, is left to win.
+#[allow(unsafe_code)]
+pub fn return_large_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+        // SAFETY: mallopt only sets a parameter of the allocator; called before any batch.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        }
+    }
+}

@@ -3,6 +3,7 @@ use ticket_processor::{Cli, Command};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    ticket_processor::return_large_buffers();
     if let Err(e) = ticket_kafka::load_dotenv() {
         eprintln!("error: {e}");
         return std::process::ExitCode::from(2);
