@@ -1,5 +1,6 @@
 //! An S3-protocol server and a fresh bucket: `S3_ENDPOINT`, or an s3s-fs server in this process.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -92,6 +93,21 @@ impl s3s::access::S3Access for DenyWrites {
     }
 }
 
+/// s3s-fs checks a write's If-Match / If-None-Match and then writes, with nothing in between:
+/// two writers of one key can both pass (a stale owner's checkpoint, a second commit of one
+/// Delta log version), and the key's checksum file can end up another write's, failing every
+/// read. S3 decides writes to one key one at a time; so does this server: writes to one key
+/// wait for each other (a full suite failed once on such a checkpoint before this).
+#[derive(Clone, Default)]
+struct KeyLocks(Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>);
+
+impl KeyLocks {
+    fn of(&self, path: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        locks.entry(path.to_string()).or_default().clone()
+    }
+}
+
 impl Drop for S3 {
     fn drop(&mut self) {
         if let Some(s) = &self.server {
@@ -136,6 +152,7 @@ impl S3 {
         let service = b.build();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let locks = KeyLocks::default();
         let server = tokio::spawn(async move {
             loop {
                 let Ok((socket, _)) = listener.accept().await else {
@@ -145,12 +162,25 @@ impl S3 {
                 // without it a small response waits ~40 ms for the client's delayed ACK.
                 let _ = socket.set_nodelay(true);
                 let service = service.clone();
+                let locks = locks.clone();
+                let one_writer_per_key = hyper::service::service_fn(move |req| {
+                    let service = service.clone();
+                    let writes = ![hyper::Method::GET, hyper::Method::HEAD].contains(req.method());
+                    let lock = writes.then(|| locks.of(req.uri().path()));
+                    async move {
+                        let _held = match &lock {
+                            Some(l) => Some(l.lock().await),
+                            None => None,
+                        };
+                        hyper::service::Service::call(&service, req).await
+                    }
+                });
                 tokio::spawn(async move {
                     let builder = hyper_util::server::conn::auto::Builder::new(
                         hyper_util::rt::TokioExecutor::new(),
                     );
                     let _ = builder
-                        .serve_connection(hyper_util::rt::TokioIo::new(socket), service)
+                        .serve_connection(hyper_util::rt::TokioIo::new(socket), one_writer_per_key)
                         .await;
                 });
             }

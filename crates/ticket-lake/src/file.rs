@@ -264,6 +264,10 @@ impl<'a> Hours<'a> {
                 finish(w)?;
             }
         }
+        debug_assert!(
+            self.open.len() <= OPEN_HOURS,
+            "at most OPEN_HOURS files open"
+        );
         self.pending_bytes = 0;
         part.valid += std::mem::take(&mut self.valid);
         part.columns
