@@ -200,7 +200,6 @@ impl S3 {
         }
     }
 
-    /// A [`Proxy`] in front of the server, to cut it off: see [`super::Env::s3_endpoint`].
     /// The server's `host:port` (its endpoint without the scheme), for a proxy in front of it.
     pub fn host_port(&self) -> String {
         self.endpoint
@@ -216,12 +215,9 @@ impl S3 {
         self.bad_digests.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// A [`Proxy`] in front of the server, to cut it off: see [`super::Env::s3_endpoint`].
     pub async fn proxy(&self) -> Proxy {
-        let addr: SocketAddr = self
-            .endpoint
-            .trim_start_matches("http://")
-            .parse()
-            .expect("s3 addr");
+        let addr: SocketAddr = self.host_port().parse().expect("s3 addr");
         Proxy::start(addr).await
     }
 

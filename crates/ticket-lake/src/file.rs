@@ -83,9 +83,10 @@ struct Part {
 
 /// Processes `input` into `out_dir`, replacing what an earlier run wrote there.
 ///
-/// The file is cut into one byte range per core; each worker streams its range in blocks
-/// and writes its own `part-NNNNN.{jsonl,parquet}`, so memory does not grow with the file. A
-/// line belongs to the range in which it starts.
+/// The file is cut into one byte range per core; each worker streams its range in blocks,
+/// gathers the tickets by hour and writes its own `part-WWWWW[-N]` files of each hour (see
+/// the module doc), so memory does not grow with the file. A line belongs to the range in
+/// which it starts.
 pub async fn process_file(
     input: &Path,
     out_dir: &Path,
