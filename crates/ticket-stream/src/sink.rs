@@ -507,7 +507,7 @@ impl Committer for ObjectCommitter {
     }
 }
 
-/// Fault injection for the reliability tests (`tests/faults.rs`), in debug builds only:
+/// Fault injection for the reliability tests (`tests/e2e/faults.rs`), in debug builds only:
 /// `TICKET_PROCESSOR_FAILPOINT=<point>:<action>:<n>` makes the n-th pass through `<point>`
 /// (`before-checkpoint`, `after-checkpoint`, `after-final`; with the Delta table
 /// `before-table-commit`, `after-table-commit`) either `abort` the process (as a SIGKILL

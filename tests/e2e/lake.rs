@@ -2,12 +2,10 @@
 //! by an independent reader (pyarrow), `query` over the tests' S3 server and a directory, and
 //! the report page rendered by headless Chromium against the lake's own figures.
 
-pub mod common;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use rand::SeedableRng;
 use serde_json::Value;
 use ticket_core::generate::Generator;
@@ -716,8 +714,8 @@ async fn delta_output_holds_every_ticket_once_through_a_kill_and_reruns_as_delta
         .await
         .expect("latest.jsonl");
     assert_eq!(
-        common::checks::reported_by_type(&counts),
-        Ok(common::checks::tickets_by_type(&rows))
+        crate::common::checks::reported_by_type(&counts),
+        Ok(crate::common::checks::tickets_by_type(&rows))
     );
 
     // `query` reads the table's snapshot, not a listing: a data file no commit refers to (a

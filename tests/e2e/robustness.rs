@@ -1,11 +1,9 @@
 //! One bad record, one refusal, one outage is never a hang: each ends in an outcome a user
 //! can act on, with the real binaries against a real broker and S3 server.
 
-pub mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use nix::sys::signal::Signal;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -184,7 +182,7 @@ async fn an_s3_refusal_stops_the_processor_with_what_to_fix_and_loses_nothing() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_over_https_with_a_private_ca_needs_aws_ca_bundle_and_is_exactly_once() {
     let fx = Fixture::start().await;
-    let tls = common::tls::TlsFront::start(&fx.s3.host_port()).await;
+    let tls = crate::common::tls::TlsFront::start(&fx.s3.host_port()).await;
     let https = format!("https://{}", tls.address);
     fx.create_topic(2).await;
     let plain = fx.env().set("S3_ENDPOINT", &https);
@@ -248,7 +246,7 @@ async fn a_body_damaged_in_flight_under_https_is_refused_by_its_checksum_and_sen
         .next()
         .expect("an address");
     let corrupter = Corrupter::start(target, "tickets_with_team", 1).await;
-    let tls = common::tls::TlsFront::start(&format!("127.0.0.1:{}", corrupter.port)).await;
+    let tls = crate::common::tls::TlsFront::start(&format!("127.0.0.1:{}", corrupter.port)).await;
     let env = fx
         .env()
         .set("S3_ENDPOINT", format!("https://{}", tls.address))

@@ -2,11 +2,9 @@
 //! inside the commit protocol, rebalances with a stale owner, S3 and broker outages, SIGTERM
 //! under load, misconfiguration). Each test prints its figures.
 
-pub mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use nix::sys::signal::Signal;
 use rand::Rng;
 

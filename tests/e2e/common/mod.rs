@@ -19,9 +19,6 @@
 //! - [`proxy`]: a TCP relay in front of a service, to cut it off and bring it back.
 //! - [`process`]: the workspace's binaries, run to completion or in the background.
 //! - [`checks`]: what the results must be (exactly once, commits behind S3, ...).
-//!
-//! Each test binary declares `pub mod common;`, so that the harness is that binary's public
-//! API: a binary that uses only part of it does not report the rest as dead code.
 
 pub mod broker;
 pub mod checks;
@@ -35,7 +32,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-pub use broker::{Broker, RawMessage, Record};
+pub use broker::{Broker, RawMessage};
 pub use checks::{DeltaRead, eventually};
 pub use process::{Running, http_get, metric, python_lines, run, run_ok};
 pub use proxy::{Corrupter, Proxy};

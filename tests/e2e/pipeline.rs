@@ -1,13 +1,11 @@
 //! End to end: the real `ticket-producer` and `ticket-processor` against a real broker and a
 //! real S3 server (see `common`).
 
-pub mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
