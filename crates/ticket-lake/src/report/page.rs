@@ -4,7 +4,9 @@
 //! with no way out, so the page fetches nothing: the CSS is inline, the charts are inline SVG
 //! drawn here, there is no JavaScript, font, image or link. Hover tooltips are SVG `<title>`s.
 //! The caller queries the lake and passes the results, and the time, in [`ReportData`];
-//! [`render`] is a pure function of it.
+//! [`render`] is a pure function of it. The markup is maud's `html!`: it is checked when this
+//! crate compiles, and every value spliced into it (team names, the title, the source: any
+//! text) is escaped there, so no function here writes or escapes HTML by hand.
 //!
 //! Under each chart the same numbers stand in an HTML table, for screen readers and for tests
 //! that read the rendered DOM (`chromium --headless --dump-dom`) and compare it with SQL:
@@ -20,6 +22,8 @@
 //! result and nothing else.
 
 use std::collections::{BTreeMap, BTreeSet};
+
+use maud::{DOCTYPE, Markup, PreEscaped, html};
 
 /// Valid tickets of one request type in one hour bucket.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,20 +73,7 @@ pub struct ReportData {
 
 /// The page for `data`: a complete HTML document that needs nothing else to display.
 pub fn render(data: &ReportData) -> String {
-    let per_hour = per_hour_grid(&data.per_hour);
-    let load = load_grid(&data.load);
-    let body = if per_hour.total() == 0 && load.total() == 0 {
-        empty_state()
-    } else {
-        [
-            consistency_note(per_hour.total() + data.undated, load.total()),
-            undated_note(data.undated),
-            per_hour_section(&per_hour),
-            load_section(&load),
-        ]
-        .concat()
-    };
-    page(data, &per_hour, &load, &body)
+    page(data, &per_hour_grid(&data.per_hour), &load_grid(&data.load)).into_string()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -230,23 +221,8 @@ fn priority_colours(priorities: &[String]) -> Vec<&'static str> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Text.
-
-/// Escapes text for HTML (and inline SVG) content and double- or single-quoted attributes.
-fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            _ => out.push(c),
-        }
-    }
-    out
-}
+// Text. Everything spliced into the markup (`(value)`) is escaped by maud; only the style sheet
+// goes in as it is.
 
 /// `1234567` as `1,234,567`.
 fn thousands(n: u64) -> String {
@@ -270,278 +246,269 @@ fn truncate(text: &str, max: usize) -> String {
     format!("{kept}…")
 }
 
+/// A coordinate with one decimal.
+fn c1(x: f64) -> String {
+    format!("{x:.1}")
+}
+
+/// A coordinate with two decimals.
+fn c2(x: f64) -> String {
+    format!("{x:.2}")
+}
+
 // ---------------------------------------------------------------------------------------------
 // Page and sections.
 
-fn page(data: &ReportData, per_hour: &Grid, load: &Grid, body: &str) -> String {
-    let title = escape(&data.title);
-    format!(
-        r#"<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{title}</title>
-<style>{STYLE}</style>
-</head>
-<body>
-<main>
-<header>
-<h1>{title}</h1>
-<p class="meta">Source <code>{source}</code> · generated {generated}</p>
-</header>
-{totals}
-{body}
-</main>
-</body>
-</html>
-"#,
-        source = escape(&data.source),
-        generated = escape(&data.generated_at),
-        totals = totals(data, per_hour, load),
-    )
+fn page(data: &ReportData, per_hour: &Grid, load: &Grid) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (data.title) }
+                style { (PreEscaped(STYLE)) }
+            }
+            body {
+                main {
+                    header {
+                        h1 { (data.title) }
+                        p class="meta" {
+                            "Source " code { (data.source) } " · generated " (data.generated_at)
+                        }
+                    }
+                    (totals(data, per_hour, load))
+                    @if per_hour.total() == 0 && load.total() == 0 {
+                        (empty_state())
+                    } @else {
+                        (consistency_note(per_hour.total() + data.undated, load.total()))
+                        (undated_note(data.undated))
+                        (section(&PER_HOUR, per_hour, &type_colours(&per_hour.cols)))
+                        (section(&LOAD, load, &priority_colours(&load.cols)))
+                    }
+                }
+            }
+        }
+    }
 }
 
-fn totals(data: &ReportData, per_hour: &Grid, load: &Grid) -> String {
-    let dead_letters = match data.dead_letters {
-        Some(n) => stat(
-            "dead_letters",
-            &n.to_string(),
-            &thousands(n),
-            "dead letters",
-            "",
-        ),
-        None => stat(
-            "dead_letters",
-            "unknown",
-            "unknown",
-            "dead letters",
-            "not counted",
-        ),
-    };
+fn totals(data: &ReportData, per_hour: &Grid, load: &Grid) -> Markup {
     let hours = per_hour.rows.len() as u64;
     let span = match (per_hour.rows.first(), per_hour.rows.last()) {
         (Some(first), Some(last)) if first != last => format!("{first} – {last}"),
         (Some(only), _) => only.clone(),
         _ => String::new(),
     };
-    [
-        r#"<section class="totals" aria-label="Totals">"#.to_owned(),
-        stat(
-            "tickets",
-            &load.total().to_string(),
-            &thousands(load.total()),
-            "tickets",
-            "valid, written to the lake",
-        ),
-        dead_letters,
-        stat(
-            "hours",
-            &hours.to_string(),
-            &thousands(hours),
-            "hours covered",
-            &span,
-        ),
-        "</section>\n".to_owned(),
-    ]
-    .concat()
+    let dead_letters_note = if data.dead_letters.is_some() {
+        ""
+    } else {
+        "not counted"
+    };
+    html! {
+        section class="totals" aria-label="Totals" {
+            (stat("tickets", Some(load.total()), "tickets", "valid, written to the lake"))
+            (stat("dead_letters", data.dead_letters, "dead letters", dead_letters_note))
+            (stat("hours", Some(hours), "hours covered", &span))
+        }
+    }
 }
 
-/// One figure of the totals; `value` is the machine-readable form of `shown`.
-fn stat(key: &str, value: &str, shown: &str, label: &str, note: &str) -> String {
-    format!(
-        r#"<div class="stat" data-total="{key}" data-value="{value}"><div class="stat-value">{shown}</div><div class="stat-label">{label}</div><div class="stat-note">{note}</div></div>"#,
-        value = escape(value),
-        shown = escape(shown),
-        note = escape(note),
-    )
+/// One figure of the totals: `data-value` holds the plain number, or `unknown`.
+fn stat(key: &str, value: Option<u64>, label: &str, note: &str) -> Markup {
+    let (plain, shown) = match value {
+        Some(n) => (n.to_string(), thousands(n)),
+        None => ("unknown".to_owned(), "unknown".to_owned()),
+    };
+    html! {
+        div class="stat" data-total=(key) data-value=(plain) {
+            div class="stat-value" { (shown) }
+            div class="stat-label" { (label) }
+            div class="stat-note" { (note) }
+        }
+    }
 }
 
-fn empty_state() -> String {
-    r#"<section class="card empty"><h2>No tickets yet</h2><p>The lake holds no valid tickets at this source. Once the processor has written a batch, the next report shows them per hour and per team.</p></section>
-"#
-    .to_owned()
+fn empty_state() -> Markup {
+    html! {
+        section class="card empty" {
+            h2 { "No tickets yet" }
+            p {
+                "The lake holds no valid tickets at this source. Once the processor has written "
+                "a batch, the next report shows them per hour and per team."
+            }
+        }
+    }
 }
 
 /// Why some tickets are in the totals but not in the hours.
-fn undated_note(undated: u64) -> String {
-    if undated == 0 {
-        return String::new();
+fn undated_note(undated: u64) -> Markup {
+    html! {
+        @if undated > 0 {
+            p class="note" role="note" data-undated=(undated) {
+                (thousands(undated)) " tickets have no hour (written before time partitions, or "
+                "by an earlier version of process-file): they are in the totals and the load per "
+                "team, not in the tickets per hour."
+            }
+        }
     }
-    format!(
-        r#"<p class="note" role="note" data-undated="{undated}">{} tickets have no hour (written before time partitions, or by an earlier version of process-file): they are in the totals and the load per team, not in the tickets per hour.</p>
-"#,
-        thousands(undated)
-    )
 }
 
 /// A visible note when the two groupings disagree on the number of tickets.
-fn consistency_note(per_hour_total: u64, load_total: u64) -> String {
-    if per_hour_total == load_total {
-        return String::new();
+fn consistency_note(per_hour_total: u64, load_total: u64) -> Markup {
+    html! {
+        @if per_hour_total != load_total {
+            p class="warn" role="note" {
+                "The tickets per hour add up to " (thousands(per_hour_total)) ", the load per "
+                "team to " (thousands(load_total)) ": the two queries did not see the same "
+                "tickets (files written in between?)."
+            }
+        }
     }
-    format!(
-        r#"<p class="warn" role="note">The tickets per hour add up to {}, the load per team to {}: the two queries did not see the same tickets (files written in between?).</p>
-"#,
-        thousands(per_hour_total),
-        thousands(load_total)
-    )
 }
 
-/// What a table's rows and columns are, for its header and its `data-*` attributes.
-struct Axes {
+/// One of the two groupings: its section, chart and table, and the `data-*` attributes its
+/// cells carry (see the module doc).
+struct Grouping {
+    id: &'static str,
     caption: &'static str,
     row_heading: &'static str,
-    row_attr: &'static str,
-    col_attr: &'static str,
+    /// Rows are hours and columns request types (`data-hour`, `data-request-type`); otherwise
+    /// rows are teams and columns priorities (`data-team`, `data-priority`).
+    by_hour: bool,
 }
 
-const PER_HOUR_AXES: Axes = Axes {
+const PER_HOUR: Grouping = Grouping {
+    id: "per-hour",
     caption: "Tickets per hour by request type",
     row_heading: "Hour",
-    row_attr: "data-hour",
-    col_attr: "data-request-type",
+    by_hour: true,
 };
 
-const LOAD_AXES: Axes = Axes {
+const LOAD: Grouping = Grouping {
+    id: "load",
     caption: "Load per team and priority",
     row_heading: "Team",
-    row_attr: "data-team",
-    col_attr: "data-priority",
+    by_hour: false,
 };
 
-fn per_hour_section(grid: &Grid) -> String {
-    let colours = type_colours(&grid.cols);
-    section(
-        "per-hour",
-        &PER_HOUR_AXES,
-        grid,
-        &colours,
-        &hourly_chart(grid, &colours),
-    )
-}
-
-fn load_section(grid: &Grid) -> String {
-    let colours = priority_colours(&grid.cols);
-    section(
-        "load",
-        &LOAD_AXES,
-        grid,
-        &colours,
-        &load_chart(grid, &colours),
-    )
-}
-
-fn section(id: &str, axes: &Axes, grid: &Grid, colours: &[&str], chart: &str) -> String {
-    let heading = format!(r#"<h2 id="{id}-title">{}</h2>"#, axes.caption);
-    if grid.total() == 0 {
-        return format!(
-            r#"<section class="card" id="{id}">{heading}<p class="empty-note">No tickets in this grouping.</p></section>
-"#
-        );
+impl Grouping {
+    /// `value` for the attribute of this grouping's kind, `None` (no attribute) for the other's.
+    fn hour<'a>(&self, value: &'a str) -> Option<&'a str> {
+        self.by_hour.then_some(value)
     }
-    format!(
-        r#"<section class="card" id="{id}" aria-labelledby="{id}-title">{heading}
-{legend}
-{chart}
-{table}
-</section>
-"#,
-        legend = legend(&grid.cols, colours),
-        table = numbers_table(id, axes, grid, colours),
-    )
+
+    fn team<'a>(&self, value: &'a str) -> Option<&'a str> {
+        (!self.by_hour).then_some(value)
+    }
+
+    fn chart(&self, grid: &Grid, colours: &[&str]) -> Markup {
+        if self.by_hour {
+            hourly_chart(grid, colours)
+        } else {
+            load_chart(grid, colours)
+        }
+    }
 }
 
-fn legend(names: &[String], colours: &[&str]) -> String {
-    let items: String = names
-        .iter()
-        .zip(colours)
-        .map(|(name, colour)| format!("<li>{}{}</li>", swatch(colour), escape(name)))
-        .collect();
-    format!(r#"<ul class="legend" aria-label="Legend">{items}</ul>"#)
+fn section(g: &Grouping, grid: &Grid, colours: &[&str]) -> Markup {
+    let title_id = format!("{}-title", g.id);
+    html! {
+        @if grid.total() == 0 {
+            section class="card" id=(g.id) {
+                h2 id=(title_id) { (g.caption) }
+                p class="empty-note" { "No tickets in this grouping." }
+            }
+        } @else {
+            section class="card" id=(g.id) aria-labelledby=(title_id) {
+                h2 id=(title_id) { (g.caption) }
+                (legend(&grid.cols, colours))
+                (g.chart(grid, colours))
+                (numbers_table(g, grid, colours))
+            }
+        }
+    }
 }
 
-fn swatch(colour: &str) -> String {
-    format!(r#"<span class="swatch" style="background:{colour}"></span>"#)
+fn legend(names: &[String], colours: &[&str]) -> Markup {
+    html! {
+        ul class="legend" aria-label="Legend" {
+            @for (name, colour) in names.iter().zip(colours) {
+                li { (swatch(colour)) (name) }
+            }
+        }
+    }
+}
+
+fn swatch(colour: &str) -> Markup {
+    html! { span class="swatch" style={ "background:" (colour) } {} }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Tables.
 
-fn numbers_table(id: &str, axes: &Axes, grid: &Grid, colours: &[&str]) -> String {
-    let head: String = grid
-        .cols
-        .iter()
-        .zip(colours)
-        .map(|(col, colour)| {
-            format!(
-                r#"<th scope="col" {}="{}">{}{}</th>"#,
-                axes.col_attr,
-                escape(col),
-                swatch(colour),
-                escape(col)
-            )
-        })
-        .collect();
-    let body: String = (0..grid.rows.len())
-        .map(|r| table_row(axes, grid, r))
-        .collect();
-    format!(
-        r#"<div class="table-wrap" role="region" aria-label="{caption}, numbers" tabindex="0"><table id="{id}-table">
-<caption>{caption}: the numbers</caption>
-<thead><tr><th scope="col">{row_heading}</th>{head}<th scope="col">Total</th></tr></thead>
-<tbody>
-{body}</tbody>
-<tfoot>{foot}</tfoot>
-</table></div>"#,
-        caption = axes.caption,
-        row_heading = axes.row_heading,
-        foot = table_foot(grid),
-    )
+fn numbers_table(g: &Grouping, grid: &Grid, colours: &[&str]) -> Markup {
+    html! {
+        div class="table-wrap" role="region" aria-label={ (g.caption) ", numbers" } tabindex="0" {
+            table id={ (g.id) "-table" } {
+                caption { (g.caption) ": the numbers" }
+                thead {
+                    tr {
+                        th scope="col" { (g.row_heading) }
+                        @for (col, colour) in grid.cols.iter().zip(colours) {
+                            th scope="col" data-request-type=[g.hour(col)] data-priority=[g.team(col)] {
+                                (swatch(colour)) (col)
+                            }
+                        }
+                        th scope="col" { "Total" }
+                    }
+                }
+                tbody {
+                    @for r in 0..grid.rows.len() {
+                        (table_row(g, grid, r))
+                    }
+                }
+                tfoot {
+                    tr {
+                        th scope="row" { "Total" }
+                        @for c in 0..grid.cols.len() {
+                            (sum_cell(grid.col_total(c)))
+                        }
+                        (sum_cell(grid.total()))
+                    }
+                }
+            }
+        }
+    }
 }
 
-fn table_row(axes: &Axes, grid: &Grid, r: usize) -> String {
-    let key = escape(&grid.rows[r]);
-    let cells: String = grid
-        .cols
-        .iter()
-        .zip(&grid.cells[r])
-        .map(|(col, cell)| match cell {
-            Some(n) => format!(
-                r#"<td {}="{key}" {}="{}" data-count="{n}">{}</td>"#,
-                axes.row_attr,
-                axes.col_attr,
-                escape(col),
-                thousands(*n)
-            ),
-            None => r#"<td class="none" title="none">–</td>"#.to_owned(),
-        })
-        .collect();
-    format!(
-        r#"<tr {attr}="{key}"><th scope="row">{key}</th>{cells}{sum}</tr>
-"#,
-        attr = axes.row_attr,
-        sum = sum_cell(grid.row_total(r)),
-    )
-}
-
-fn table_foot(grid: &Grid) -> String {
-    let sums: String = (0..grid.cols.len())
-        .map(|c| sum_cell(grid.col_total(c)))
-        .collect();
-    format!(
-        r#"<tr><th scope="row">Total</th>{sums}{}</tr>"#,
-        sum_cell(grid.total())
-    )
+fn table_row(g: &Grouping, grid: &Grid, r: usize) -> Markup {
+    let key = grid.rows[r].as_str();
+    html! {
+        tr data-hour=[g.hour(key)] data-team=[g.team(key)] {
+            th scope="row" { (key) }
+            @for (col, cell) in grid.cols.iter().zip(&grid.cells[r]) {
+                @if let Some(n) = cell {
+                    td data-hour=[g.hour(key)] data-team=[g.team(key)]
+                        data-request-type=[g.hour(col)] data-priority=[g.team(col)]
+                        data-count=(n) { (thousands(*n)) }
+                } @else {
+                    td class="none" title="none" { "–" }
+                }
+            }
+            (sum_cell(grid.row_total(r)))
+        }
+    }
 }
 
 /// A row or column sum: `data-sum`, never `data-count` (see the module doc).
-fn sum_cell(n: u64) -> String {
-    format!(r#"<td class="sum" data-sum="{n}">{}</td>"#, thousands(n))
+fn sum_cell(n: u64) -> Markup {
+    html! { td class="sum" data-sum=(n) { (thousands(n)) } }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Charts: inline SVG in a 1000-unit-wide view box that scales to the page width.
+// Charts: inline SVG in a 1000-unit-wide view box that scales to the page width. SVG elements
+// are written with an end tag (`<line ...></line>`): in HTML a `<line>` left open would hold
+// every element after it.
 
 const CHART_WIDTH: f64 = 1000.0;
 
@@ -586,8 +553,44 @@ fn label_every(hours: usize, max_labels: usize) -> usize {
         .unwrap_or_else(|| needed.div_ceil(24) * 24)
 }
 
+/// One segment of row `r`'s stacked bar, for each column with tickets.
+struct Segment<'a> {
+    /// Tickets of the row in the segments before this one.
+    before: u64,
+    count: u64,
+    col: &'a str,
+    colour: &'a str,
+}
+
+fn stack<'a>(grid: &'a Grid, r: usize, colours: &[&'a str]) -> Vec<Segment<'a>> {
+    let mut before = 0;
+    let mut segments = vec![];
+    for ((col, cell), colour) in grid.cols.iter().zip(&grid.cells[r]).zip(colours) {
+        let count = cell.unwrap_or(0);
+        if count > 0 {
+            segments.push(Segment {
+                before,
+                count,
+                col,
+                colour,
+            });
+            before += count;
+        }
+    }
+    segments
+}
+
+/// A bar segment, with its row, column and count as the hover tooltip.
+fn rect(x: f64, y: f64, width: f64, height: f64, row: &str, segment: &Segment) -> Markup {
+    html! {
+        rect class="seg" x=(c2(x)) y=(c2(y)) width=(c2(width)) height=(c2(height)) fill=(segment.colour) {
+            title { (row) " · " (segment.col) ": " (thousands(segment.count)) }
+        }
+    }
+}
+
 /// Stacked vertical bars: one bar per hour, one segment per request type with tickets.
-fn hourly_chart(grid: &Grid, colours: &[&str]) -> String {
+fn hourly_chart(grid: &Grid, colours: &[&str]) -> Markup {
     const LEFT: f64 = 60.0;
     const RIGHT: f64 = 12.0;
     const TOP: f64 = 14.0;
@@ -598,54 +601,53 @@ fn hourly_chart(grid: &Grid, colours: &[&str]) -> String {
     let scale = Scale::new(grid.max_row_total(), 5);
     let band = plot_width / grid.rows.len().max(1) as f64;
     let bar_width = (band * 0.78).min(56.0);
+    let centre = |r: usize| LEFT + band * (r as f64 + 0.5);
     let every = label_every(grid.rows.len(), (plot_width / 84.0) as usize);
-
-    let mut parts = vec![];
-    for v in scale.values() {
-        let y = base - scale.length(v, PLOT_HEIGHT);
-        parts.push(format!(
-            r#"<line class="grid" x1="{LEFT}" x2="{:.1}" y1="{y:.1}" y2="{y:.1}"/><text class="tick" x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
-            CHART_WIDTH - RIGHT,
-            LEFT - 8.0,
-            y + 4.0,
-            thousands(v)
-        ));
-    }
+    // (row, time, date): a date shows under the first label of its day.
     let mut last_date = None;
-    for (r, hour) in grid.rows.iter().enumerate() {
-        let centre = LEFT + band * (r as f64 + 0.5);
-        let mut y = base;
-        for ((col, cell), colour) in grid.cols.iter().zip(&grid.cells[r]).zip(colours) {
-            let n = cell.unwrap_or(0);
-            if n == 0 {
-                continue;
-            }
-            let height = scale.length(n, PLOT_HEIGHT);
-            y -= height;
-            parts.push(format!(
-                r#"<rect class="seg" x="{:.1}" y="{y:.2}" width="{bar_width:.1}" height="{height:.2}" fill="{colour}"><title>{} · {}: {}</title></rect>"#,
-                centre - bar_width / 2.0,
-                escape(hour),
-                escape(col),
-                thousands(n)
-            ));
-        }
-        if r.is_multiple_of(every) {
-            let (date, time) = split_hour(hour);
-            let new_date = date.filter(|d| last_date != Some(*d));
-            last_date = date;
-            parts.push(hour_label(time, new_date, centre, base));
-        }
+    let mut labels = vec![];
+    for (r, hour) in grid.rows.iter().enumerate().step_by(every) {
+        let (date, time) = split_hour(hour);
+        labels.push((r, time, date.filter(|d| last_date != Some(*d))));
+        last_date = date;
     }
-    parts.push(format!(
-        r#"<line class="axis" x1="{LEFT}" x2="{:.1}" y1="{base}" y2="{base}"/>"#,
-        CHART_WIDTH - RIGHT
-    ));
+    let content = html! {
+        @for v in scale.values() {
+            @let y = base - scale.length(v, PLOT_HEIGHT);
+            line class="grid" x1=(LEFT) x2=(c1(CHART_WIDTH - RIGHT)) y1=(c1(y)) y2=(c1(y)) {}
+            text class="tick" x=(c1(LEFT - 8.0)) y=(c1(y + 4.0)) text-anchor="end" {
+                (thousands(v))
+            }
+        }
+        @for (r, hour) in grid.rows.iter().enumerate() {
+            @for s in stack(grid, r, colours) {
+                (rect(
+                    centre(r) - bar_width / 2.0,
+                    base - scale.length(s.before + s.count, PLOT_HEIGHT),
+                    bar_width,
+                    scale.length(s.count, PLOT_HEIGHT),
+                    hour,
+                    &s,
+                ))
+            }
+        }
+        @for (r, time, date) in labels {
+            @let x = c1(centre(r));
+            line class="axis" x1=(x) x2=(x) y1=(base) y2=(c1(base + 5.0)) {}
+            text class="tick xlabel" x=(x) y=(c1(base + 18.0)) text-anchor="middle" {
+                tspan x=(x) dy="0" { (time) }
+                @if let Some(date) = date {
+                    tspan class="date" x=(x) dy="14" { (date) }
+                }
+            }
+        }
+        line class="axis" x1=(LEFT) x2=(c1(CHART_WIDTH - RIGHT)) y1=(base) y2=(base) {}
+    };
     svg(
         "per-hour-chart",
         "Tickets per hour, stacked by request type",
-        TOP + PLOT_HEIGHT + BOTTOM,
-        &parts.concat(),
+        base + BOTTOM,
+        content,
     )
 }
 
@@ -657,26 +659,8 @@ fn split_hour(hour: &str) -> (Option<&str>, &str) {
     }
 }
 
-/// A tick under the bar and its time, with the date below when it is a new one.
-fn hour_label(time: &str, date: Option<&str>, x: f64, base: f64) -> String {
-    let date = date
-        .map(|d| {
-            format!(
-                r#"<tspan class="date" x="{x:.1}" dy="14">{}</tspan>"#,
-                escape(d)
-            )
-        })
-        .unwrap_or_default();
-    format!(
-        r#"<line class="axis" x1="{x:.1}" x2="{x:.1}" y1="{base}" y2="{:.1}"/><text class="tick xlabel" x="{x:.1}" y="{:.1}" text-anchor="middle"><tspan x="{x:.1}" dy="0">{}</tspan>{date}</text>"#,
-        base + 5.0,
-        base + 18.0,
-        escape(time)
-    )
-}
-
 /// Stacked horizontal bars: one bar per team, one segment per priority with tickets.
-fn load_chart(grid: &Grid, colours: &[&str]) -> String {
+fn load_chart(grid: &Grid, colours: &[&str]) -> Markup {
     const MAX_NAME: usize = 30;
     const RIGHT: f64 = 70.0;
     const TOP: f64 = 8.0;
@@ -691,67 +675,55 @@ fn load_chart(grid: &Grid, colours: &[&str]) -> String {
         .unwrap_or(0);
     let left = (longest as f64 * 7.4 + 16.0).clamp(80.0, 250.0);
     let plot_width = CHART_WIDTH - left - RIGHT;
-    let plot_height = ROW * grid.rows.len() as f64;
-    let base = TOP + plot_height;
+    let base = TOP + ROW * grid.rows.len() as f64;
     let scale = Scale::new(grid.max_row_total(), 6);
-
-    let mut parts = vec![];
-    for v in scale.values() {
-        let x = left + scale.length(v, plot_width);
-        parts.push(format!(
-            r#"<line class="grid" x1="{x:.1}" x2="{x:.1}" y1="{TOP}" y2="{base:.1}"/><text class="tick" x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
-            base + 18.0,
-            thousands(v)
-        ));
-    }
-    for (r, team) in grid.rows.iter().enumerate() {
-        let y = TOP + ROW * r as f64 + (ROW - BAR) / 2.0;
-        parts.push(format!(
-            r#"<text class="label" x="{:.1}" y="{:.1}" text-anchor="end">{}<title>{}</title></text>"#,
-            left - 10.0,
-            y + BAR / 2.0 + 4.5,
-            escape(&truncate(team, MAX_NAME)),
-            escape(team)
-        ));
-        let mut x = left;
-        for ((col, cell), colour) in grid.cols.iter().zip(&grid.cells[r]).zip(colours) {
-            let n = cell.unwrap_or(0);
-            if n == 0 {
-                continue;
-            }
-            let width = scale.length(n, plot_width);
-            parts.push(format!(
-                r#"<rect class="seg" x="{x:.2}" y="{y:.1}" width="{width:.2}" height="{BAR}" fill="{colour}"><title>{} · {}: {}</title></rect>"#,
-                escape(team),
-                escape(col),
-                thousands(n)
-            ));
-            x += width;
+    let bar_top = |r: usize| TOP + ROW * r as f64 + (ROW - BAR) / 2.0;
+    let text_y = |r: usize| c1(bar_top(r) + BAR / 2.0 + 4.5);
+    let content = html! {
+        @for v in scale.values() {
+            @let x = c1(left + scale.length(v, plot_width));
+            line class="grid" x1=(x) x2=(x) y1=(TOP) y2=(c1(base)) {}
+            text class="tick" x=(x) y=(c1(base + 18.0)) text-anchor="middle" { (thousands(v)) }
         }
-        parts.push(format!(
-            r#"<text class="value" x="{:.1}" y="{:.1}">{}</text>"#,
-            x + 6.0,
-            y + BAR / 2.0 + 4.5,
-            thousands(grid.row_total(r))
-        ));
-    }
-    parts.push(format!(
-        r#"<line class="axis" x1="{left:.1}" x2="{left:.1}" y1="{TOP}" y2="{base:.1}"/>"#
-    ));
+        @for (r, team) in grid.rows.iter().enumerate() {
+            text class="label" x=(c1(left - 10.0)) y=(text_y(r)) text-anchor="end" {
+                (truncate(team, MAX_NAME))
+                title { (team) }
+            }
+            @for s in stack(grid, r, colours) {
+                (rect(
+                    left + scale.length(s.before, plot_width),
+                    bar_top(r),
+                    scale.length(s.count, plot_width),
+                    BAR,
+                    team,
+                    &s,
+                ))
+            }
+            text class="value" x=(c1(left + scale.length(grid.row_total(r), plot_width) + 6.0)) y=(text_y(r)) {
+                (thousands(grid.row_total(r)))
+            }
+        }
+        line class="axis" x1=(c1(left)) x2=(c1(left)) y1=(TOP) y2=(c1(base)) {}
+    };
     svg(
         "load-chart",
         "Tickets per support team, stacked by priority",
         base + BOTTOM,
-        &parts.concat(),
+        content,
     )
 }
 
 /// An inline `<svg>` (no `xmlns`: the HTML parser places it, and it would be the page's only
 /// URL).
-fn svg(id: &str, title: &str, height: f64, content: &str) -> String {
-    format!(
-        r#"<svg id="{id}" class="chart" viewBox="0 0 {CHART_WIDTH} {height:.0}" role="img" aria-label="{title}"><title>{title}</title>{content}</svg>"#
-    )
+fn svg(id: &str, title: &str, height: f64, content: Markup) -> Markup {
+    html! {
+        svg id=(id) class="chart" viewBox={ "0 0 " (CHART_WIDTH) " " (format!("{height:.0}")) }
+            role="img" aria-label=(title) {
+            title { (title) }
+            (content)
+        }
+    }
 }
 
 const STYLE: &str = r#"
@@ -900,7 +872,6 @@ mod tests {
         assert!(page.contains(&format!(r#"<tr data-team="{escaped}">"#)));
         assert!(page.contains(&format!(r#"<th scope="row">{escaped}</th>"#)));
         assert!(page.contains("<title>Tickets &lt;lake&gt;</title>"));
-        assert_eq!(escape(r#"<'&">"#), "&lt;&#39;&amp;&quot;&gt;");
     }
 
     #[test]
@@ -911,15 +882,33 @@ mod tests {
                 ..sample()
             };
             let page = render(&data);
-            assert!(page.contains(&format!("<code>{}</code>", escape(source))));
+            let escaped = html! { (source) }.into_string();
+            assert!(page.contains(&format!("<code>{escaped}</code>")));
             // The source is the caller's text, shown as text: check everything else.
-            let template = page.replace(&escape(source), "");
+            let template = page.replace(&escaped, "");
             for needle in [
                 "http://", "https://", "src=", "<script", "href", "url(", "@import", "<link",
                 "<img", "<iframe", "xmlns",
             ] {
                 assert!(!template.contains(needle), "{needle:?} on the page");
             }
+        }
+    }
+
+    #[test]
+    fn every_svg_element_is_closed() {
+        // `line x1=..;` (maud's void syntax) would print `<line ...>` with no end tag, and in
+        // HTML everything after it would land inside the line, out of sight.
+        let page = render(&sample());
+        for tag in ["line", "rect", "text", "tspan", "title"] {
+            let opened = page.matches(&format!("<{tag} ")).count()
+                + page.matches(&format!("<{tag}>")).count();
+            let closed = page.matches(&format!("</{tag}>")).count();
+            assert!(opened > 0, "no <{tag}> on the page");
+            assert_eq!(
+                opened, closed,
+                "<{tag}> opened {opened} times, closed {closed}"
+            );
         }
     }
 
