@@ -512,6 +512,102 @@ async fn misconfiguration_is_a_clear_error_at_start_not_a_hang() {
     }
 }
 
+/// A batch whose checkpoint is written but whose objects are not (a crash in between) is
+/// rebuilt from Kafka by the next processor, and only if that reproduces what the checkpoint
+/// records. Two ways it cannot, each must stop the processor with what to do and write
+/// nothing under the recorded keys: a changed routing table (restoring it finishes the
+/// batch), and a recorded range Kafka no longer has (the topic deleted and created again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_batch_that_cannot_be_rebuilt_stops_the_processor_and_writes_nothing() {
+    let fx = Fixture::start().await;
+    let env = fx.env().set("BATCH_MAX_RECORDS", "10");
+    fx.create_topic(1).await;
+    // Crashes between the checkpoint of its second batch and that batch's objects.
+    let crash = || async {
+        let mut p = fx.spawn(
+            "ticket-processor",
+            &env.clone().failpoint("after-checkpoint:abort:2"),
+            &["--drain"],
+            "crash",
+        );
+        let status = p.exit_within(Duration::from_secs(60)).await;
+        assert!(
+            status.is_some() && p.log().contains("Failpoint reached"),
+            "the processor did not crash after its second checkpoint:\n{}",
+            p.log()
+        );
+        let missing = fx.recorded_but_missing().await;
+        assert!(!missing.is_empty(), "no committed batch left to rebuild");
+        let batch = fx.checkpoint_per_partition().await[&0]
+            .batch
+            .clone()
+            .expect("a recorded batch");
+        (missing, batch)
+    };
+    let objects = || async { fx.s3.keys("tickets_with_team/").await };
+
+    // 1. The routing table changed between the checkpoint and the rebuild.
+    run_ok("ticket-producer", &env, &["--count", "20"]).await;
+    let (missing, batch) = crash().await;
+    let before = objects().await;
+    let routing = fx.log_dir().join("routing.json");
+    std::fs::write(
+        &routing,
+        r#"{"teams": {"technical": "Platform"}, "default_team": "Everyone Else"}"#,
+    )
+    .expect("routing file");
+    let changed = env
+        .clone()
+        .set("ROUTING_FILE", routing.display().to_string());
+    let (ok, _, err) = run("ticket-processor", &changed, &["--drain"]).await;
+    assert!(!ok, "a rebuild with another routing table must not finish");
+    assert!(
+        err.contains("routing table of digest") && err.contains("restore the routing file"),
+        "{err}"
+    );
+    assert_eq!(objects().await, before, "something was written");
+    // Restored: the batch is finished exactly as recorded.
+    run_ok("ticket-processor", &env, &["--drain"]).await;
+    assert_eq!(fx.recorded_but_missing().await, Vec::<String>::new());
+    let present = objects().await;
+    assert!(missing.iter().all(|k| present.contains(k)));
+    assert_eq!(fx.assert_exactly_once(&fx.topic_ids()).await, 20);
+    report(
+        "rebuild_with_changed_routing",
+        &[
+            ("offsets", format!("{}..={}", batch.first, batch.last)),
+            ("objects", missing.len().to_string()),
+        ],
+    );
+
+    // 2. The recorded range is gone: the topic was deleted and created again, with fewer
+    // messages than the recorded offsets.
+    run_ok("ticket-producer", &env, &["--count", "20"]).await;
+    let (missing, batch) = crash().await;
+    let before = objects().await;
+    fx.broker.delete_topic(&fx.topic).await;
+    fx.create_topic(1).await;
+    run_ok("ticket-producer", &env, &["--count", "5"]).await;
+    let (ok, _, err) = run("ticket-processor", &env, &["--drain"]).await;
+    assert!(
+        !ok,
+        "a drain past a recorded range Kafka no longer has must fail:\n{err}"
+    );
+    for needed in [
+        format!("topic {:?}, partition 0", fx.topic),
+        format!("offsets {}..={}", batch.first, batch.last),
+        "remove the \"batch\" field".to_owned(),
+    ] {
+        assert!(err.contains(&needed), "{needed:?} not in:\n{err}");
+    }
+    assert_eq!(objects().await, before, "something was written");
+    assert_eq!(fx.recorded_but_missing().await, missing);
+    report(
+        "recorded_range_gone",
+        &[("offsets", format!("{}..={}", batch.first, batch.last))],
+    );
+}
+
 /// `OUTPUT_FORMAT=delta` under the faults its commit must survive, one after the other on one
 /// stream: crashes on both sides of the log write, a commit whose answer is lost, SIGKILLs at
 /// random moments, a stale owner frozen before its commit while two other instances take its

@@ -48,7 +48,10 @@
 //! names the topic, partition and offsets and says how to go on; it never skips them (the
 //! loop checks the partition's first offset in Kafka before it seeks, and that the first
 //! message delivered is the recorded first offset: `auto.offset.reset=earliest` would
-//! otherwise jump forward without a word).
+//! otherwise jump forward without a word). `--drain` does not end while a recorded range is
+//! still to be read: it waits while Kafka's partition ends past the range, and stops with the
+//! same error once it ends before (the topic deleted and created again, or a broker that
+//! answers a fetch past the end with nothing instead of "offset out of range").
 //!
 //! **Upgrades.** Versions up to 0.1.0 staged each object, wrote `pending: {staging_key,
 //! final_key}` into the checkpoint, copied and deleted. A checkpoint such a version left with

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -255,6 +257,18 @@ impl Broker {
             });
         }
         out
+    }
+
+    /// Deletes `topic`, as an operator would with `rpk topic delete`.
+    pub async fn delete_topic(&self, topic: &str) {
+        let admin: AdminClient<DefaultClientContext> = self.config().create().expect("admin");
+        let results = admin
+            .delete_topics(&[topic], &AdminOptions::new())
+            .await
+            .expect("delete topics");
+        for r in results {
+            r.unwrap_or_else(|(t, e)| panic!("deleting topic {t}: {e}"));
+        }
     }
 
     /// The consumer group's committed offsets on partitions `0..partitions` of `topic`.

@@ -367,7 +367,7 @@ impl Processor {
         let consumer = self.consumer.clone();
         let mut messages = consumer.stream();
         loop {
-            if self.drain.as_ref().is_some_and(Drain::finished) {
+            if self.drain.as_ref().is_some_and(Drain::finished) && self.nothing_left_to_rebuild()? {
                 tracing::info!("Reached the end of the topic as of start.");
                 return Ok(());
             }
@@ -731,6 +731,53 @@ impl Processor {
         Some(fetched.max(handled))
     }
 
+    /// Drain mode, at the end of the topic as of start: whether no partition is still reading
+    /// a committed range again. `--drain` never ends with a committed batch unwritten: if the
+    /// range is still in Kafka (its end is past the range), the drain waits for it; if it is
+    /// not, that is the error a message from elsewhere would give ([`range_gone`]). A broker
+    /// that answers a fetch past a partition's end with nothing (Tansu 0.6) instead of
+    /// "offset out of range" only ever gets here.
+    fn nothing_left_to_rebuild(&mut self) -> anyhow::Result<bool> {
+        let rebuilding: Vec<(i32, (i64, i64))> = self
+            .owners
+            .iter()
+            .filter_map(|(p, o)| Some((*p, o.rebuilding()?)))
+            .collect();
+        for (partition, (first, last)) in rebuilding {
+            let kafka = &self.settings.kafka;
+            let end = tokio::task::block_in_place(|| {
+                self.consumer
+                    .fetch_watermarks(&kafka.topic, partition, kafka.connect_timeout())
+            });
+            match end {
+                Ok((_, high)) if high <= last => {
+                    return Err(range_gone(
+                        &kafka.topic,
+                        &self.settings.layout,
+                        partition,
+                        &format!(
+                            "offsets {first}..={last} are committed in S3 but some of their objects are not written yet, and Kafka no longer has them (the partition ends at offset {high} now: the topic was deleted and created again, or its log truncated)"
+                        ),
+                    ));
+                }
+                Ok((_, high)) => tracing::info!(
+                    partition,
+                    first,
+                    last,
+                    end = high,
+                    "Waiting for a committed range to be read again before the drain ends."
+                ),
+                // Asked again after the next idle period.
+                Err(e) => {
+                    tracing::warn!(partition, error = %e, "Cannot read the partition's end offset (Kafka unreachable?); the drain waits.")
+                }
+            }
+            if let Some(d) = &mut self.drain {
+                d.rewound(partition, Instant::now());
+            }
+        }
+        Ok(self.drain.as_ref().is_some_and(Drain::finished))
+    }
     /// Drain mode: own every partition, starting where S3 says each one stopped.
     async fn assign_all(&mut self, partitions: i32) -> anyhow::Result<BTreeMap<i32, i64>> {
         let mut tpl = TopicPartitionList::new();

@@ -126,6 +126,14 @@ impl PartitionOwner {
         }
     }
 
+    /// The committed range being read again, until all of it is read.
+    pub fn rebuilding(&self) -> Option<(i64, i64)> {
+        match &self.life {
+            Life::Open { batches, .. } => batches.rebuilding(),
+            Life::Loading => None,
+        }
+    }
+
     /// Adds a message to the open batch (a message while loading, or one already handled, is
     /// dropped); an error if it shows a committed range being read again is gone from Kafka.
     pub fn accept(

@@ -96,7 +96,7 @@ pub struct Partition<B> {
 /// it was when it was committed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "offsets {first}..={last} are committed in S3 but some of their objects are not written yet, and Kafka no longer has offset {missing} (it delivered {got} instead: retention or compaction removed it)"
+    "offsets {first}..={last} are committed in S3 but some of their objects are not written yet, and Kafka no longer has offset {missing} (it delivered {got} instead: retention or compaction removed it, or the topic was deleted and created again)"
 )]
 pub struct RangeGone {
     pub first: i64,
@@ -159,6 +159,11 @@ impl<B: Buffer> Partition<B> {
     /// The next offset to handle: where a `--drain` stands in the partition.
     pub fn expected(&self) -> i64 {
         self.expected
+    }
+
+    /// The committed range being read again, until all of it is read.
+    pub fn rebuilding(&self) -> Option<(i64, i64)> {
+        self.rebuild
     }
 
     pub fn phase(&self) -> Phase {
