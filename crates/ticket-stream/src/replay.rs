@@ -22,7 +22,7 @@ pub struct ReplayArgs {
     #[command(flatten)]
     pub kafka: ticket_kafka::KafkaArgs,
 
-    /// The processor's consumer group; the replay uses "<group>-dlq-replay" for its own progress.
+    /// The processor's consumer group; the replay uses `<group>-dlq-replay` for its own progress.
     #[arg(long, env = "CONSUMER_GROUP", default_value = "ticket-processor")]
     pub group: String,
 

@@ -1,8 +1,19 @@
-//! `--drain`: when the topic's end as of start is reached. No Kafka in here: the consumer's
-//! positions are passed in.
+//! `--drain`: own every partition from where S3 says it stopped, and end at the topic's end
+//! as of start, with nothing committed left unwritten.
+//!
+//! [`Drain`] is the rule, with no Kafka in it (the consumer's positions are passed in); the
+//! `Processor` methods after it are its Kafka side, called by the loop: the assignment and
+//! the end offsets at start (`Processor::start_drain`), the positions on each tick, and the
+//! end test (`Processor::drain_done`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rdkafka::consumer::Consumer;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::{Processor, range_gone, recover, still_in_kafka};
 
 /// A partition past its end offset as of start with no message for this long is done: a
 /// broker that under-reports its high watermark (Tansu 0.6) may never send end-of-partition.
@@ -68,6 +79,131 @@ impl Drain {
 
     pub fn finished(&self) -> bool {
         self.targets.keys().all(|p| self.done.contains(p))
+    }
+}
+
+impl Processor {
+    /// Whether the drain is over: every partition at its end as of start, and no committed
+    /// range left to read again.
+    pub(super) fn drain_done(&mut self) -> anyhow::Result<bool> {
+        if !self.drain.as_ref().is_some_and(Drain::finished) || !self.nothing_left_to_rebuild()? {
+            return Ok(false);
+        }
+        tracing::info!("Reached the end of the topic as of start.");
+        Ok(true)
+    }
+
+    /// The idle rule, with the consumer's positions.
+    pub(super) fn drain_tick(&mut self, now: Instant) {
+        let Some(d) = &self.drain else {
+            return;
+        };
+        let positions: HashMap<i32, Option<i64>> = d
+            .targets()
+            .keys()
+            .map(|p| (*p, self.position(*p)))
+            .collect();
+        if let Some(d) = &mut self.drain {
+            d.tick(now, |p| positions.get(&p).copied().flatten());
+        }
+    }
+
+    /// At the end of the topic as of start: whether no partition is still reading a committed
+    /// range again. `--drain` never ends with a committed batch unwritten: if the
+    /// range is still in Kafka (its end is past the range), the drain waits for it; if it is
+    /// not, that is the error a message from elsewhere would give ([`range_gone`]). A broker
+    /// that answers a fetch past a partition's end with nothing (Tansu 0.6) instead of
+    /// "offset out of range" only ever gets here.
+    fn nothing_left_to_rebuild(&mut self) -> anyhow::Result<bool> {
+        let rebuilding: Vec<(i32, (i64, i64))> = self
+            .owners
+            .iter()
+            .filter_map(|(p, o)| Some((*p, o.rebuilding()?)))
+            .collect();
+        for (partition, (first, last)) in rebuilding {
+            let kafka = &self.settings.kafka;
+            let end = tokio::task::block_in_place(|| {
+                self.consumer
+                    .fetch_watermarks(&kafka.topic, partition, kafka.connect_timeout())
+            });
+            match end {
+                Ok((_, high)) if high <= last => {
+                    return Err(range_gone(
+                        &kafka.topic,
+                        &self.settings.layout,
+                        partition,
+                        &format!(
+                            "offsets {first}..={last} are committed in S3 but some of their objects are not written yet, and Kafka no longer has them (the partition ends at offset {high} now: the topic was deleted and created again, or its log truncated)"
+                        ),
+                    ));
+                }
+                Ok((_, high)) => tracing::info!(
+                    partition,
+                    first,
+                    last,
+                    end = high,
+                    "Waiting for a committed range to be read again before the drain ends."
+                ),
+                // Asked again after the next idle period.
+                Err(e) => {
+                    tracing::warn!(partition, error = %e, "Cannot read the partition's end offset (Kafka unreachable?); the drain waits.")
+                }
+            }
+            if let Some(d) = &mut self.drain {
+                d.rewound(partition, Instant::now());
+            }
+        }
+        Ok(self.drain.as_ref().is_some_and(Drain::finished))
+    }
+    /// Owns every partition, starting where S3 says each one stopped, and takes each one's end
+    /// offset as of now.
+    pub(super) async fn start_drain(&mut self, partitions: i32) -> anyhow::Result<()> {
+        let mut tpl = TopicPartitionList::new();
+        let mut targets = BTreeMap::new();
+        let topic = self.settings.kafka.topic.clone();
+        for partition in 0..partitions {
+            let (committer, plan) = recover(&self.writers, partition)
+                .await
+                .map_err(anyhow::Error::from)
+                .with_context(|| format!("loading the checkpoint of partition {partition}"))?;
+            tokio::task::block_in_place(|| {
+                still_in_kafka(
+                    &self.consumer,
+                    &self.settings.kafka,
+                    &self.writers.layout,
+                    partition,
+                    plan,
+                )
+            })?;
+            let next = plan.start();
+            let (_, high) = tokio::task::block_in_place(|| {
+                self.consumer.fetch_watermarks(
+                    &topic,
+                    partition,
+                    self.settings.kafka.connect_timeout(),
+                )
+            })
+            .with_context(|| format!("reading the end offset of {topic}/{partition}"))?;
+            targets.insert(partition, high);
+            tpl.add_partition_offset(
+                &topic,
+                partition,
+                if next > 0 {
+                    Offset::Offset(next)
+                } else {
+                    Offset::Beginning
+                },
+            )?;
+            self.next_epoch += 1;
+            self.own(partition, self.next_epoch, committer, plan);
+        }
+        self.update_gauge();
+        tracing::info!(end_offsets = ?targets, "Draining up to these offsets.");
+        self.consumer
+            .assign(&tpl)
+            .context("assigning the partitions")?;
+        self.drain = Some(Drain::new(targets, Instant::now()));
+        Ok(())
     }
 }
 

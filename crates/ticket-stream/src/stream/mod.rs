@@ -13,7 +13,8 @@
 //! - [`writer`]: a partition's writer, two tasks: decode, validate, route, dead letters,
 //!   counts and encode; then the exactly-once commit;
 //! - [`dead_letter`]: the dead-letter producer;
-//! - [`drain`]: when `--drain` is done;
+//! - [`drain`]: `--drain`, all of it: the assignment and end offsets at start, the idle rule
+//!   and the end test (never with a committed batch left unwritten);
 //! - [`counts`]: `counts_by_request_type/latest.jsonl`, refreshed by a task of its own.
 //!
 //! S3 is the source of truth for progress: when a partition is first seen its committer
@@ -313,8 +314,7 @@ pub async fn run(
 
     let started = async {
         if p.settings.drain {
-            let targets = p.assign_all(partitions as i32).await?;
-            p.drain = Some(Drain::new(targets, Instant::now()));
+            p.start_drain(partitions as i32).await?;
         } else {
             p.consumer
                 .subscribe(&[&topic])
@@ -367,8 +367,7 @@ impl Processor {
         let consumer = self.consumer.clone();
         let mut messages = consumer.stream();
         loop {
-            if self.drain.as_ref().is_some_and(Drain::finished) && self.nothing_left_to_rebuild()? {
-                tracing::info!("Reached the end of the topic as of start.");
+            if self.drain_done()? {
                 return Ok(());
             }
             // The earliest moment a batch is due by age: handed over then, not at the next tick.
@@ -477,17 +476,7 @@ impl Processor {
 
     fn on_tick(&mut self) {
         let now = Instant::now();
-        if self.drain.is_some() {
-            let positions: HashMap<i32, Option<i64>> = self
-                .drain
-                .iter()
-                .flat_map(|d| d.targets().keys())
-                .map(|p| (*p, self.position(*p)))
-                .collect();
-            if let Some(d) = &mut self.drain {
-                d.tick(now, |p| positions.get(&p).copied().flatten());
-            }
-        }
+        self.drain_tick(now);
         self.hand_over_due(now);
     }
 
@@ -729,102 +718,6 @@ impl Processor {
             .and_then(PartitionOwner::expected)
             .unwrap_or(-1);
         Some(fetched.max(handled))
-    }
-
-    /// Drain mode, at the end of the topic as of start: whether no partition is still reading
-    /// a committed range again. `--drain` never ends with a committed batch unwritten: if the
-    /// range is still in Kafka (its end is past the range), the drain waits for it; if it is
-    /// not, that is the error a message from elsewhere would give ([`range_gone`]). A broker
-    /// that answers a fetch past a partition's end with nothing (Tansu 0.6) instead of
-    /// "offset out of range" only ever gets here.
-    fn nothing_left_to_rebuild(&mut self) -> anyhow::Result<bool> {
-        let rebuilding: Vec<(i32, (i64, i64))> = self
-            .owners
-            .iter()
-            .filter_map(|(p, o)| Some((*p, o.rebuilding()?)))
-            .collect();
-        for (partition, (first, last)) in rebuilding {
-            let kafka = &self.settings.kafka;
-            let end = tokio::task::block_in_place(|| {
-                self.consumer
-                    .fetch_watermarks(&kafka.topic, partition, kafka.connect_timeout())
-            });
-            match end {
-                Ok((_, high)) if high <= last => {
-                    return Err(range_gone(
-                        &kafka.topic,
-                        &self.settings.layout,
-                        partition,
-                        &format!(
-                            "offsets {first}..={last} are committed in S3 but some of their objects are not written yet, and Kafka no longer has them (the partition ends at offset {high} now: the topic was deleted and created again, or its log truncated)"
-                        ),
-                    ));
-                }
-                Ok((_, high)) => tracing::info!(
-                    partition,
-                    first,
-                    last,
-                    end = high,
-                    "Waiting for a committed range to be read again before the drain ends."
-                ),
-                // Asked again after the next idle period.
-                Err(e) => {
-                    tracing::warn!(partition, error = %e, "Cannot read the partition's end offset (Kafka unreachable?); the drain waits.")
-                }
-            }
-            if let Some(d) = &mut self.drain {
-                d.rewound(partition, Instant::now());
-            }
-        }
-        Ok(self.drain.as_ref().is_some_and(Drain::finished))
-    }
-    /// Drain mode: own every partition, starting where S3 says each one stopped.
-    async fn assign_all(&mut self, partitions: i32) -> anyhow::Result<BTreeMap<i32, i64>> {
-        let mut tpl = TopicPartitionList::new();
-        let mut targets = BTreeMap::new();
-        let topic = self.settings.kafka.topic.clone();
-        for partition in 0..partitions {
-            let (committer, plan) = recover(&self.writers, partition)
-                .await
-                .map_err(anyhow::Error::from)
-                .with_context(|| format!("loading the checkpoint of partition {partition}"))?;
-            tokio::task::block_in_place(|| {
-                still_in_kafka(
-                    &self.consumer,
-                    &self.settings.kafka,
-                    &self.writers.layout,
-                    partition,
-                    plan,
-                )
-            })?;
-            let next = plan.start();
-            let (_, high) = tokio::task::block_in_place(|| {
-                self.consumer.fetch_watermarks(
-                    &topic,
-                    partition,
-                    self.settings.kafka.connect_timeout(),
-                )
-            })
-            .with_context(|| format!("reading the end offset of {topic}/{partition}"))?;
-            targets.insert(partition, high);
-            tpl.add_partition_offset(
-                &topic,
-                partition,
-                if next > 0 {
-                    Offset::Offset(next)
-                } else {
-                    Offset::Beginning
-                },
-            )?;
-            self.next_epoch += 1;
-            self.own(partition, self.next_epoch, committer, plan);
-        }
-        self.update_gauge();
-        tracing::info!(end_offsets = ?targets, "Draining up to these offsets.");
-        self.consumer
-            .assign(&tpl)
-            .context("assigning the partitions")?;
-        Ok(targets)
     }
 
     /// Writes every buffered batch and waits for every writer, until `abort`.
