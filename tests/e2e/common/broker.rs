@@ -259,15 +259,41 @@ impl Broker {
         out
     }
 
-    /// Deletes `topic`, as an operator would with `rpk topic delete`.
+    /// Deletes `topic`, as an operator would with `rpk topic delete`, and waits until the
+    /// broker's metadata no longer has it (Kafka and Redpanda delete in the background).
     pub async fn delete_topic(&self, topic: &str) {
-        let admin: AdminClient<DefaultClientContext> = self.config().create().expect("admin");
+        // Its metadata requests must not create the topic again.
+        let admin: AdminClient<DefaultClientContext> = self
+            .config()
+            .set("allow.auto.create.topics", "false")
+            .create()
+            .expect("admin");
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
         let results = admin
-            .delete_topics(&[topic], &AdminOptions::new())
+            .delete_topics(&[topic], &options)
             .await
             .expect("delete topics");
         for r in results {
             r.unwrap_or_else(|(t, e)| panic!("deleting topic {t}: {e}"));
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let md = admin
+                .inner()
+                .fetch_metadata(Some(topic), Duration::from_secs(10))
+                .expect("metadata");
+            let gone = md
+                .topics()
+                .iter()
+                .all(|t| t.error().is_some() || t.partitions().is_empty());
+            if gone {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "topic {topic} still there 30 s after its deletion"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 

@@ -19,6 +19,22 @@ use super::{Processor, range_gone, recover, still_in_kafka};
 /// broker that under-reports its high watermark (Tansu 0.6) may never send end-of-partition.
 pub const DRAIN_IDLE: Duration = Duration::from_secs(3);
 
+/// How long the end test waits for a partition's end offset (the loop waits meanwhile).
+const END_OFFSET_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A partition at its end as of start that still has to read a committed range again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unfinished {
+    /// Kafka may still deliver the range: wait another idle period.
+    Wait,
+    /// Kafka has it no more: the partition ends before the range's last offset (`end`), or
+    /// the consumer is past it (`position`) without having received it.
+    Gone {
+        end: Option<i64>,
+        position: Option<i64>,
+    },
+}
+
 #[derive(Debug)]
 pub struct Drain {
     /// Each partition's end offset as of start.
@@ -26,6 +42,8 @@ pub struct Drain {
     done: BTreeSet<i32>,
     /// When a message of a partition last arrived.
     last_message: HashMap<i32, Instant>,
+    /// Partitions whose committed range looked gone at the last end test.
+    gone_once: BTreeSet<i32>,
 }
 
 impl Drain {
@@ -35,6 +53,7 @@ impl Drain {
             targets,
             done: BTreeSet::new(),
             last_message,
+            gone_once: BTreeSet::new(),
         }
     }
 
@@ -80,6 +99,34 @@ impl Drain {
     pub fn finished(&self) -> bool {
         self.targets.keys().all(|p| self.done.contains(p))
     }
+
+    /// The end test for a partition that is done but still has offsets `..=last` of a
+    /// committed range to read again, with the consumer's `position` and Kafka's `end` offset
+    /// now (`None`: not known). Gone only when it looks so at two end tests in a row, an idle
+    /// period apart (an end offset a broker under-reports once does not fail a drain);
+    /// otherwise the partition is not done any more and waits.
+    pub fn unfinished(
+        &mut self,
+        partition: i32,
+        last: i64,
+        position: Option<i64>,
+        end: Option<i64>,
+        now: Instant,
+    ) -> Unfinished {
+        let past = position.is_some_and(|p| p > last);
+        let short = end.is_some_and(|e| e <= last);
+        if (past || short) && !self.gone_once.insert(partition) {
+            return Unfinished::Gone {
+                end: end.filter(|_| short),
+                position: position.filter(|_| past),
+            };
+        }
+        if !(past || short) {
+            self.gone_once.remove(&partition);
+        }
+        self.rewound(partition, now);
+        Unfinished::Wait
+    }
 }
 
 impl Processor {
@@ -109,12 +156,16 @@ impl Processor {
     }
 
     /// At the end of the topic as of start: whether no partition is still reading a committed
-    /// range again. `--drain` never ends with a committed batch unwritten: if the
-    /// range is still in Kafka (its end is past the range), the drain waits for it; if it is
-    /// not, that is the error a message from elsewhere would give ([`range_gone`]). A broker
-    /// that answers a fetch past a partition's end with nothing (Tansu 0.6) instead of
-    /// "offset out of range" only ever gets here.
+    /// range again. `--drain` never ends with a committed batch unwritten: while Kafka may
+    /// still deliver the range, the drain waits; once it cannot ([`Drain::unfinished`]), that
+    /// is the error a message from elsewhere in the range would give ([`range_gone`]). A
+    /// broker that answers a fetch past a partition's end with nothing (Tansu 0.6) instead of
+    /// "offset out of range" only ever gets here. No verdict while the consumer is held or a
+    /// partition is loading: its plan may be a rebuild, and no message comes meanwhile.
     fn nothing_left_to_rebuild(&mut self) -> anyhow::Result<bool> {
+        if self.held.is_some() || self.owners.values().any(|o| !o.is_open()) {
+            return Ok(false);
+        }
         let rebuilding: Vec<(i32, (i64, i64))> = self
             .owners
             .iter()
@@ -124,37 +175,51 @@ impl Processor {
             let kafka = &self.settings.kafka;
             let end = tokio::task::block_in_place(|| {
                 self.consumer
-                    .fetch_watermarks(&kafka.topic, partition, kafka.connect_timeout())
+                    .fetch_watermarks(&kafka.topic, partition, END_OFFSET_TIMEOUT)
             });
-            match end {
-                Ok((_, high)) if high <= last => {
-                    return Err(range_gone(
-                        &kafka.topic,
-                        &self.settings.layout,
-                        partition,
-                        &format!(
-                            "offsets {first}..={last} are committed in S3 but some of their objects are not written yet, and Kafka no longer has them (the partition ends at offset {high} now: the topic was deleted and created again, or its log truncated)"
-                        ),
-                    ));
-                }
-                Ok((_, high)) => tracing::info!(
-                    partition,
-                    first,
-                    last,
-                    end = high,
-                    "Waiting for a committed range to be read again before the drain ends."
-                ),
-                // Asked again after the next idle period.
+            let end = match end {
+                Ok((_, high)) => Some(high),
                 Err(e) => {
-                    tracing::warn!(partition, error = %e, "Cannot read the partition's end offset (Kafka unreachable?); the drain waits.")
+                    tracing::warn!(partition, error = %e, "Cannot read the partition's end offset (Kafka unreachable?); the drain waits.");
+                    None
                 }
-            }
-            if let Some(d) = &mut self.drain {
-                d.rewound(partition, Instant::now());
-            }
+            };
+            let position = self.position(partition);
+            let Some(d) = &mut self.drain else {
+                continue;
+            };
+            let why = match d.unfinished(partition, last, position, end, Instant::now()) {
+                Unfinished::Wait => {
+                    tracing::info!(
+                        partition,
+                        first,
+                        last,
+                        ?end,
+                        ?position,
+                        "Waiting for a committed range to be read again before the drain ends."
+                    );
+                    continue;
+                }
+                Unfinished::Gone { end: Some(end), .. } => format!(
+                    "the partition ends at offset {end} now: the topic was deleted and created again, or its log truncated"
+                ),
+                Unfinished::Gone { position, .. } => format!(
+                    "the consumer is at offset {} without having received offset {last}: the topic was deleted and created again, or its log compacted",
+                    position.unwrap_or(last + 1)
+                ),
+            };
+            return Err(range_gone(
+                &kafka.topic,
+                &self.settings.layout,
+                partition,
+                &format!(
+                    "offsets {first}..={last} are committed in S3 but some of their objects are not written yet, and Kafka no longer has them ({why})"
+                ),
+            ));
         }
         Ok(self.drain.as_ref().is_some_and(Drain::finished))
     }
+
     /// Owns every partition, starting where S3 says each one stopped, and takes each one's end
     /// offset as of now.
     pub(super) async fn start_drain(&mut self, partitions: i32) -> anyhow::Result<()> {
@@ -224,6 +289,44 @@ mod tests {
         assert!(!d.finished());
         d.tick(t0 + DRAIN_IDLE + Duration::from_millis(1), |_| Some(0));
         assert!(d.finished());
+    }
+
+    #[test]
+    fn a_committed_range_is_gone_only_when_it_looks_so_twice_in_a_row() {
+        let t0 = Instant::now();
+        let mut d = Drain::new(BTreeMap::from([(0, 10)]), t0);
+        d.end_of_partition(0, Some(30));
+        assert!(d.finished());
+        // Range 30..=39 still to read; the partition ends at 1 (created again, say).
+        assert_eq!(d.unfinished(0, 39, Some(30), Some(1), t0), Unfinished::Wait);
+        assert!(!d.finished(), "waiting is not done");
+        // Kafka could not be asked: no verdict, and the next one starts over.
+        assert_eq!(d.unfinished(0, 39, Some(30), None, t0), Unfinished::Wait);
+        assert_eq!(d.unfinished(0, 39, Some(30), Some(1), t0), Unfinished::Wait);
+        assert_eq!(
+            d.unfinished(0, 39, Some(30), Some(1), t0),
+            Unfinished::Gone {
+                end: Some(1),
+                position: None
+            }
+        );
+        // The range is in Kafka: wait, however often asked.
+        let mut d = Drain::new(BTreeMap::from([(0, 10)]), t0);
+        for _ in 0..3 {
+            assert_eq!(
+                d.unfinished(0, 39, Some(30), Some(45), t0),
+                Unfinished::Wait
+            );
+        }
+        // The consumer got past the range's last offset without it (a marker after a gap).
+        d.unfinished(0, 39, Some(41), Some(45), t0);
+        assert_eq!(
+            d.unfinished(0, 39, Some(41), Some(45), t0),
+            Unfinished::Gone {
+                end: None,
+                position: Some(41)
+            }
+        );
     }
 
     #[test]

@@ -126,7 +126,7 @@ impl PartitionOwner {
         }
     }
 
-    /// The committed range being read again, until all of it is read.
+    /// The committed range being read again, while some of it is still to come.
     pub fn rebuilding(&self) -> Option<(i64, i64)> {
         match &self.life {
             Life::Open { batches, .. } => batches.rebuilding(),

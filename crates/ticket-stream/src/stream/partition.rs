@@ -161,9 +161,11 @@ impl<B: Buffer> Partition<B> {
         self.expected
     }
 
-    /// The committed range being read again, until all of it is read.
+    /// The committed range being read again, while some of it is still to come.
     pub fn rebuilding(&self) -> Option<(i64, i64)> {
-        self.rebuild
+        let (first, last) = self.rebuild?;
+        let all_read = self.open.as_ref().is_some_and(|o| o.last == last);
+        (!all_read).then_some((first, last))
     }
 
     pub fn phase(&self) -> Phase {
