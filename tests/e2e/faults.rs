@@ -335,9 +335,7 @@ async fn s3_outage_is_retried_without_loss_and_recovers_by_itself() {
             ("outage_seconds", outage.as_secs().to_string()),
             (
                 "retries_logged",
-                log.matches("S3 request failed; retrying.")
-                    .count()
-                    .to_string(),
+                log.matches("S3 is unreachable").count().to_string(),
             ),
             ("lines", lines.to_string()),
             ("lost", lost.to_string()),
@@ -346,7 +344,7 @@ async fn s3_outage_is_retried_without_loss_and_recovers_by_itself() {
     );
     assert_eq!((lost, duplicated), (0, 0));
     assert!(
-        log.contains("S3 request failed; retrying."),
+        log.contains("S3 is unreachable"),
         "the outage was not logged:\n{log}"
     );
     assert!(
@@ -765,4 +763,174 @@ async fn delta_table_through_crashes_in_its_commit_a_lost_answer_a_stale_owner_a
         .map(|r| r.headers["source.offset"].clone() + "/" + &r.headers["source.partition"])
         .collect();
     assert_eq!(sources.len(), 20, "every invalid message in the DLQ");
+}
+
+/// The part of a log written since `from` bytes (a line cut in two is kept whole).
+fn since(log: &str, from: usize) -> &str {
+    let start = log[..from.min(log.len())].rfind('\n').map_or(0, |i| i + 1);
+    &log[start..]
+}
+
+/// Two processors in one group on six partitions, under a steady stream, while S3 is cut off
+/// for three of their poll intervals: neither dies nor leaves the group (the partitions whose
+/// writers wait are paused, the loop goes on polling), their health says since when S3 is
+/// unreachable without asking for a restart, both exit 0 on SIGTERM afterwards, and every
+/// ticket is there exactly once.
+async fn s3_outage_longer_than_the_poll_interval(format: &str) {
+    let fx = Fixture::start().await;
+    let proxy = fx.s3.proxy().await;
+    let poll_interval = Duration::from_secs(7);
+    let env = fx
+        .env()
+        .s3_endpoint(&proxy)
+        .set("OUTPUT_FORMAT", format)
+        .set("BATCH_MAX_AGE_MS", "300")
+        .set(
+            "KAFKA_OPTIONS",
+            format!(
+                "session.timeout.ms=6000,heartbeat.interval.ms=500,max.poll.interval.ms={}",
+                poll_interval.as_millis()
+            ),
+        );
+    fx.create_topic(6).await;
+    let total: u64 = 30_000;
+    let mut producer = fx.spawn(
+        "ticket-producer",
+        &env,
+        &["--count", &total.to_string(), "--rate", "1000"],
+        "producer",
+    );
+    let mut a = fx.spawn("ticket-processor", &env, &[], "a");
+    let mut b = fx.spawn("ticket-processor", &env, &[], "b");
+    let (addr_a, addr_b) = (a.http_addr().await, b.http_addr().await);
+    // Both own partitions and have written some.
+    eventually(
+        Duration::from_secs(90),
+        "both processors writing",
+        || async {
+            let owned = |log: String| log.contains("Resuming from the S3 checkpoint");
+            let written = metric(addr_a, "ticket_processor_batches_written_total").await? > 0.0
+                && metric(addr_b, "ticket_processor_batches_written_total").await? > 0.0;
+            (owned(a.log()) && owned(b.log()) && written).then_some(())
+        },
+    )
+    .await;
+    for p in [&a, &b] {
+        assert!(
+            p.log()
+                .lines()
+                .any(|l| l.contains("Kafka consumer settings")
+                    && l.contains("max_poll_interval_ms=\"7000\"")),
+            "the lowered max.poll.interval.ms is not in effect:\n{}",
+            p.log()
+        );
+    }
+
+    let outage = poll_interval * 3;
+    let (cut_a, cut_b) = (a.log().len(), b.log().len());
+    proxy.down();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    for addr in [addr_a, addr_b] {
+        let (live, _) = http_get(addr, "/health/live").await;
+        let (ready, body) = http_get(addr, "/health/ready").await;
+        assert_eq!(live, 200, "/health/live during an outage");
+        assert_eq!(ready, 503, "/health/ready during an outage: {body}");
+        assert!(body.contains("S3 unreachable since"), "{body}");
+        let since = metric(addr, "ticket_processor_s3_unreachable_since_seconds").await;
+        assert!(since.is_some_and(|s| s > 0.0), "{since:?}");
+    }
+    tokio::time::sleep(outage - Duration::from_secs(6)).await;
+    for p in [&mut a, &mut b] {
+        assert!(p.is_running(), "died in the outage:\n{}", p.log());
+    }
+    let (during_a, during_b) = (
+        since(&a.log(), cut_a).to_string(),
+        since(&b.log(), cut_b).to_string(),
+    );
+    proxy.up();
+    let back = Instant::now();
+
+    assert!(
+        producer.wait(Duration::from_secs(120)).await,
+        "producer failed:\n{}",
+        producer.log()
+    );
+    let ids = fx.topic_ids();
+    let visible_after = match format {
+        "delta" => {
+            eventually(
+                Duration::from_secs(120),
+                "every ticket in the table",
+                || async {
+                    let rows = fx.read_delta(6).rows.len() as u64;
+                    (rows >= total).then_some(())
+                },
+            )
+            .await;
+            back.elapsed()
+        }
+        _ => {
+            fx.wait_for_tickets(total, Duration::from_secs(120)).await;
+            back.elapsed()
+        }
+    };
+    for (p, during) in [(&a, &during_a), (&b, &during_b)] {
+        let log = p.log();
+        assert!(
+            !log.contains("maximum poll interval"),
+            "a processor left the group:\n{log}"
+        );
+        assert!(
+            !during.contains("Partitions revoked"),
+            "partitions moved while S3 was unreachable:\n{during}"
+        );
+        assert_eq!(
+            during.matches("S3 is unreachable").count(),
+            1,
+            "one line when S3 goes away:\n{during}"
+        );
+        assert!(log.contains("S3 is reachable again."), "{log}");
+    }
+    for p in [&a, &b] {
+        p.signal(Signal::SIGTERM);
+    }
+    for p in [&mut a, &mut b] {
+        assert!(p.wait(Duration::from_secs(40)).await, "{}", p.log());
+    }
+    let (rows, lost, duplicated) = match format {
+        "delta" => fx.tally_delta(&ids, 6),
+        _ => fx.tally(&ids).await,
+    };
+    report(
+        &format!("s3-outage-{format}"),
+        &[
+            ("produced", total.to_string()),
+            ("outage_seconds", outage.as_secs().to_string()),
+            (
+                "max_poll_interval_seconds",
+                poll_interval.as_secs().to_string(),
+            ),
+            (
+                "all_visible_after_return_s",
+                format!("{:.1}", visible_after.as_secs_f64()),
+            ),
+            ("rows", rows.to_string()),
+            ("lost", lost.to_string()),
+            ("duplicated", duplicated.to_string()),
+        ],
+    );
+    assert_eq!((rows as u64, lost, duplicated), (total, 0, 0));
+    if format != "delta" {
+        fx.assert_exactly_once(&ids).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_outage_of_three_poll_intervals_costs_no_member_of_the_group_json_lines() {
+    s3_outage_longer_than_the_poll_interval("jsonl").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_outage_of_three_poll_intervals_costs_no_member_of_the_group_delta() {
+    s3_outage_longer_than_the_poll_interval("delta").await;
 }

@@ -604,7 +604,7 @@ print(len(ids), len(set(ids)), flush=True); os._exit(0)' "s3://$S3_BUCKET_NAME/d
   for id in $procs; do
     # 0, not 137: it ended by itself within stop_grace_period, after its graceful stop.
     exited_ok "$id" || die "$(cname "$id") did not exit 0 on stop: $(state "$id")"
-    if docker logs "$id" 2>&1 | grep -q "Stopped before buffered batches could be written"; then
+    if docker logs "$id" 2>&1 | grep -q "Stopped before"; then
       die "$(cname "$id") stopped with unwritten batches"
     fi
     # Its last run (after its last start) logged the signal.

@@ -21,13 +21,15 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use deltalake_core::DeltaTableError;
+/// The `object_store` interface the table is read and written through.
+pub use deltalake_core::ObjectStore;
 use deltalake_core::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
 use deltalake_core::kernel::{Action, Add, DataType, Remove, StructField, Transaction};
 use deltalake_core::logstore::{LogStoreRef, StorageConfig, default_logstore};
 use deltalake_core::operations::create::CreateBuilder;
 use deltalake_core::protocol::{DeltaOperation, SaveMode};
 use deltalake_core::table::state::DeltaTableState;
-use deltalake_core::{DeltaTableError, ObjectStore};
 use object_store::ObjectStoreExt as _;
 use object_store::prefix::PrefixStore;
 use ticket_core::keys::Hour;
@@ -200,6 +202,38 @@ impl Table {
             Err(DeltaTableError::NotATable(_)) => Ok(None),
             Err(e) => Err(store_error("read", &location, e)),
         }
+    }
+
+    /// A fresh look at the table, after a failure: its log read again from S3 (not the
+    /// snapshot this process knows) and its protocol one this processor can write. A transient
+    /// error if S3 cannot be reached; a permanent one of op `check`, with what to fix, if the
+    /// table is gone or needs features this processor does not have. Any other error is a
+    /// failed read of the log, as delta-rs wrapped it.
+    pub async fn check_writable(&self) -> Result<(), StoreError> {
+        let refused = |message: String, hint: &str| StoreError::Permanent {
+            op: "check",
+            location: self.location.to_string(),
+            message,
+            hint: hint.into(),
+        };
+        let fresh = match DeltaTableState::try_new(self.log.as_ref(), None).await {
+            Ok(s) => s,
+            Err(DeltaTableError::NotATable(m)) => {
+                return Err(refused(
+                    m,
+                    "the Delta table's log is gone from the bucket: restore it, or remove the table's directory and restart to make a new one",
+                ));
+            }
+            Err(e) => return Err(store_error("read", &self.location, e)),
+        };
+        deltalake_core::kernel::transaction::PROTOCOL
+            .can_write_to(&fresh)
+            .map_err(|e| {
+                refused(
+                    e.to_string(),
+                    "the table needs Delta features this processor cannot write (was it changed by another tool?)",
+                )
+            })
     }
 
     /// `s3://bucket/prefix/tables/tickets_with_team/`.
@@ -403,8 +437,11 @@ fn log_store(
     Ok((log, location))
 }
 
-/// Delta's errors as the store's: the object store's failures are worth retrying (bar
-/// refused credentials), anything else is about the table and will not go away.
+/// Delta's errors as the store's, a first guess from how delta-rs wrapped them: the object
+/// store's failures are worth retrying (bar refused credentials), anything else is reported
+/// as permanent. The stream does not take that on trust: before a permanent error stops it,
+/// it reads the bucket and the table afresh (`ticket_stream::retry`), since an S3 failure
+/// can also arrive wrapped as something else (`DeltaTableError::Generic`).
 fn store_error(op: &'static str, location: &url::Url, e: DeltaTableError) -> StoreError {
     let object_store = match &e {
         DeltaTableError::ObjectStore { source } => Some(source),

@@ -303,6 +303,28 @@ pub fn init_logging() {
     } else {
         builder.init();
     }
+    exit_on_panic();
+}
+
+/// A panic on any thread is logged through tracing (its thread, its location, its message) and
+/// ends the process with status 101, Rust's status for a panic: a task that panics must not
+/// leave a process that looks alive but has stopped doing part of its work.
+fn exit_on_panic() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        tracing::error!(
+            thread = thread.name().unwrap_or("<unnamed>"),
+            location = info.location().map(ToString::to_string).unwrap_or_default(),
+            "panicked: {message}; exiting with status 101"
+        );
+        std::process::exit(101);
+    }));
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ pub async fn compact(args: &CompactArgs) -> anyhow::Result<()> {
         .await?
         .check_reachable()
         .await?;
-    let store = ticket_s3::object_store(&args.s3).await?;
+    let store = ticket_s3::object_store(&args.s3, ticket_s3::Retries::Client).await?;
     let prefix = ticket_core::keys::Layout::new(&args.s3.prefix, "")
         .prefix()
         .to_string();

@@ -467,7 +467,7 @@ pub async fn into_table(
         .await?
         .check_reachable()
         .await?;
-    let store = ticket_s3::object_store(s3).await?;
+    let store = ticket_s3::object_store(s3, ticket_s3::Retries::Client).await?;
     let prefix = ticket_core::keys::Layout::new(&s3.prefix, "")
         .prefix()
         .to_string();

@@ -177,7 +177,7 @@ pub async fn open(lake: &Lake<'_>) -> anyhow::Result<Opened> {
                 .await?
                 .check_reachable()
                 .await?;
-            let store = ticket_s3::object_store(args).await?;
+            let store = ticket_s3::object_store(args, ticket_s3::Retries::Client).await?;
             let bucket = url::Url::parse(&format!("s3://{}", args.bucket)).with_context(|| {
                 format!("S3_BUCKET_NAME {:?} is not a bucket name", args.bucket)
             })?;

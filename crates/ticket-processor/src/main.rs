@@ -2,11 +2,11 @@ use clap::Parser;
 use ticket_processor::{Cli, Command};
 
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
+async fn main() {
     ticket_processor::return_large_buffers();
     if let Err(e) = ticket_kafka::load_dotenv() {
         eprintln!("error: {e}");
-        return std::process::ExitCode::from(2);
+        std::process::exit(2);
     }
     let cli = Cli::parse();
     ticket_kafka::init_logging();
@@ -55,12 +55,12 @@ async fn main() -> std::process::ExitCode {
             result
         }
     };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    let code = match result {
+        Ok(()) => 0,
         // A query DataFusion rejects is the user's to fix, like a bad flag: exit 2.
         Err(e) if e.is::<ticket_lake::query::BadQuery>() => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::from(2)
+            2
         }
         // Said once: in the log's format when the logs are JSON (a collector reads them),
         // else as a plain `error:` line.
@@ -70,9 +70,15 @@ async fn main() -> std::process::ExitCode {
             } else {
                 eprintln!("error: {e:#}");
             }
-            std::process::ExitCode::FAILURE
+            1
         }
-    }
+    };
+    // Exits here, with the runtime still up, rather than returning and tearing it down under
+    // tasks still in flight: after a fatal error a Delta commit may still run on a blocking
+    // thread, waiting on a task of the runtime (the Delta kernel's executor), and a teardown
+    // drops that task, which made the kernel panic ("TokioMultiThreadExecutor has crashed").
+    // Output is flushed by `exit`.
+    std::process::exit(code)
 }
 
 /// Once a stop is requested, the process is gone `deadline` later whatever it still waits on

@@ -3,10 +3,11 @@
 //! every S3 caller shares (the reading side's `object_store` takes the same settings); and
 //! [`store`], the interface the sink is written against, with an in-memory store for tests.
 
+pub mod memory_objects;
 mod objects;
 pub mod store;
 
-pub use objects::object_store;
+pub use objects::{Retries, object_store};
 
 use std::time::Duration;
 

@@ -11,8 +11,21 @@ use tokio::sync::Mutex;
 
 use crate::S3Args;
 
+/// Who retries a failed request of the client [`object_store`] makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retries {
+    /// `object_store`'s own policy (10 retries, backoff up to 15 s, within 3 minutes): for the
+    /// commands that have no retry loop of their own (`query`, `report`, `compact`,
+    /// `process-file`).
+    Client,
+    /// None: every request is made once and the caller's retry loop decides (the streaming
+    /// processor's `ticket_stream::retry`), so that the two layers do not stack and an outage
+    /// is seen, logged and waited out in one place.
+    Caller,
+}
+
 /// The bucket through `object_store`, with the processor's endpoint, region and credentials.
-pub async fn object_store(args: &S3Args) -> anyhow::Result<Arc<dyn ObjectStore>> {
+pub async fn object_store(args: &S3Args, retries: Retries) -> anyhow::Result<Arc<dyn ObjectStore>> {
     if args.bucket.trim().is_empty() {
         anyhow::bail!(
             "S3_BUCKET_NAME is empty: set it to the bucket the results are in (or use --dir)"
@@ -22,6 +35,12 @@ pub async fn object_store(args: &S3Args) -> anyhow::Result<Arc<dyn ObjectStore>>
     let mut builder = AmazonS3Builder::new()
         .with_bucket_name(&args.bucket)
         .with_region(&args.region);
+    if retries == Retries::Caller {
+        builder = builder.with_retry(object_store::RetryConfig {
+            max_retries: 0,
+            ..Default::default()
+        });
+    }
     if let Some(pem) = args.ca_pem()? {
         let mut options = object_store::ClientOptions::new();
         for cert in object_store::Certificate::from_pem_bundle(&pem)

@@ -55,11 +55,26 @@ async fn live(State(s): State<AppState>) -> impl IntoResponse {
     }
 }
 
+/// 200 while the processor processes; 503 before it is connected and while it waits out an
+/// S3 outage (README, "Health": nothing restarts a processor for this, `/health/live` stays
+/// 200; what the 503 tells is that nothing is being written).
 async fn ready(State(s): State<AppState>) -> impl IntoResponse {
-    if s.health.is_ready() {
-        (StatusCode::OK, "ready\n")
+    let since = s.metrics.s3_unreachable_since.get();
+    if !s.health.is_ready() {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_string())
+    } else if since > 0 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .map_or(since, |d| d.as_secs() as i64);
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "S3 unreachable since unix time {since} ({} s): retrying, nothing is written meanwhile\n",
+                now - since
+            ),
+        )
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        (StatusCode::OK, "ready\n".to_string())
     }
 }
 

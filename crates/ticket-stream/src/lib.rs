@@ -155,7 +155,7 @@ pub async fn run(args: RunArgs, observed: Observed, shutdown: Shutdown) -> anyho
     let table = match args.output_format {
         Output::Delta => {
             let table = ticket_delta::Table::open_or_create(
-                ticket_s3::object_store(&args.s3).await?,
+                ticket_s3::object_store(&args.s3, ticket_s3::Retries::Caller).await?,
                 &args.s3.bucket,
                 layout.prefix(),
             )

@@ -24,6 +24,9 @@ pub struct Metrics {
     /// Messages behind the end of the assigned partitions, as of the last check.
     pub consumer_lag: Gauge<i64, AtomicI64>,
     pub assigned_partitions: Gauge,
+    /// Unix time (s) since which S3 has failed every request the processor made; 0 while it
+    /// answers. Set and cleared by the retries ([`crate::retry`]).
+    pub s3_unreachable_since: Gauge<i64, AtomicI64>,
     registry: Arc<Registry>,
 }
 
@@ -47,6 +50,7 @@ impl Metrics {
             batch_commit: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             consumer_lag: Gauge::default(),
             assigned_partitions: Gauge::default(),
+            s3_unreachable_since: Gauge::default(),
             registry: Arc::new(Registry::default()),
         };
         registry.register(
@@ -98,6 +102,11 @@ impl Metrics {
             "assigned_partitions",
             "Partitions this instance owns",
             m.assigned_partitions.clone(),
+        );
+        registry.register(
+            "s3_unreachable_since_seconds",
+            "Unix time since which S3 has failed every request (an outage being waited out); 0 while S3 answers",
+            m.s3_unreachable_since.clone(),
         );
         Metrics {
             registry: Arc::new(registry),

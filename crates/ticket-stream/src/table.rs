@@ -219,3 +219,217 @@ impl Committer for AnyCommitter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The table's committer as the object committer is tested: a crash before every request,
+    //! a lost answer to every request, an outage at every request. The data files (written
+    //! through ticket-s3's store) and the log (through `object_store`, by delta-rs) share one
+    //! in-memory store and one fault, as they share a bucket; after each fault a fresh read of
+    //! the table must hold every offset exactly once.
+
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use ticket_core::counts::Counts;
+    use ticket_core::keys::Hour;
+    use ticket_delta::TABLE_DIR;
+    use ticket_s3::memory_objects::MemObjects;
+    use ticket_s3::store::StoreError;
+    use ticket_s3::store::memory::{Fault, MemStore};
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::retry::{BucketCheck, TableCheck};
+    use crate::sink::Object;
+
+    const TOPIC: &str = "t";
+    const PARTITION: i32 = 0;
+
+    /// One bucket, seen through both interfaces.
+    struct Bucket {
+        mem: Arc<MemStore>,
+        store: SharedStore,
+        root: Arc<dyn ticket_delta::ObjectStore>,
+    }
+
+    fn bucket() -> Bucket {
+        let mem = Arc::new(MemStore::new());
+        Bucket {
+            store: mem.clone(),
+            root: Arc::new(MemObjects(mem.clone())),
+            mem,
+        }
+    }
+
+    /// A process's view of the table: its own snapshot and group commit.
+    async fn open(b: &Bucket) -> Result<TableSink, StoreError> {
+        let table = Arc::new(Table::open_or_create(b.root.clone(), "bucket", "").await?);
+        Ok(TableSink {
+            group: GroupCommit::spawn(table.clone()),
+            table,
+            root: TABLE_DIR.to_string(),
+            topic: TOPIC.into(),
+        })
+    }
+
+    /// Retries at once, judging failures by a fresh look at the same bucket and table, as
+    /// the processor does; `dying`: a process that dies at its first failed request.
+    fn retrier(b: &Bucket, sink: &TableSink, dying: bool) -> Retrier {
+        let r = Retrier {
+            first_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(1),
+            ..Retrier::new(CancellationToken::new(), Metrics::new())
+        }
+        .with_check(Arc::new(TableCheck {
+            bucket: BucketCheck::new(b.store.clone(), ""),
+            table: sink.table.clone(),
+        }));
+        if dying {
+            r.abort.cancel();
+        }
+        r
+    }
+
+    /// Offsets `first..=last`, five per hour, each file's body the offsets it holds.
+    fn batch(first: i64, last: i64) -> Batch {
+        let hour_of = |o: i64| Hour::from_millis(o / 5 * 3_600_000);
+        let mut objects: Vec<Object> = Vec::new();
+        for o in first..=last {
+            let line = format!("{o}\n");
+            match objects.last_mut() {
+                Some(obj) if obj.hour == hour_of(o) => {
+                    obj.body = [obj.body.clone(), Bytes::from(line)].concat().into();
+                    obj.last = o;
+                    obj.tickets += 1;
+                }
+                _ => objects.push(Object {
+                    hour: hour_of(o),
+                    first: o,
+                    last: o,
+                    tickets: 1,
+                    body: Bytes::from(line),
+                }),
+            }
+        }
+        Batch {
+            first,
+            last,
+            objects,
+            extension: "parquet",
+            valid: (last - first + 1) as u64,
+            dead_letters: 0,
+            counts: Counts::default(),
+        }
+    }
+
+    /// The batches of the run: 0..=9, 10..=19, 20..=29.
+    const BATCHES: [(i64, i64); 3] = [(0, 9), (10, 19), (20, 29)];
+    const END: i64 = 30;
+
+    /// An owner's life on a table it opened: recover, then commit every batch from where it
+    /// resumes.
+    async fn run(b: &Bucket, sink: TableSink, dying: bool) -> Result<(), Failure> {
+        let retry = retrier(b, &sink, dying);
+        let mut c = TableCommitter::new(sink, b.store.clone(), PARTITION, retry);
+        let Plan::Resume { at } = c.recover().await? else {
+            panic!("the table never asks for a rebuild");
+        };
+        for (first, last) in BATCHES.into_iter().filter(|(_, last)| *last >= at) {
+            let prepared = c.prepare(batch(first.max(at), last));
+            c.commit(vec![prepared]).await?;
+        }
+        Ok(())
+    }
+
+    /// A fresh read of the table: every offset below [`END`] in exactly one file of its
+    /// snapshot, and the partition's version at the last one.
+    async fn assert_exactly_once(b: &Bucket, what: &str) {
+        b.mem.inject(None);
+        let table = Table::open(b.root.clone(), "bucket", "")
+            .await
+            .expect("read")
+            .expect("a table");
+        let mut seen: BTreeMap<i64, usize> = BTreeMap::new();
+        for f in table.files().await.expect("files") {
+            let body = b
+                .mem
+                .bytes(&format!("{TABLE_DIR}{}", f.path))
+                .unwrap_or_else(|| panic!("{what}: the snapshot's {} is not written", f.path));
+            for line in String::from_utf8_lossy(&body).lines() {
+                *seen.entry(line.parse().expect("offset")).or_default() += 1;
+            }
+        }
+        let expected: BTreeMap<i64, usize> = (0..END).map(|o| (o, 1)).collect();
+        assert_eq!(seen, expected, "{what}: each offset exactly once");
+        assert_eq!(
+            table.version_of(TOPIC, PARTITION).await.expect("version"),
+            Some(END - 1),
+            "{what}"
+        );
+    }
+
+    /// Requests a whole run makes on a new table (the table's creation not counted).
+    async fn requests_of_a_run() -> u64 {
+        let b = bucket();
+        let sink = open(&b).await.expect("create");
+        b.mem.inject(None);
+        run(&b, sink, false).await.expect("a run without faults");
+        assert_exactly_once(&b, "no fault").await;
+        b.mem.requests()
+    }
+
+    #[tokio::test]
+    async fn a_crash_before_any_request_then_a_new_owner_is_exactly_once() {
+        let n = requests_of_a_run().await;
+        assert!(n > 10, "{n} requests");
+        for at in 1..=n {
+            let b = bucket();
+            let sink = open(&b).await.expect("create");
+            b.mem.inject(Some(Fault::CrashAt(at)));
+            let crashed = run(&b, sink, true).await;
+            assert!(
+                matches!(crashed, Err(Failure::Aborted)),
+                "crash at request {at}: {crashed:?}"
+            );
+            b.mem.inject(None);
+            let restarted = open(&b).await.expect("open after the crash");
+            run(&b, restarted, false)
+                .await
+                .unwrap_or_else(|e| panic!("restart after a crash at {at}: {e}"));
+            assert_exactly_once(&b, &format!("crash at request {at}")).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lost_answer_to_any_request_is_not_committed_twice() {
+        let n = requests_of_a_run().await;
+        for at in 1..=n {
+            let b = bucket();
+            let sink = open(&b).await.expect("create");
+            b.mem.inject(Some(Fault::LoseAnswerOf(at)));
+            run(&b, sink, false)
+                .await
+                .unwrap_or_else(|e| panic!("answer of request {at} lost: {e}"));
+            assert_exactly_once(&b, &format!("answer of request {at} lost")).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_outage_at_any_request_is_waited_out_not_fatal() {
+        let n = requests_of_a_run().await;
+        for at in 1..=n {
+            let b = bucket();
+            let sink = open(&b).await.expect("create");
+            b.mem.inject(Some(Fault::Outage {
+                from: at,
+                count: 12,
+            }));
+            run(&b, sink, false)
+                .await
+                .unwrap_or_else(|e| panic!("outage from request {at}: {e}"));
+            assert_exactly_once(&b, &format!("outage from request {at}")).await;
+        }
+    }
+}

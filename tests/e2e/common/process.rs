@@ -40,7 +40,13 @@ pub async fn run(name: &str, env: &Env, args: &[&str]) -> (bool, String, String)
     let Ok(status) = status else {
         panic!("{name} {args:?} did not finish within 120 s:\n{stdout}\n{stderr}");
     };
-    (status.expect("wait").success(), stdout, stderr)
+    let status = status.expect("wait");
+    let stderr = if status.success() {
+        stderr
+    } else {
+        format!("[{name} {}]\n{stderr}", describe(status))
+    };
+    (status.success(), stdout, stderr)
 }
 
 pub async fn run_ok(name: &str, env: &Env, args: &[&str]) -> String {
@@ -53,6 +59,8 @@ pub async fn run_ok(name: &str, env: &Env, args: &[&str]) -> String {
 /// processor's health and metrics) on a port of its own; killed when dropped.
 pub struct Running {
     child: Child,
+    /// How it ended, once it has: shown at the top of [`Running::log`].
+    status: Option<ExitStatus>,
     pid: nix::unistd::Pid,
     log: PathBuf,
     http: SocketAddr,
@@ -72,6 +80,7 @@ impl Running {
         let pid = child.id().expect("a pid before the process is awaited");
         Running {
             child,
+            status: None,
             pid: nix::unistd::Pid::from_raw(pid as i32),
             log,
             http,
@@ -82,21 +91,33 @@ impl Running {
         let _ = nix::sys::signal::kill(self.pid, sig);
     }
 
+    /// Its stderr; once it has exited (as last seen by [`Running::is_running`],
+    /// [`Running::exit_within`] or [`Running::wait`]), headed by how it ended, so that every
+    /// assertion message that shows the log says whether it exited, with which status, or
+    /// which signal killed it.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        match self.status {
+            Some(s) => format!("[{}: {}]\n{log}", self.log.display(), describe(s)),
+            None => log,
+        }
     }
 
     /// True while the process has not exited.
     pub fn is_running(&mut self) -> bool {
-        self.child.try_wait().expect("wait").is_none()
+        let status = self.child.try_wait().expect("wait");
+        self.status = self.status.or(status);
+        status.is_none()
     }
 
     /// The process's exit status if it exits within `timeout`, `None` if it is still running.
     pub async fn exit_within(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        tokio::time::timeout(timeout, self.child.wait())
+        let status = tokio::time::timeout(timeout, self.child.wait())
             .await
             .ok()
-            .map(|s| s.expect("wait"))
+            .map(|s| s.expect("wait"));
+        self.status = self.status.or(status);
+        status
     }
 
     /// Waits for the process to exit on its own; returns its success. Not exiting within
@@ -120,6 +141,19 @@ impl Running {
             self.log()
         );
         self.http
+    }
+}
+
+/// An exit status as a person reads it: the code, or the signal that killed the process.
+pub fn describe(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(sig)) => match nix::sys::signal::Signal::try_from(sig) {
+            Ok(s) => format!("killed by signal {s}"),
+            Err(_) => format!("killed by signal {sig}"),
+        },
+        _ => status.to_string(),
     }
 }
 

@@ -13,13 +13,14 @@ use anyhow::Context;
 use rdkafka::consumer::Consumer;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::{Processor, range_gone, recover, still_in_kafka};
+use super::{Event, Processor, range_gone, recover, still_in_kafka};
 
 /// A partition past its end offset as of start with no message for this long is done: a
 /// broker that under-reports its high watermark (Tansu 0.6) may never send end-of-partition.
 pub const DRAIN_IDLE: Duration = Duration::from_secs(3);
 
-/// How long the end test waits for a partition's end offset (the loop waits meanwhile).
+/// How long the query of a partition's end offset may take (on a blocking thread of its own:
+/// the loop never waits for it).
 const END_OFFSET_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A partition at its end as of start that still has to read a committed range again.
@@ -44,6 +45,10 @@ pub struct Drain {
     last_message: HashMap<i32, Instant>,
     /// Partitions whose committed range looked gone at the last end test.
     gone_once: BTreeSet<i32>,
+    /// The partitions' end offsets as last read for the end test (`None`: the query failed).
+    ends: HashMap<i32, Option<i64>>,
+    /// Partitions whose end offset is being read.
+    asking: BTreeSet<i32>,
 }
 
 impl Drain {
@@ -54,7 +59,25 @@ impl Drain {
             done: BTreeSet::new(),
             last_message,
             gone_once: BTreeSet::new(),
+            ends: HashMap::new(),
+            asking: BTreeSet::new(),
         }
+    }
+
+    /// Whether to start reading the partition's end offset (none being read already).
+    pub fn ask_end(&mut self, partition: i32) -> bool {
+        self.asking.insert(partition)
+    }
+
+    /// The partition's end offset was read (`None`: it could not be).
+    pub fn end_read(&mut self, partition: i32, end: Option<i64>) {
+        self.asking.remove(&partition);
+        self.ends.insert(partition, end);
+    }
+
+    /// The partition's end offset as last read, if it was.
+    pub fn end(&self, partition: i32) -> Option<i64> {
+        self.ends.get(&partition).copied().flatten()
     }
 
     pub fn targets(&self) -> &BTreeMap<i32, i64> {
@@ -160,10 +183,10 @@ impl Processor {
     /// still deliver the range, the drain waits; once it cannot ([`Drain::unfinished`]), that
     /// is the error a message from elsewhere in the range would give ([`range_gone`]). A
     /// broker that answers a fetch past a partition's end with nothing (Tansu 0.6) instead of
-    /// "offset out of range" only ever gets here. No verdict while the consumer is held or a
+    /// "offset out of range" only ever gets here. No verdict while a partition is paused or a
     /// partition is loading: its plan may be a rebuild, and no message comes meanwhile.
     fn nothing_left_to_rebuild(&mut self) -> anyhow::Result<bool> {
-        if self.held.is_some() || self.owners.values().any(|o| !o.is_open()) {
+        if !self.paused.is_empty() || self.owners.values().any(|o| !o.is_open()) {
             return Ok(false);
         }
         let rebuilding: Vec<(i32, (i64, i64))> = self
@@ -172,22 +195,15 @@ impl Processor {
             .filter_map(|(p, o)| Some((*p, o.rebuilding()?)))
             .collect();
         for (partition, (first, last)) in rebuilding {
+            // The end offset as last read (an idle period ago at most), and read again for
+            // the next end test: the verdict needs two in a row anyway.
+            self.ask_end_offset(partition);
             let kafka = &self.settings.kafka;
-            let end = tokio::task::block_in_place(|| {
-                self.consumer
-                    .fetch_watermarks(&kafka.topic, partition, END_OFFSET_TIMEOUT)
-            });
-            let end = match end {
-                Ok((_, high)) => Some(high),
-                Err(e) => {
-                    tracing::warn!(partition, error = %e, "Cannot read the partition's end offset (Kafka unreachable?); the drain waits.");
-                    None
-                }
-            };
             let position = self.position(partition);
             let Some(d) = &mut self.drain else {
                 continue;
             };
+            let end = d.end(partition);
             let why = match d.unfinished(partition, last, position, end, Instant::now()) {
                 Unfinished::Wait => {
                     tracing::info!(
@@ -218,6 +234,26 @@ impl Processor {
             ));
         }
         Ok(self.drain.as_ref().is_some_and(Drain::finished))
+    }
+
+    /// Reads the partition's end offset on a blocking thread; the answer comes back to the
+    /// loop as [`Event::EndOffset`].
+    fn ask_end_offset(&mut self, partition: i32) {
+        if !self.drain.as_mut().is_some_and(|d| d.ask_end(partition)) {
+            return;
+        }
+        let (consumer, events) = (self.consumer.clone(), self.events_tx.clone());
+        let topic = self.settings.kafka.topic.clone();
+        tokio::task::spawn_blocking(move || {
+            let end = match consumer.fetch_watermarks(&topic, partition, END_OFFSET_TIMEOUT) {
+                Ok((_, high)) => Some(high),
+                Err(e) => {
+                    tracing::warn!(partition, error = %e, "Cannot read the partition's end offset (Kafka unreachable?); the drain waits.");
+                    None
+                }
+            };
+            let _ = events.send(Event::EndOffset { partition, end });
+        });
     }
 
     /// Owns every partition, starting where S3 says each one stopped, and takes each one's end

@@ -56,7 +56,7 @@ use self::partition::Written;
 use self::writer::{Report, WriterContext};
 use crate::Shutdown;
 use crate::metrics::Metrics;
-use crate::retry::Retrier;
+use crate::retry::{BucketCheck, Check, Retrier, TableCheck};
 use crate::sink::{Committer, Failure, MadeWith, ObjectCommitter, Plan};
 use crate::table::{AnyCommitter, TableCommitter, TableSink};
 use ticket_engine::aggregate::Aggregator;
@@ -66,9 +66,6 @@ use ticket_s3::store::SharedStore;
 /// How often the loop ticks when no message comes: age-due batches are handed over, `--drain`
 /// checks for the end, and `/health/live` is told the loop turns (see [`health::STUCK_AFTER`]).
 pub const TICK: Duration = Duration::from_millis(200);
-
-/// How long a seek to a checkpoint's offset may block the loop.
-pub const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Messages taken from the consumer's queue in one turn of the loop, when they are there
 /// already (the loop's other work, timers and reports, waits for at most this many).
@@ -105,6 +102,13 @@ pub fn with_consumer_defaults(config: &mut ClientConfig) {
     }
 }
 
+/// A paused partition (see [`Processor::pause`]).
+#[derive(Debug, Default)]
+struct Paused {
+    /// A message of it reached the loop while paused and was dropped: seek before resuming.
+    dropped: bool,
+}
+
 /// Everything the streaming processor needs, already validated.
 pub struct Settings {
     pub kafka: ticket_kafka::KafkaArgs,
@@ -134,6 +138,8 @@ pub enum Event {
     Revoked(Vec<i32>),
     /// A background task hit an error that stops the processor.
     Fatal(anyhow::Error),
+    /// `--drain`'s end test read a partition's end offset (`None`: it could not).
+    EndOffset { partition: i32, end: Option<i64> },
 }
 
 /// librdkafka's callbacks: rebalances become events, statistics become the lag metric.
@@ -204,9 +210,10 @@ struct Processor {
     next_epoch: u64,
     events_tx: UnboundedSender<Event>,
     events: UnboundedReceiver<Event>,
-    /// A partition whose due batch waits for room at its writer: the consumer reads nothing
-    /// until then (back-pressure), while reports and ticks are still served.
-    held: Option<i32>,
+    /// Partitions whose due batch waits for room at their writer (back-pressure, as during an
+    /// S3 outage), paused in librdkafka: the loop goes on polling, so the group, rebalances,
+    /// the stop signal and the other partitions are served. See [`Processor::pause`].
+    paused: BTreeMap<i32, Paused>,
     drain: Option<Drain>,
     /// The last offset committed per partition, for the final synchronous commit.
     committed: BTreeMap<i32, i64>,
@@ -247,6 +254,11 @@ pub async fn run(
     };
     let mut config = settings.kafka.client_config();
     with_consumer_defaults(&mut config);
+    tracing::info!(
+        session_timeout_ms = config.get("session.timeout.ms").unwrap_or("45000"),
+        max_poll_interval_ms = config.get("max.poll.interval.ms").unwrap_or("300000"),
+        "Kafka consumer settings."
+    );
     let consumer: Kafka = config
         .set("group.id", &settings.group)
         .set("enable.auto.commit", "false")
@@ -270,7 +282,17 @@ pub async fn run(
     // a stop request, and buffered batches are then abandoned (they are processed again on
     // restart) rather than the stop hanging on an outage.
     let Shutdown { stop, abort } = shutdown;
-    let retry = Retrier::new(abort.clone(), metrics.clone());
+    // A failure that is not plainly transient is judged by a fresh look at the bucket (and the
+    // table), not by how a library wrapped it (retry.rs).
+    let bucket = BucketCheck::new(store.clone(), settings.layout.prefix());
+    let check: Arc<dyn Check> = match &settings.table {
+        Some(sink) => Arc::new(TableCheck {
+            bucket,
+            table: sink.table.clone(),
+        }),
+        None => Arc::new(bucket),
+    };
+    let retry = Retrier::new(abort.clone(), metrics.clone()).with_check(check);
     let writers = Arc::new(WriterContext {
         store: store.clone(),
         layout: settings.layout.clone(),
@@ -305,7 +327,7 @@ pub async fn run(
         next_epoch: 0,
         events_tx,
         events,
-        held: None,
+        paused: BTreeMap::new(),
         drain: None,
         committed: BTreeMap::new(),
         stopping: false,
@@ -390,17 +412,17 @@ impl Processor {
                 _ = &mut deadline_timer, if due.is_some() => {
                     self.hand_over_due(Instant::now());
                 }
-                m = messages.next(), if self.held.is_none() => {
+                m = messages.next() => {
                     // One reading of the clock for the burst (a message's arrival matters to
                     // the batch age and the drain's idle rule, in milliseconds); read again
                     // after anything that may take longer (an event handled, a seek).
                     let mut now = Instant::now();
                     self.on_message(m.expect("Kafka message streams never end"), &mut now)?;
                     // Then what is already fetched, without a turn of this loop for each:
-                    // until the queue is empty, a batch waits for its writer or the drain
-                    // ends, BURST at most (a stop request waits for no more than that).
+                    // until the queue is empty or the drain ends, BURST at most (a stop
+                    // request waits for no more than that).
                     for _ in 1..BURST {
-                        if self.held.is_some() || self.drain.as_ref().is_some_and(Drain::finished) {
+                        if self.drain.as_ref().is_some_and(Drain::finished) {
                             break;
                         }
                         match messages.next().now_or_never() {
@@ -424,6 +446,11 @@ impl Processor {
                 let (partition, offset) = (m.partition(), m.offset());
                 if let Some(d) = &mut self.drain {
                     d.message(partition, *now);
+                }
+                if let Some(paused) = self.paused.get_mut(&partition) {
+                    // Fetched before the pause took effect: read again after the resume.
+                    paused.dropped = true;
+                    return Ok(());
                 }
                 let message = (offset, m.timestamp().to_millis(), m.key(), m.payload());
                 let known = match self.owners.get_mut(&partition) {
@@ -487,15 +514,62 @@ impl Processor {
         }
     }
 
-    /// Hands the partition's batch to its writer if it is due (`hold`: and makes the consumer
-    /// wait if the writer has no room).
-    fn hand_over(&mut self, partition: i32, now: Instant, hold: bool) {
+    /// Hands the partition's batch to its writer if it is due (`hold`: and pauses the
+    /// partition if the writer has no room).
+    fn hand_over(&mut self, partition: i32, now: Instant, hold: bool) -> HandOver {
         let Some(owner) = self.owners.get_mut(&partition) else {
+            return HandOver::NotDue;
+        };
+        let done = owner.hand_over(&self.settings.policy, now);
+        if done == HandOver::NoRoom && hold {
+            self.pause(partition);
+        }
+        done
+    }
+
+    /// Stops fetching `partition` while its due batch waits for room at its writer.
+    ///
+    /// librdkafka drops what it had fetched of the partition and not yet handed over (a
+    /// version barrier), and on resume fetches again from the last message it handed over.
+    /// A message of the partition that still reaches the loop while it is paused is dropped
+    /// here, and the resume first seeks to the partition's next offset to handle, so nothing
+    /// is skipped and nothing read twice (an offset already handled is dropped anyway). A
+    /// paused partition that is closed (revoked, rewound) is resumed on the way out: a new
+    /// ownership starts fetching with its seek to the plan's offset.
+    fn pause(&mut self, partition: i32) {
+        if self.paused.contains_key(&partition) {
+            return;
+        }
+        if let Err(e) = self.consumer.pause(&self.one(partition)) {
+            tracing::warn!(partition, error = %e, "Cannot pause the partition; its messages are dropped until its writer has room.");
+        }
+        tracing::debug!(partition, "Partition paused: its writer has no room.");
+        self.paused.insert(partition, Paused::default());
+    }
+
+    /// Fetches `partition` again, from its next offset to handle (see [`Processor::pause`]).
+    fn resume(&mut self, partition: i32) {
+        let Some(paused) = self.paused.remove(&partition) else {
             return;
         };
-        if owner.hand_over(&self.settings.policy, now) == HandOver::NoRoom && hold {
-            self.held = Some(partition);
+        let next = self
+            .owners
+            .get(&partition)
+            .and_then(PartitionOwner::expected);
+        if let (true, Some(next)) = (paused.dropped, next) {
+            self.seek(partition, next);
         }
+        if let Err(e) = self.consumer.resume(&self.one(partition)) {
+            tracing::debug!(partition, error = %e, "Resume failed (not assigned any more?).");
+        }
+        tracing::debug!(partition, "Partition resumed.");
+    }
+
+    /// A list of one partition of the tickets topic.
+    fn one(&self, partition: i32) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.settings.kafka.topic, partition);
+        tpl
     }
 
     fn on_event(&mut self, event: Event) -> anyhow::Result<()> {
@@ -513,6 +587,12 @@ impl Processor {
                 Ok(())
             }
             Event::Fatal(e) => Err(e),
+            Event::EndOffset { partition, end } => {
+                if let Some(d) = &mut self.drain {
+                    d.end_read(partition, end);
+                }
+                Ok(())
+            }
         }
     }
 
@@ -554,9 +634,10 @@ impl Processor {
                     dead = r.dead,
                     "Batch written."
                 );
-                if self.held == Some(partition) {
-                    self.held = None;
-                    self.hand_over(partition, Instant::now(), true);
+                if self.paused.contains_key(&partition)
+                    && self.hand_over(partition, Instant::now(), true) != HandOver::NoRoom
+                {
+                    self.resume(partition);
                 }
                 Ok(())
             }
@@ -579,6 +660,11 @@ impl Processor {
                 Ok(())
             }
             Err(Failure::Aborted) => {
+                let unwritten = self
+                    .owners
+                    .get(&partition)
+                    .and_then(PartitionOwner::unwritten);
+                self.log_unwritten(unwritten.map(|u| (partition, u)).into_iter());
                 self.close(partition, Close::Rewind);
                 Ok(())
             }
@@ -652,8 +738,9 @@ impl Processor {
     /// Closes a partition (the one way to, whatever the reason): its unwritten messages will
     /// be processed again by whoever owns it next, from the last committed checkpoint.
     fn close(&mut self, partition: i32, why: Close) {
-        if self.held == Some(partition) {
-            self.held = None;
+        if let Some(paused) = self.paused.remove(&partition) {
+            let _ = paused;
+            let _ = self.consumer.resume(&self.one(partition));
         }
         if let Some(owner) = self.owners.remove(&partition) {
             let _ = owner.close(why);
@@ -691,11 +778,13 @@ impl Processor {
         }
     }
 
+    /// Seeks without waiting (librdkafka's asynchronous seek: its version barrier drops what
+    /// was fetched before it), so the loop never blocks on the broker.
     fn seek(&mut self, partition: i32, offset: i64) {
         let topic = self.settings.kafka.topic.clone();
-        if let Err(e) = self
-            .consumer
-            .seek(&topic, partition, Offset::Offset(offset), SEEK_TIMEOUT)
+        if let Err(e) =
+            self.consumer
+                .seek(&topic, partition, Offset::Offset(offset), Duration::ZERO)
         {
             // Not assigned any more, most likely: whoever owns it resumes from the checkpoint.
             tracing::warn!(partition, offset, error = %e, "Seek failed; forgetting the partition.");
@@ -717,13 +806,28 @@ impl Processor {
             .get(&partition)
             .and_then(PartitionOwner::expected)
             .unwrap_or(-1);
+        if self.paused.get(&partition).is_some_and(|p| p.dropped) {
+            // Messages past `handled` were fetched and dropped: they are not read yet.
+            return Some(handled);
+        }
         Some(fetched.max(handled))
+    }
+
+    /// Says which offsets a stop leaves unwritten, per partition.
+    fn log_unwritten(&self, unwritten: impl Iterator<Item = (i32, (i64, i64))>) {
+        for (partition, (first, last)) in unwritten {
+            tracing::warn!(
+                partition,
+                first,
+                last,
+                "Stopped before these offsets could be written: left uncommitted, the partition's next owner reads them again."
+            );
+        }
     }
 
     /// Writes every buffered batch and waits for every writer, until `abort`.
     async fn finish(&mut self, abort: &CancellationToken) -> Result<(), Failure> {
         self.stopping = true;
-        self.held = None;
         self.owners.retain(|_, o| o.is_open());
         loop {
             let mut busy = false;
@@ -739,7 +843,10 @@ impl Processor {
                         return Err(Failure::Fatal(e));
                     }
                 }
-                _ = abort.cancelled() => return Err(Failure::Aborted),
+                _ = abort.cancelled() => {
+                    self.log_unwritten(self.owners.values().filter_map(|o| Some((o.id, o.unwritten()?))));
+                    return Err(Failure::Aborted);
+                }
             }
         }
         let closing: Vec<JoinHandle<()>> = self

@@ -126,6 +126,14 @@ impl PartitionOwner {
         }
     }
 
+    /// The offsets handled but not written yet, if any (see [`Partition::unwritten`]).
+    pub fn unwritten(&self) -> Option<(i64, i64)> {
+        match &self.life {
+            Life::Open { batches, .. } => batches.unwritten(),
+            Life::Loading => None,
+        }
+    }
+
     /// The committed range being read again, while some of it is still to come.
     pub fn rebuilding(&self) -> Option<(i64, i64)> {
         match &self.life {

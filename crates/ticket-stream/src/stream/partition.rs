@@ -253,6 +253,21 @@ impl<B: Buffer> Partition<B> {
         *self = Partition::new(epoch, next_offset);
     }
 
+    /// The offsets handled but not written yet (in flight or being built), if any.
+    pub fn unwritten(&self) -> Option<(i64, i64)> {
+        let first = self
+            .in_flight
+            .front()
+            .map(|b| b.0)
+            .or(self.open.as_ref().map(|o| o.first))?;
+        let last = self
+            .open
+            .as_ref()
+            .map(|o| o.last)
+            .or(self.in_flight.back().map(|b| b.1))?;
+        Some((first, last))
+    }
+
     /// Nothing buffered and nothing in flight.
     pub fn is_settled(&self) -> bool {
         self.phase() == Phase::Idle
@@ -414,6 +429,24 @@ mod tests {
         // A plain resume accepts gaps (transaction markers take offsets too).
         let p = Partition::<Offsets>::from_plan(1, Plan::Resume { at: 4 });
         assert!(p.check(6).is_ok());
+    }
+
+    #[test]
+    fn what_is_unwritten_spans_the_batches_in_flight_and_the_one_being_built() {
+        let now = Instant::now();
+        let mut p = Partition::<Offsets>::new(1, 10);
+        assert_eq!(p.unwritten(), None);
+        feed(&mut p, 10..=12, now);
+        assert_eq!(p.unwritten(), Some((10, 12)));
+        p.seal().expect("batch");
+        feed(&mut p, 13..=14, now);
+        assert_eq!(p.unwritten(), Some((10, 14)));
+        assert_eq!(p.written(1, 10, 12), Written::Commit(13));
+        assert_eq!(p.unwritten(), Some((13, 14)));
+        p.seal().expect("batch");
+        assert_eq!(p.unwritten(), Some((13, 14)));
+        assert_eq!(p.written(1, 13, 14), Written::Commit(15));
+        assert_eq!(p.unwritten(), None);
     }
 
     #[test]
