@@ -251,6 +251,31 @@ impl S3 {
         keys
     }
 
+    /// When the newest object under `prefix` whose key ends with `suffix` was written (its
+    /// LastModified), if there is one.
+    pub async fn newest(&self, prefix: &str, suffix: &str) -> Option<std::time::SystemTime> {
+        let mut newest = None;
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            for o in page.expect("list").contents() {
+                if !o.key().is_some_and(|k| k.ends_with(suffix)) {
+                    continue;
+                }
+                let at = o
+                    .last_modified()
+                    .and_then(|t| std::time::SystemTime::try_from(*t).ok());
+                newest = newest.max(at);
+            }
+        }
+        newest
+    }
+
     /// Writes an object (to set up a bucket as an earlier version left it).
     pub async fn put(&self, key: &str, body: Vec<u8>) {
         self.client
