@@ -626,60 +626,19 @@ pub async fn total_counts(
     Ok(total)
 }
 
+/// What the committers' tests share: batches as Kafka would give them, again and again the same.
 #[cfg(test)]
-mod tests {
-    //! The protocol on an in-memory store: every crash point, every lost answer, a stale owner,
-    //! the rebuild from Kafka (played by [`batch`], which makes the same batch from the same
-    //! offsets as Kafka would), and an earlier version's checkpoint.
-
-    use std::collections::BTreeMap;
-    use std::sync::Arc;
-    use std::time::Duration;
-
-    use tokio_util::sync::CancellationToken;
-
+pub(crate) mod testing {
     use super::*;
-    use crate::metrics::Metrics;
-    use ticket_s3::store::memory::{Fault, MemStore};
-
-    const PARTITION: i32 = 0;
-
-    fn layout() -> Layout {
-        Layout::new("", "t")
-    }
-
-    fn made_with() -> MadeWith {
-        MadeWith {
-            format: "jsonl",
-            routing: "0000abcd".into(),
-            encoding: 1,
-        }
-    }
-
-    /// A retrier that retries transient errors at once, forever (until `abort`).
-    fn patient() -> Retrier {
-        Retrier {
-            first_backoff: Duration::from_millis(1),
-            max_backoff: Duration::from_millis(1),
-            ..Retrier::new(CancellationToken::new(), Metrics::new())
-        }
-    }
-
-    /// A retrier of a process that dies at its first failed request: it never retries.
-    fn dying() -> Retrier {
-        let r = patient();
-        r.abort.cancel();
-        r
-    }
 
     /// The hour of the ticket at offset `o`: five offsets per hour, so batches span hours.
-    fn hour_of(o: i64) -> Hour {
+    pub fn hour_of(o: i64) -> Hour {
         Hour::from_millis(o / 5 * 3_600_000)
     }
 
     /// A batch of offsets `first..=last`, every offset a valid ticket written as its own line
     /// in the object of its hour, except multiples of 7, which are dead letters.
-    fn batch(first: i64, last: i64) -> Batch {
+    pub fn batch(first: i64, last: i64) -> Batch {
         let valid: Vec<i64> = (first..=last).filter(|o| o % 7 != 0).collect();
         let mut objects: Vec<Object> = Vec::new();
         for &o in &valid {
@@ -715,6 +674,54 @@ mod tests {
             dead_letters: (last - first + 1) as u64 - valid.len() as u64,
             counts,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The protocol on an in-memory store: every crash point, every lost answer, a stale owner,
+    //! the rebuild from Kafka (played by [`batch`], which makes the same batch from the same
+    //! offsets as Kafka would), and an earlier version's checkpoint.
+
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio_util::sync::CancellationToken;
+
+    use super::testing::{batch, hour_of};
+    use super::*;
+    use crate::metrics::Metrics;
+    use ticket_s3::store::memory::{Fault, MemStore};
+
+    const PARTITION: i32 = 0;
+
+    fn layout() -> Layout {
+        Layout::new("", "t")
+    }
+
+    fn made_with() -> MadeWith {
+        MadeWith {
+            format: "jsonl",
+            routing: "0000abcd".into(),
+            encoding: 1,
+        }
+    }
+
+    /// A retrier that retries transient errors at once, forever (until `abort`).
+    fn patient() -> Retrier {
+        Retrier {
+            first_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(1),
+            ..Retrier::new(CancellationToken::new(), Metrics::new())
+        }
+    }
+
+    /// A retrier of a process that dies at its first failed request: it never retries.
+    fn dying() -> Retrier {
+        let r = patient();
+        r.abort.cancel();
+        r
     }
 
     /// How many times each offset appears in the visible results (`tickets_with_team/`);

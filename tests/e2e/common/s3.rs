@@ -232,7 +232,27 @@ impl S3 {
     }
 
     pub async fn keys(&self, prefix: &str) -> Vec<String> {
-        let mut keys = Vec::new();
+        self.objects(prefix)
+            .await
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect()
+    }
+
+    /// When the newest object under `prefix` whose key ends with `suffix` was written (its
+    /// LastModified), if there is one.
+    pub async fn newest(&self, prefix: &str, suffix: &str) -> Option<std::time::SystemTime> {
+        self.objects(prefix)
+            .await
+            .into_iter()
+            .filter(|(k, _)| k.ends_with(suffix))
+            .filter_map(|(_, at)| at)
+            .max()
+    }
+
+    /// Every object under `prefix`: its key and when it was written.
+    async fn objects(&self, prefix: &str) -> Vec<(String, Option<std::time::SystemTime>)> {
+        let mut objects = Vec::new();
         let mut pages = self
             .client
             .list_objects_v2()
@@ -242,38 +262,14 @@ impl S3 {
             .send();
         while let Some(page) = pages.next().await {
             let page = page.expect("list");
-            keys.extend(
-                page.contents()
-                    .iter()
-                    .filter_map(|o| o.key().map(str::to_string)),
-            );
-        }
-        keys
-    }
-
-    /// When the newest object under `prefix` whose key ends with `suffix` was written (its
-    /// LastModified), if there is one.
-    pub async fn newest(&self, prefix: &str, suffix: &str) -> Option<std::time::SystemTime> {
-        let mut newest = None;
-        let mut pages = self
-            .client
-            .list_objects_v2()
-            .bucket(&self.bucket)
-            .prefix(prefix)
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            for o in page.expect("list").contents() {
-                if !o.key().is_some_and(|k| k.ends_with(suffix)) {
-                    continue;
-                }
+            objects.extend(page.contents().iter().filter_map(|o| {
                 let at = o
                     .last_modified()
                     .and_then(|t| std::time::SystemTime::try_from(*t).ok());
-                newest = newest.max(at);
-            }
+                Some((o.key()?.to_string(), at))
+            }));
         }
-        newest
+        objects
     }
 
     /// Writes an object (to set up a bucket as an earlier version left it).

@@ -183,3 +183,154 @@ async fn refresh(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    //! The counts from the Delta table (a GROUP BY over its data files) refreshed through a
+    //! crash at every request and an outage from every request, the log and the data files in
+    //! one in-memory store with one fault: never a fatal error, and the counts object that a
+    //! refresh after the fault leaves is the one a refresh without it writes.
+
+    use ticket_core::counts::{CountRow, Counts};
+    use ticket_core::keys::Hour;
+    use ticket_core::validate::decode_ref;
+    use ticket_engine::output::{OutputFormat, Rows};
+    use ticket_s3::store::memory::Fault;
+
+    use super::*;
+    use crate::sink::{Batch, Committer, Object};
+    use crate::table::TableCommitter;
+    use crate::table::testing::{Bucket, bucket, open, retrier};
+
+    const TYPES: [&str; 3] = ["billing", "technical", "other"];
+
+    /// A batch of valid tickets `first..=last` in one hour, their types in turn, as Parquet.
+    fn batch(routing: &Routing, first: i64, last: i64) -> Batch {
+        let mut rows = Rows::new(OutputFormat::Parquet);
+        let mut counts = Counts::default();
+        for o in first..=last {
+            let kind = TYPES[o as usize % TYPES.len()];
+            let json = format!(
+                r#"{{"ticket_id":"T-{o}","client_id":{o},"created_at":"2025-03-01T10:00:00Z","request":"Help","request_type":"{kind}","priority":"low"}}"#
+            );
+            let ticket = decode_ref(json.as_bytes()).expect("a valid ticket");
+            rows.push(&ticket, routing.team_for(kind));
+            counts.add(&CountRow {
+                request_type: kind.into(),
+                priority: "low".into(),
+                support_team: routing.team_for(kind).into(),
+                count: 1,
+            });
+        }
+        let body = Bytes::from(rows.into_object().expect("parquet"));
+        Batch {
+            first,
+            last,
+            objects: vec![Object {
+                hour: Hour::from_millis(first * 3_600_000),
+                first,
+                last,
+                tickets: (last - first + 1) as u64,
+                body,
+            }],
+            extension: "parquet",
+            valid: (last - first + 1) as u64,
+            dead_letters: 0,
+            counts,
+        }
+    }
+
+    /// A table of three committed batches of partition 0 (30 tickets).
+    async fn table(routing: &Routing) -> Bucket {
+        let b = bucket();
+        let sink = open(&b).await.expect("create");
+        let retry = retrier(&b, &sink, false);
+        let mut c = TableCommitter::new(sink, b.store.clone(), 0, retry);
+        c.recover().await.expect("recover");
+        for (first, last) in [(0, 9), (10, 19), (20, 29)] {
+            let prepared = c.prepare(batch(routing, first, last));
+            c.commit(vec![prepared]).await.expect("commit");
+        }
+        b
+    }
+
+    /// One refresh, as a processor just started does it.
+    async fn refresh_once(b: &Bucket, routing: &Routing, dying: bool) -> Result<(), Failure> {
+        let sink = open(b).await.map_err(|e| Failure::Fatal(e.into()))?;
+        let retry = retrier(b, &sink, dying);
+        let mut source = Source::Table {
+            sink,
+            per_file: HashMap::new(),
+            aggregator: Aggregator::default(),
+        };
+        refresh(
+            &mut source,
+            &b.store,
+            &Layout::new("", "t"),
+            routing,
+            &retry,
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn the_tables_counts_come_through_a_crash_or_an_outage_at_every_request() {
+        let routing = Routing::default();
+        let key = Layout::new("", "t").counts_key();
+        let clean = table(&routing).await;
+        clean.mem.inject(None);
+        refresh_once(&clean, &routing, false)
+            .await
+            .expect("a refresh without faults");
+        let expected = clean.mem.bytes(&key).expect("counts written");
+        assert!(
+            String::from_utf8_lossy(&expected).contains("\"count\":10"),
+            "{}",
+            String::from_utf8_lossy(&expected)
+        );
+        let n = clean.mem.requests();
+        assert!(n > 5, "{n} requests");
+        for at in 1..=n {
+            for fault in [
+                Fault::CrashAt(at),
+                Fault::Outage {
+                    from: at,
+                    count: 10,
+                },
+            ] {
+                let b = table(&routing).await;
+                // The table is opened before the fault: a refresh of a running processor.
+                let sink = open(&b).await.expect("open");
+                let dying = matches!(fault, Fault::CrashAt(_));
+                let retry = retrier(&b, &sink, dying);
+                let mut source = Source::Table {
+                    sink,
+                    per_file: HashMap::new(),
+                    aggregator: Aggregator::default(),
+                };
+                b.mem.inject(Some(fault));
+                let got = refresh(
+                    &mut source,
+                    &b.store,
+                    &Layout::new("", "t"),
+                    &routing,
+                    &retry,
+                )
+                .await;
+                match (fault, got) {
+                    (_, Ok(())) | (Fault::CrashAt(_), Err(Failure::Aborted)) => {}
+                    (fault, got) => panic!("{fault:?}: {got:?}"),
+                }
+                b.mem.inject(None);
+                refresh_once(&b, &routing, false)
+                    .await
+                    .unwrap_or_else(|e| panic!("{fault:?}, then a refresh: {e}"));
+                assert_eq!(
+                    b.mem.bytes(&key),
+                    Some(expected.clone()),
+                    "{fault:?}: the counts"
+                );
+            }
+        }
+    }
+}

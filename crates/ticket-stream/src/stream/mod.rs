@@ -17,6 +17,18 @@
 //!   and the end test (never with a committed batch left unwritten);
 //! - [`counts`]: `counts_by_request_type/latest.jsonl`, refreshed by a task of its own.
 //!
+//! Back-pressure without leaving the group: when a partition's due batch finds its writer
+//! full (`MAX_IN_FLIGHT` batches in flight, as during an S3 outage), that partition is paused
+//! in librdkafka and the loop goes on polling, so `max.poll.interval.ms`, rebalances, the stop
+//! signal and the other partitions are served however long S3 stays away. Messages librdkafka
+//! had already fetched for the paused partition are dropped (its pause is a version barrier;
+//! one that still reaches the loop is dropped here), and the resume, when the writer reports a
+//! batch written, fetches again from the partition's next offset to handle (a seek first if
+//! anything was dropped here): nothing skipped, nothing read twice. A paused partition that
+//! is revoked or rewound is resumed as it is closed; if it comes back, it is a new ownership
+//! that seeks to its plan's offset. Nothing on this loop waits on S3 or on the broker: seeks
+//! are asynchronous and `--drain`'s end-offset reads run on a blocking thread.
+//!
 //! S3 is the source of truth for progress: when a partition is first seen its committer
 //! recovers it (by a task; the partition's messages are dropped meanwhile) and the consumer
 //! seeks to the plan's offset (the checkpoint's, or a committed batch's first to rebuild it),
