@@ -3,10 +3,10 @@
 //! benchmark against the original.
 //!
 //! ```text
-//! DIR/tickets_with_team/date=YYYY-MM-DD/hour=HH/part-00000.jsonl ...
+//! DIR/tickets_with_team/date=YYYY-MM-DD/hour=HH/part-00000.jsonl
 //!                                              valid tickets with support_team, by the UTC
-//!                                              hour of their created_at (.parquet with
-//!                                              --output-format parquet)
+//!                                              hour of their created_at, one file per hour
+//!                                              (.parquet with --output-format parquet)
 //! DIR/counts_by_request_type/latest.jsonl      one line per request type
 //! DIR/dead_letters/part-00000.jsonl            {"line": N, "error": "...", "raw": "..."}
 //! ```
@@ -16,22 +16,36 @@
 //! a file has. The stream files a ticket by the time Kafka received it instead; for tickets
 //! published as they are created, the two are the same hour or the next.
 //!
-//! Each worker gathers its tickets by hour, up to its share of [`PENDING_BYTES`], then writes
-//! each hour's into that hour's file, and keeps at most [`OPEN_HOURS`] files open; an hour it
-//! comes back to after its file was closed gets another part file (`part-WWWWW-N`), so that
-//! neither memory nor open files grow with the span of time a file covers. A file in time
-//! order makes one file per hour and worker; one whose tickets are spread over many hours in
-//! no order makes one per hour, worker and write (sort such a file by `created_at` first for
-//! fewer, larger files).
+//! One file per hour whatever the order of the file, in memory bounded by `--memory-mb`, in two
+//! passes (a bucketing of our own, measured against DataFusion's external sort in
+//! BENCHMARKS.md):
+//!
+//! 1. **Gather and spill.** The file is cut into one byte range per core. Each worker reads its
+//!    range in blocks, decodes, validates and routes each line, and gathers the valid tickets'
+//!    output lines by hour, up to its share of the memory budget; then it appends each hour's
+//!    lines to that hour's spill file of its own (`DIR/.spill/WWWWW/`), and counts the
+//!    tickets' types with DataFusion (on the caller's runtime, batch by batch: nothing is kept
+//!    until the end). Dead letters go to a spill file as they come.
+//! 2. **One file per hour.** The hours are shared out between the workers; each writes its
+//!    hours' files from the spills, in input order: JSON Lines by copying the bytes (by a rename
+//!    when one worker saw the hour), Parquet by decoding the spilled lines again, a bounded
+//!    chunk at a time, into row groups. The dead letters are numbered and written last; then
+//!    the spill directory is removed.
+//!
+//! What stays in memory: each worker's gathered tickets (`--memory-mb` shared between them,
+//! plus their grouping columns, counted in), its read buffer (two blocks) and, in the second
+//! pass, one chunk of rows.
 
-use std::fs::File;
-use std::io::{BufWriter, Read, Seek, SeekFrom};
+use std::borrow::Cow;
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use datafusion::arrow::array::RecordBatch;
-use serde::Serialize;
-use std::collections::HashMap;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 
 use ticket_core::counts::Counts;
 use ticket_core::keys::Hour;
@@ -50,24 +64,34 @@ pub struct FileReport {
     pub counts: Counts,
 }
 
-#[derive(Serialize)]
+/// `--memory-mb`'s default: what the workers together gather before they spill. With the
+/// read buffers, DataFusion and the second pass's chunks, a run peaks under 256 MB
+/// (BENCHMARKS.md).
+pub const DEFAULT_MEMORY_MB: u64 = 128;
+
+#[derive(Serialize, Deserialize)]
 struct DeadLetter<'a> {
     line: u64,
-    error: &'a str,
-    raw: &'a str,
+    #[serde(borrow)]
+    error: Cow<'a, str>,
+    #[serde(borrow)]
+    raw: Cow<'a, str>,
 }
 
-/// How much of the file a worker reads at a time: memory stays bounded by workers x this.
-/// Tiny in tests, so that lines straddle blocks.
+/// How much of the file a worker reads at a time. Tiny in tests, so that lines straddle
+/// blocks.
 const BLOCK: usize = if cfg!(test) { 16 } else { 4 << 20 };
 
-/// How many hours' files one worker keeps open at most.
-const OPEN_HOURS: usize = if cfg!(test) { 2 } else { 64 };
+/// What a gathered ticket costs beyond its output line: its grouping columns (three short
+/// strings and their offsets) and its share of the hour's buffer.
+const PER_TICKET: usize = 48;
 
-/// How many bytes of tickets the workers together gather, grouped by hour, before each writes
-/// them out: the more, the fewer files a file spread over many hours is cut into (its hours
-/// get a file per worker each time it writes). Tiny in tests, so that every block is written.
-const PENDING_BYTES: usize = if cfg!(test) { 1 } else { 32 << 20 };
+/// Rows of Parquet built at a time in the second pass (a row group holds up to 128k).
+const CHUNK_ROWS: usize = if cfg!(test) { 3 } else { 64 * 1024 };
+
+/// Where the spills go, under `--output-dir` (on the same file system as the output, so that a
+/// JSON Lines hour that one worker saw is renamed into place).
+const SPILL_DIR: &str = ".spill";
 
 /// What one worker did with its byte range of the file.
 #[derive(Default)]
@@ -76,23 +100,24 @@ struct Part {
     lines_seen: u64,
     lines: u64,
     valid: u64,
-    /// (line number within the range, from 0; reason; the line, lossily decoded)
-    dead: Vec<(u64, String, String)>,
-    columns: Vec<RecordBatch>,
+    invalid: u64,
+    /// The hours it spilled tickets of.
+    hours: BTreeSet<Hour>,
+    /// How many times it spilled what it had gathered.
+    spills: u64,
+    /// The most it held gathered at once, as counted against its share of the budget.
+    peak_gathered: usize,
 }
 
-/// Processes `input` into `out_dir`, replacing what an earlier run wrote there.
-///
-/// The file is cut into one byte range per core; each worker streams its range in blocks,
-/// gathers the tickets by hour and writes its own `part-WWWWW[-N]` files of each hour (see
-/// the module doc), so memory does not grow with the file. A line belongs to the range in
-/// which it starts.
+/// Processes `input` into `out_dir`, replacing what an earlier run wrote there, gathering at
+/// most about `memory` bytes of tickets at a time (see the module doc).
 pub async fn process_file(
     input: &Path,
     out_dir: &Path,
     routing: &Routing,
     aggregator: &Aggregator,
     format: OutputFormat,
+    memory: usize,
 ) -> anyhow::Result<FileReport> {
     let len = std::fs::metadata(input)
         .with_context(|| format!("cannot read {}", input.display()))?
@@ -104,212 +129,206 @@ pub async fn process_file(
     let tickets_dir = out_dir.join("tickets_with_team");
     let counts_dir = out_dir.join("counts_by_request_type");
     let dead_dir = out_dir.join("dead_letters");
+    let spill_dir = out_dir.join(SPILL_DIR);
     for dir in [&tickets_dir, &counts_dir, &dead_dir] {
         clear_parts(dir)?;
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
+    remove_spills(&spill_dir)?;
 
-    let parts: Vec<Part> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..workers)
-            .map(|w| {
-                let range = (len * w / workers, len * (w + 1) / workers);
-                let out = Out {
-                    dir: &tickets_dir,
-                    worker: w,
-                    format,
-                    pending_bytes: PENDING_BYTES / workers as usize,
-                };
-                s.spawn(move || process_range(input, range, out, routing))
-            })
+    // Pass 1: the workers gather and spill; their grouping columns come back here, batch by
+    // batch, and are counted as they come (a bounded channel: a worker waits for the count).
+    let (tx, mut rx) = mpsc::channel::<RecordBatch>(workers as usize);
+    let share = (memory / workers as usize).max(1);
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let range = (len * w / workers, len * (w + 1) / workers);
+        let spill = Spill::new(&spill_dir, w)?;
+        let (input, routing, tx) = (input.to_path_buf(), routing.clone(), tx.clone());
+        tasks.push(tokio::task::spawn_blocking(move || {
+            process_range(&input, range, &spill, &routing, share, &tx)
+        }));
+    }
+    drop(tx);
+    let mut counts = Counts::default();
+    while let Some(batch) = rx.recv().await {
+        counts.merge(&aggregator.count(vec![batch]).await?);
+    }
+    let mut parts = Vec::new();
+    for task in tasks {
+        parts.push(task.await??);
+    }
+
+    // Pass 2: one file per hour, the hours shared out between the workers.
+    let hours: BTreeSet<Hour> = parts.iter().flat_map(|p| p.hours.iter().copied()).collect();
+    let hours: Vec<Hour> = hours.into_iter().collect();
+    let mut tasks = Vec::new();
+    for w in 0..workers as usize {
+        let mine: Vec<Hour> = hours
+            .iter()
+            .skip(w)
+            .step_by(workers as usize)
+            .copied()
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect::<anyhow::Result<_>>()
-    })?;
+        let out = HourFiles {
+            spill_dir: spill_dir.clone(),
+            tickets_dir: tickets_dir.clone(),
+            workers,
+            format,
+            routing: routing.clone(),
+        };
+        tasks.push(tokio::task::spawn_blocking(move || {
+            mine.into_iter().try_for_each(|hour| out.write(hour))
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
 
     let mut report = FileReport {
         lines: 0,
         valid: 0,
         invalid: 0,
-        counts: Counts::default(),
+        counts,
     };
-    let mut dead = Vec::new();
-    let mut first_line = 1;
-    let mut columns = Vec::new();
-    for part in parts {
+    for part in &parts {
         report.lines += part.lines;
         report.valid += part.valid;
-        report.invalid += part.dead.len() as u64;
-        for (i, error, raw) in &part.dead {
-            let line = first_line + i;
-            // A struct of strings and an integer always serializes into a Vec.
-            let _ = serde_json::to_writer(&mut dead, &DeadLetter { line, error, raw });
-            dead.push(b'\n');
-        }
-        first_line += part.lines_seen;
-        columns.extend(part.columns);
+        report.invalid += part.invalid;
     }
-    if !dead.is_empty() {
-        write(&dead_dir.join("part-00000.jsonl"), &dead)?;
+    if report.invalid > 0 {
+        number_dead_letters(&spill_dir, &parts, &dead_dir.join("part-00000.jsonl"))?;
     }
-    report.counts = aggregator.count(columns).await?;
     write(
         &counts_dir.join("latest.jsonl"),
         &report.counts.to_jsonl(routing),
     )?;
+    remove_spills(&spill_dir)?;
     Ok(report)
 }
 
-/// Where a worker writes: `dir/date=…/hour=…/part-WWWWW[-N].ext`.
-#[derive(Clone, Copy)]
-struct Out<'a> {
-    dir: &'a Path,
-    worker: u64,
-    format: OutputFormat,
-    /// How much the worker gathers before it writes.
-    pending_bytes: usize,
+/// A worker's spill directory: `SPILL_DIR/WWWWW/`, one file per hour and one of dead letters.
+struct Spill {
+    dir: PathBuf,
 }
 
-impl Out<'_> {
-    /// The path of the worker's `n`th file of `hour` (the first has no `-N`).
-    fn path(&self, hour: Hour, n: u32) -> PathBuf {
-        let name = match n {
-            0 => format!("part-{:05}.{}", self.worker, self.format.extension()),
-            n => format!("part-{:05}-{n}.{}", self.worker, self.format.extension()),
-        };
-        self.dir.join(hour.path()).join(name)
+impl Spill {
+    fn new(spill_dir: &Path, worker: u64) -> anyhow::Result<Spill> {
+        let dir = spill_dir.join(format!("{worker:05}"));
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(Spill { dir })
     }
-}
 
-/// A worker's hours: the tickets not written yet, grouped by hour, and the files it has open.
-struct Hours<'a> {
-    out: Out<'a>,
-    /// Valid tickets not written yet, by hour; each hour's rows start with no room reserved,
-    /// as a file spread over years has thousands of hours of a few tickets each.
-    pending: HashMap<Hour, Rows>,
-    /// About how many bytes `pending` holds (the input lines' length).
-    pending_bytes: usize,
-    /// The grouping columns of the valid tickets since the last flush (one set per worker,
-    /// not per hour).
-    columns: Columns,
-    valid: u64,
-    /// Open files, at most [`OPEN_HOURS`], with the flush that last wrote to each.
-    open: HashMap<Hour, (ObjectWriter<BufWriter<File>>, u64)>,
-    /// How many files of each hour this worker has made (the next one's number).
-    files: HashMap<Hour, u32>,
-    flushes: u64,
-}
-
-impl<'a> Hours<'a> {
-    fn new(out: Out<'a>) -> Self {
-        Hours {
-            out,
-            pending: HashMap::new(),
-            pending_bytes: 0,
-            columns: Columns::default(),
-            valid: 0,
-            open: HashMap::new(),
-            files: HashMap::new(),
-            flushes: 0,
+    fn of(spill_dir: &Path, worker: u64) -> Spill {
+        Spill {
+            dir: spill_dir.join(format!("{worker:05}")),
         }
     }
 
-    fn push(&mut self, routing: &Routing, ticket: &TicketRef<'_>, line_len: usize) {
+    fn hour(&self, hour: Hour) -> PathBuf {
+        self.dir
+            .join(format!("{}.jsonl", hour.path().replace('/', ",")))
+    }
+
+    fn dead_letters(&self) -> PathBuf {
+        self.dir.join("dead_letters.jsonl")
+    }
+
+    /// Appends to a spill file.
+    fn append(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(bytes))
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+}
+
+/// A worker's gathered tickets: their output lines by hour, and their grouping columns.
+struct Gathered<'a> {
+    spill: &'a Spill,
+    pending: HashMap<Hour, Vec<u8>>,
+    /// What `pending` and `columns` hold, as counted against `share`.
+    bytes: usize,
+    share: usize,
+    columns: Columns,
+    valid: u64,
+    /// Dead letters not spilled yet (a worker's are spilled with its tickets).
+    dead: Vec<u8>,
+    counted: &'a mpsc::Sender<RecordBatch>,
+}
+
+impl Gathered<'_> {
+    fn push(&mut self, routing: &Routing, ticket: &TicketRef<'_>) {
         let team = routing.team_for(ticket.request_type());
-        let format = self.out.format;
-        self.pending
+        let lines = self
+            .pending
             .entry(Hour::of(&ticket.created_at()))
-            .or_insert_with(|| Rows::small(format))
-            .push(ticket, team);
+            .or_default();
+        let before = lines.len();
+        ticket.write_with_team(team, lines);
+        lines.push(b'\n');
+        self.bytes += lines.len() - before + PER_TICKET;
         self.columns
             .push(ticket.request_type(), ticket.priority().as_str(), team);
         self.valid += 1;
-        self.pending_bytes += line_len;
     }
 
-    /// Writes every hour's pending tickets into its open file (or a new one), then closes the
-    /// least recently written files beyond [`OPEN_HOURS`].
-    fn flush(&mut self, part: &mut Part) -> anyhow::Result<()> {
-        self.flushes += 1;
-        let now = self.flushes;
-        let mut new = Vec::new();
-        for (hour, rows) in self.pending.drain() {
-            match self.open.get_mut(&hour) {
-                Some((w, used)) => {
-                    *used = now;
-                    w.write(rows).context("cannot write a ticket file")?;
-                }
-                None => new.push((hour, rows)),
-            }
+    fn push_dead(&mut self, line: u64, error: &str, raw: &str) {
+        let before = self.dead.len();
+        // A struct of strings and an integer always serializes into a Vec.
+        let letter = DeadLetter {
+            line,
+            error: Cow::Borrowed(error),
+            raw: Cow::Borrowed(raw),
+        };
+        let _ = serde_json::to_writer(&mut self.dead, &letter);
+        self.dead.push(b'\n');
+        self.bytes += self.dead.len() - before;
+    }
+
+    fn full(&self) -> bool {
+        self.bytes >= self.share
+    }
+
+    /// Appends each hour's lines to its spill file, the dead letters to theirs, and sends the
+    /// grouping columns to be counted.
+    fn spill(&mut self, part: &mut Part) -> anyhow::Result<()> {
+        part.peak_gathered = part.peak_gathered.max(self.bytes);
+        if self.bytes == 0 {
+            return Ok(());
         }
-        // Room for the new hours: close the files this write did not add to, least recently
-        // written first. New hours beyond the room get a file written and closed at once.
-        let mut idle: Vec<(u64, Hour)> = (self.open.iter())
-            .filter(|(_, (_, used))| *used < now)
-            .map(|(hour, (_, used))| (*used, *hour))
-            .collect();
-        idle.sort_unstable();
-        let over = (self.open.len() + new.len()).saturating_sub(OPEN_HOURS);
-        for (_, hour) in idle.into_iter().take(over) {
-            if let Some((w, _)) = self.open.remove(&hour) {
-                finish(w)?;
-            }
+        part.spills += 1;
+        for (hour, lines) in self.pending.drain() {
+            Spill::append(&self.spill.hour(hour), &lines)?;
+            part.hours.insert(hour);
         }
-        for (hour, rows) in new {
-            let mut w = self.create(hour)?;
-            w.write(rows).context("cannot write a ticket file")?;
-            if self.open.len() < OPEN_HOURS {
-                self.open.insert(hour, (w, now));
-            } else {
-                finish(w)?;
-            }
+        if !self.dead.is_empty() {
+            Spill::append(&self.spill.dead_letters(), &self.dead)?;
+            self.dead.clear();
         }
-        debug_assert!(
-            self.open.len() <= OPEN_HOURS,
-            "at most OPEN_HOURS files open"
-        );
-        self.pending_bytes = 0;
+        if self.valid > 0 {
+            let batch = std::mem::take(&mut self.columns).finish();
+            self.counted
+                .blocking_send(batch)
+                .map_err(|_| anyhow::anyhow!("the count of the tickets stopped"))?;
+        }
         part.valid += std::mem::take(&mut self.valid);
-        part.columns
-            .push(std::mem::take(&mut self.columns).finish());
-        Ok(())
-    }
-
-    /// Starts the worker's next file of `hour`.
-    fn create(&mut self, hour: Hour) -> anyhow::Result<ObjectWriter<BufWriter<File>>> {
-        let n = self.files.entry(hour).or_insert(0);
-        let path = self.out.path(hour, *n);
-        *n += 1;
-        let dir = path.parent().unwrap_or(self.out.dir);
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let file =
-            File::create(&path).with_context(|| format!("cannot write {}", path.display()))?;
-        ObjectWriter::new(self.out.format, BufWriter::new(file))
-    }
-
-    fn finish(mut self, part: &mut Part) -> anyhow::Result<()> {
-        self.flush(part)?;
-        for (_, (w, _)) in self.open {
-            finish(w)?;
-        }
+        self.bytes = 0;
         Ok(())
     }
 }
 
-fn finish(w: ObjectWriter<BufWriter<File>>) -> anyhow::Result<()> {
-    w.finish()
-        .and_then(|f| f.into_inner().map_err(|e| e.into_error().into()))
-        .context("cannot finish a ticket file")?;
-    Ok(())
-}
-
-/// Processes the lines that start in `start..end` of the file into `out`'s hours.
+/// Processes the lines that start in `start..end` of the file: gathers, spills (pass 1).
 fn process_range(
     input: &Path,
     (start, end): (u64, u64),
-    out: Out<'_>,
+    spill: &Spill,
     routing: &Routing,
+    share: usize,
+    counted: &mpsc::Sender<RecordBatch>,
 ) -> anyhow::Result<Part> {
     let read_error = || format!("cannot read {}", input.display());
     let mut file = File::open(input).with_context(read_error)?;
@@ -319,7 +338,16 @@ fn process_range(
     let mut skipping = start > 0;
 
     let mut part = Part::default();
-    let mut hours = Hours::new(out);
+    let mut gathered = Gathered {
+        spill,
+        pending: HashMap::new(),
+        bytes: 0,
+        share,
+        columns: Columns::default(),
+        valid: 0,
+        dead: Vec::new(),
+        counted,
+    };
     let mut buf: Vec<u8> = Vec::with_capacity(2 * BLOCK);
     let mut eof = false;
     let mut done = false;
@@ -360,20 +388,20 @@ fn process_range(
                 }
                 None => break,
             };
-            process_line(line, routing, &mut hours, &mut part);
+            process_line(line, routing, &mut gathered, &mut part);
             used = next;
-        }
-        if hours.pending_bytes >= out.pending_bytes {
-            hours.flush(&mut part)?;
+            if gathered.full() {
+                gathered.spill(&mut part)?;
+            }
         }
         buf.drain(..used);
         pos += used as u64;
     }
-    hours.finish(&mut part)?;
+    gathered.spill(&mut part)?;
     Ok(part)
 }
 
-fn process_line(line: &[u8], routing: &Routing, hours: &mut Hours<'_>, part: &mut Part) {
+fn process_line(line: &[u8], routing: &Routing, gathered: &mut Gathered<'_>, part: &mut Part) {
     let index = part.lines_seen;
     part.lines_seen += 1;
     let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -382,16 +410,141 @@ fn process_line(line: &[u8], routing: &Routing, hours: &mut Hours<'_>, part: &mu
     }
     part.lines += 1;
     match ticket_core::validate::decode_ref(line) {
-        Ok(ticket) => hours.push(routing, &ticket, line.len()),
+        Ok(ticket) => gathered.push(routing, &ticket),
         Err(reason) => {
-            let raw = String::from_utf8_lossy(line).into_owned();
-            part.dead.push((index, reason.to_string(), raw));
+            part.invalid += 1;
+            let raw = String::from_utf8_lossy(line);
+            gathered.push_dead(index, &reason.to_string(), &raw);
         }
     }
 }
 
+/// Pass 2: an hour's file from the workers' spills of it.
+struct HourFiles {
+    spill_dir: PathBuf,
+    tickets_dir: PathBuf,
+    workers: u64,
+    format: OutputFormat,
+    routing: Routing,
+}
+
+impl HourFiles {
+    fn write(&self, hour: Hour) -> anyhow::Result<()> {
+        let spills: Vec<PathBuf> = (0..self.workers)
+            .map(|w| Spill::of(&self.spill_dir, w).hour(hour))
+            .filter(|p| p.exists())
+            .collect();
+        let dir = self.tickets_dir.join(hour.path());
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = dir.join(format!("part-00000.{}", self.format.extension()));
+        match (self.format, spills.as_slice()) {
+            (OutputFormat::Jsonl, [one]) => std::fs::rename(one, &path)
+                .with_context(|| format!("cannot write {}", path.display())),
+            (OutputFormat::Jsonl, _) => {
+                let mut out = File::create(&path)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                for spill in &spills {
+                    let mut from = File::open(spill)
+                        .with_context(|| format!("cannot read {}", spill.display()))?;
+                    std::io::copy(&mut from, &mut out)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                }
+                Ok(())
+            }
+            (OutputFormat::Parquet, _) => self.parquet(&spills, &path),
+        }
+    }
+
+    /// The spilled lines (our own JSON Lines output) decoded again, a chunk at a time.
+    fn parquet(&self, spills: &[PathBuf], path: &Path) -> anyhow::Result<()> {
+        let file =
+            File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
+        let mut w = ObjectWriter::new(OutputFormat::Parquet, BufWriter::new(file))?;
+        let mut rows = Rows::new(OutputFormat::Parquet);
+        let mut in_chunk = 0;
+        let mut line = Vec::new();
+        for spill in spills {
+            let mut r = BufReader::new(
+                File::open(spill).with_context(|| format!("cannot read {}", spill.display()))?,
+            );
+            loop {
+                line.clear();
+                if r.read_until(b'\n', &mut line)? == 0 {
+                    break;
+                }
+                let text = line.strip_suffix(b"\n").unwrap_or(&line);
+                let ticket = ticket_core::validate::decode_ref(text).with_context(|| {
+                    format!("a spilled ticket of {} is damaged", spill.display())
+                })?;
+                rows.push(&ticket, self.routing.team_for(ticket.request_type()));
+                in_chunk += 1;
+                if in_chunk == CHUNK_ROWS {
+                    w.write(std::mem::replace(
+                        &mut rows,
+                        Rows::new(OutputFormat::Parquet),
+                    ))
+                    .context("cannot write a ticket file")?;
+                    in_chunk = 0;
+                }
+            }
+        }
+        if in_chunk > 0 {
+            w.write(rows).context("cannot write a ticket file")?;
+        }
+        let out = w.finish().context("cannot finish a ticket file")?;
+        out.into_inner()
+            .map_err(|e| e.into_error())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(())
+    }
+}
+
+/// The dead letters from the workers' spills, in input order, numbered through the file.
+fn number_dead_letters(spill_dir: &Path, parts: &[Part], path: &Path) -> anyhow::Result<()> {
+    let mut out = BufWriter::new(
+        File::create(path).with_context(|| format!("cannot write {}", path.display()))?,
+    );
+    let mut first_line = 1;
+    for (w, part) in parts.iter().enumerate() {
+        let spill = Spill::of(spill_dir, w as u64).dead_letters();
+        if part.invalid > 0 {
+            let r = BufReader::new(
+                File::open(&spill).with_context(|| format!("cannot read {}", spill.display()))?,
+            );
+            for l in r.lines() {
+                let l = l?;
+                let d: DeadLetter<'_> = serde_json::from_str(&l).with_context(|| {
+                    format!("a spilled dead letter of {} is damaged", spill.display())
+                })?;
+                serde_json::to_writer(
+                    &mut out,
+                    &DeadLetter {
+                        line: first_line + d.line,
+                        ..d
+                    },
+                )?;
+                out.write_all(b"\n")?;
+            }
+        }
+        first_line += part.lines_seen;
+    }
+    out.flush()
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
 fn write(path: &PathBuf, bytes: &[u8]) -> anyhow::Result<()> {
     std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Removes the spill directory (of this run, or of one that was killed).
+fn remove_spills(spill_dir: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_dir_all(spill_dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("cannot remove {}", spill_dir.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Removes the `.jsonl` and `.parquet` files a previous run left, in `dir` and in its
@@ -591,22 +744,39 @@ mod tests {
                 }
             }
         }
+        names.sort();
         names
     }
 
-    /// Every file under `dir`, by path: (path relative to `dir`, contents).
-    fn files(dir: &Path) -> std::collections::BTreeMap<String, String> {
-        read_dir_names(dir)
-            .into_iter()
-            .map(|rel| {
-                let text = std::fs::read_to_string(dir.join(&rel)).expect("read");
-                (rel, text)
-            })
-            .collect()
-    }
-
-    fn read_tree(dir: &Path) -> Vec<String> {
-        files(dir).into_values().collect()
+    /// The ticket ids in a ticket file of either format, in file order.
+    fn ids_in(path: &Path) -> Vec<String> {
+        if path.extension().is_some_and(|x| x == "parquet") {
+            use datafusion::arrow::array::{Array, StringArray};
+            use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+            let f = File::open(path).expect("open");
+            let reader = ParquetRecordBatchReaderBuilder::try_new(f)
+                .and_then(|b| b.build())
+                .expect("a Parquet file");
+            let mut ids = Vec::new();
+            for batch in reader {
+                let batch = batch.expect("batch");
+                let col = batch.column_by_name("ticket_id").expect("ticket_id");
+                let col = col.as_any().downcast_ref::<StringArray>().expect("strings");
+                ids.extend((0..col.len()).map(|i| col.value(i).to_string()));
+            }
+            ids
+        } else {
+            std::fs::read_to_string(path)
+                .expect("read")
+                .lines()
+                .map(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).expect("json")["ticket_id"]
+                        .as_str()
+                        .expect("id")
+                        .to_string()
+                })
+                .collect()
+        }
     }
 
     fn ticket(id: &str, created_at: &str) -> String {
@@ -615,15 +785,11 @@ mod tests {
         )
     }
 
-    /// Tickets land in the folder of the UTC hour of their created_at, offsets converted; a
-    /// worker that keeps fewer files open than the hours it meets starts another part file
-    /// for an hour it comes back to, and every ticket is written once.
-    #[test]
-    fn tickets_go_to_the_utc_hour_they_were_created_in_with_few_files_open() {
+    /// Tickets land in the folder of the UTC hour of their created_at, offsets converted.
+    #[tokio::test]
+    async fn tickets_go_to_the_utc_hour_they_were_created_in() {
         let dir = tempfile::tempdir().expect("tempdir");
         let input = dir.path().join("in.jsonl");
-        // Three hours, coming back to the first after the others (OPEN_HOURS is 2 in
-        // tests, a block is 16 bytes: each line is a block of its own).
         let lines = [
             ticket("A", "2025-03-01T10:15:00"),
             ticket("B", "2025-03-01T12:59:59+01:00"),
@@ -631,78 +797,148 @@ mod tests {
             ticket("D", "2025-03-01T10:45:00Z"),
         ];
         std::fs::write(&input, lines.join("\n")).expect("write");
-        let out_dir = dir.path().join("tickets_with_team");
-        let out = Out {
-            dir: &out_dir,
-            worker: 0,
-            format: OutputFormat::Jsonl,
-            pending_bytes: 1,
-        };
-        let len = std::fs::metadata(&input).expect("input").len();
-        let part = process_range(&input, (0, len), out, &Routing::default()).expect("runs");
-        assert_eq!(part.valid, 4);
-        let tree = files(&out_dir);
-        let ids_in = |hour: &str| -> Vec<String> {
-            let mut ids: Vec<String> = tree
-                .iter()
-                .filter(|(p, _)| p.starts_with(hour))
-                .flat_map(|(_, c)| c.lines().map(str::to_string).collect::<Vec<_>>())
+        let out = dir.path().join("out");
+        let r = process_file(
+            &input,
+            &out,
+            &Routing::default(),
+            &Aggregator::default(),
+            OutputFormat::Jsonl,
+            1,
+        )
+        .await
+        .expect("runs");
+        assert_eq!(r.valid, 4);
+        let tickets = out.join("tickets_with_team");
+        assert_eq!(
+            read_dir_names(&tickets),
+            [
+                "date=2025-03-01/hour=10/part-00000.jsonl",
+                "date=2025-03-01/hour=11/part-00000.jsonl",
+                "date=2025-03-02/hour=01/part-00000.jsonl",
+            ]
+        );
+        assert_eq!(
+            ids_in(&tickets.join("date=2025-03-01/hour=10/part-00000.jsonl")),
+            ["A", "D"]
+        );
+        assert!(!out.join(SPILL_DIR).exists(), "the spills are removed");
+    }
+
+    /// Tickets over `hours` hours in no order, with an invalid line after every 97th: the
+    /// file's text, and each hour's ticket ids in input order.
+    fn shuffled(hours: u64) -> (String, HashMap<String, Vec<String>>) {
+        let mut text = String::new();
+        let mut expected: HashMap<String, Vec<String>> = HashMap::new();
+        for i in 0..600u64 {
+            // Jumps between hours in no order (7919 is prime to the hours).
+            let h = (i * 7919) % hours;
+            let at = format!("2025-03-{:02}T{:02}:{:02}:00Z", 1 + h / 24, h % 24, i % 60);
+            let id = format!("T-{i}");
+            let hour = Hour::of(&ticket_core::validate::parse_timestamp(&at).expect("time"));
+            expected.entry(hour.path()).or_default().push(id.clone());
+            text += &ticket(&id, &at);
+            text.push('\n');
+            if i % 97 == 0 {
+                text += "not a ticket\n";
+            }
+        }
+        (text, expected)
+    }
+
+    /// A file in no order, spread over many hours, gathered in a budget far below its size:
+    /// one file per hour in either format, each ticket once and in the file of its hour, in
+    /// input order; the dead letters numbered through the file.
+    #[tokio::test]
+    async fn one_file_per_hour_in_any_order_within_the_memory_bound() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let input = dir.path().join("in.jsonl");
+        let hours = 40;
+        let (text, expected) = shuffled(hours);
+        std::fs::write(&input, &text).expect("write");
+        let budget = 2_000;
+        assert!(
+            text.len() > 20 * budget,
+            "the budget is far below the input"
+        );
+        for format in [OutputFormat::Jsonl, OutputFormat::Parquet] {
+            let out = dir.path().join(format!("out-{}", format.extension()));
+            let r = process_file(
+                &input,
+                &out,
+                &Routing::default(),
+                &Aggregator::default(),
+                format,
+                budget,
+            )
+            .await
+            .expect("runs");
+            assert_eq!((r.valid, r.invalid), (600, 7));
+            assert_eq!(r.counts.total(), 600, "every ticket counted once");
+            let tickets = out.join("tickets_with_team");
+            let names = read_dir_names(&tickets);
+            assert_eq!(names.len(), hours as usize, "one file per hour: {names:?}");
+            for name in names {
+                let (hour, file) = name.rsplit_once('/').expect("a folder");
+                assert_eq!(file, format!("part-00000.{}", format.extension()));
+                assert_eq!(
+                    ids_in(&tickets.join(&name)),
+                    expected[hour],
+                    "{hour}: every ticket once, in input order"
+                );
+            }
+            let dead = std::fs::read_to_string(out.join("dead_letters/part-00000.jsonl"))
+                .expect("dead letters");
+            let numbers: Vec<u64> = dead
+                .lines()
                 .map(|l| {
-                    serde_json::from_str::<serde_json::Value>(&l).expect("json")["ticket_id"]
-                        .to_string()
+                    serde_json::from_str::<serde_json::Value>(l).expect("json")["line"]
+                        .as_u64()
+                        .expect("line")
                 })
                 .collect();
-            ids.sort();
-            ids
-        };
-        assert_eq!(
-            ids_in("date=2025-03-01/hour=10/"),
-            ["\"A\"", "\"D\""],
-            "{tree:?}"
-        );
-        assert_eq!(ids_in("date=2025-03-01/hour=11/"), ["\"B\""], "{tree:?}");
-        assert_eq!(ids_in("date=2025-03-02/hour=01/"), ["\"C\""], "{tree:?}");
-        assert_eq!(
-            tree.len(),
-            4,
-            "hour 10 was closed and came back: two files: {tree:?}"
-        );
-        assert!(
-            tree.keys()
-                .any(|p| p.starts_with("date=2025-03-01/hour=10/part-00000-1.")),
-            "{tree:?}"
-        );
-
-        // Gathered before they are written, the same tickets make one file per hour, in
-        // either format, with every ticket once.
-        for format in [OutputFormat::Jsonl, OutputFormat::Parquet] {
-            let out_dir = dir.path().join(format!("gathered-{}", format.extension()));
-            let out = Out {
-                dir: &out_dir,
-                worker: 0,
-                format,
-                pending_bytes: 1 << 20,
-            };
-            let part = process_range(&input, (0, len), out, &Routing::default()).expect("runs");
-            assert_eq!(part.valid, 4);
-            let rows: usize = part.columns.iter().map(RecordBatch::num_rows).sum();
-            assert_eq!(rows, 4, "every ticket counted once");
-            let mut names = read_dir_names(&out_dir);
-            names.sort();
-            let ext = format.extension();
-            assert_eq!(
-                names,
-                [
-                    format!("date=2025-03-01/hour=10/part-00000.{ext}"),
-                    format!("date=2025-03-01/hour=11/part-00000.{ext}"),
-                    format!("date=2025-03-02/hour=01/part-00000.{ext}"),
-                ]
-            );
+            // Ticket 97k is on line 97k + k + 1 (k invalid lines before it); its invalid
+            // line follows.
+            let want: Vec<u64> = (0..7u64).map(|k| 97 * k + k + 2).collect();
+            assert_eq!(numbers, want);
         }
     }
 
-    /// Every cut of a file into ranges processes each line exactly once and numbers it right,
-    /// whatever the ranges' sizes relative to the lines (blank lines, CRLF, no final newline).
+    /// The bound, for one worker: it spills many times, never holding more than its share
+    /// and one ticket, and sends each spill's grouping columns to be counted (none kept).
+    #[test]
+    fn a_worker_never_holds_more_than_its_share() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let input = dir.path().join("in.jsonl");
+        let (text, _) = shuffled(40);
+        std::fs::write(&input, &text).expect("write");
+        let share = 2_000;
+        let spill = Spill::new(&dir.path().join("spill"), 0).expect("spill");
+        let (tx, mut rx) = mpsc::channel(10_000);
+        let len = text.len() as u64;
+        let part =
+            process_range(&input, (0, len), &spill, &Routing::default(), share, &tx).expect("runs");
+        drop(tx);
+        let mut batches = 0;
+        while rx.try_recv().is_ok() {
+            batches += 1;
+        }
+        assert!(part.spills > 20, "{} spills", part.spills);
+        assert_eq!(
+            batches, part.spills,
+            "each spill's columns sent to be counted"
+        );
+        let longest = text.lines().map(str::len).max().unwrap_or(0) * 2 + PER_TICKET;
+        assert!(
+            part.peak_gathered < share + longest,
+            "held {} against a share of {share}",
+            part.peak_gathered
+        );
+    }
+
+    /// Every cut of a file into two ranges processes each line exactly once and numbers it
+    /// right, whatever the ranges' sizes relative to the lines (blank lines, CRLF, no final
+    /// newline).
     #[test]
     fn ranges_keep_every_line_once_and_number_them() {
         let good = |id: &str| {
@@ -722,35 +958,46 @@ mod tests {
         std::fs::write(&input, &text).expect("write");
         let len = text.len() as u64;
         for cut in 0..=len {
-            let mut ids = String::new();
-            let mut dead = Vec::new();
-            let mut first_line = 1;
-            for (i, range) in [(0, cut), (cut, len)].into_iter().enumerate() {
-                let out_dir = dir.path().join(format!("out-{i}"));
-                let _ = std::fs::remove_dir_all(&out_dir);
-                let out = Out {
-                    dir: &out_dir,
-                    worker: i as u64,
-                    format: OutputFormat::Jsonl,
-                    pending_bytes: 1,
-                };
-                let part = process_range(&input, range, out, &Routing::default()).expect("runs");
-                ids += &read_tree(&out_dir).concat();
-                dead.extend(
-                    part.dead
-                        .iter()
-                        .map(|(l, _, raw)| (first_line + l, raw.clone())),
-                );
-                first_line += part.lines_seen;
-            }
-            let ids: Vec<String> = ids
-                .lines()
-                .map(|l| {
-                    serde_json::from_str::<serde_json::Value>(l).expect("json")["ticket_id"]
-                        .to_string()
+            let out = dir.path().join(format!("out-{cut}"));
+            let spill_dir = out.join(SPILL_DIR);
+            let (tx, _rx) = mpsc::channel(100);
+            let parts: Vec<Part> = [(0, cut), (cut, len)]
+                .into_iter()
+                .enumerate()
+                .map(|(w, range)| {
+                    let spill = Spill::new(&spill_dir, w as u64).expect("spill");
+                    process_range(&input, range, &spill, &Routing::default(), 1, &tx).expect("runs")
                 })
                 .collect();
-            assert_eq!(ids, ["\"A\"", "\"B\"", "\"C\"", "\"D\""], "cut at {cut}");
+            let files = HourFiles {
+                spill_dir: spill_dir.clone(),
+                tickets_dir: out.join("tickets"),
+                workers: 2,
+                format: OutputFormat::Jsonl,
+                routing: Routing::default(),
+            };
+            let hours: BTreeSet<Hour> = parts.iter().flat_map(|p| p.hours.clone()).collect();
+            for hour in hours {
+                files.write(hour).expect("hour file");
+            }
+            let ids: Vec<String> = read_dir_names(&out.join("tickets"))
+                .iter()
+                .flat_map(|n| ids_in(&out.join("tickets").join(n)))
+                .collect();
+            assert_eq!(ids, ["A", "B", "C", "D"], "cut at {cut}");
+            let dead_path = out.join("dead.jsonl");
+            number_dead_letters(&spill_dir, &parts, &dead_path).expect("dead letters");
+            let dead: Vec<(u64, String)> = std::fs::read_to_string(&dead_path)
+                .expect("dead")
+                .lines()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).expect("json");
+                    (
+                        v["line"].as_u64().expect("line"),
+                        v["raw"].as_str().expect("raw").to_string(),
+                    )
+                })
+                .collect();
             assert_eq!(
                 dead,
                 [(3, "bad one".to_string()), (7, "bad two".to_string())],
@@ -770,41 +1017,44 @@ mod tests {
         )
         .expect("write");
         let out = dir.path().join("out");
+        let run = |format| {
+            let (input, out) = (input.clone(), out.clone());
+            async move {
+                process_file(
+                    &input,
+                    &out,
+                    &Routing::default(),
+                    &Aggregator::default(),
+                    format,
+                    1 << 20,
+                )
+                .await
+                .expect("runs")
+            }
+        };
         for _ in 0..2 {
-            let r = process_file(
-                &input,
-                &out,
-                &Routing::default(),
-                &Aggregator::default(),
-                OutputFormat::Jsonl,
-            )
-            .await
-            .expect("runs");
+            let r = run(OutputFormat::Jsonl).await;
             assert_eq!((r.lines, r.valid, r.invalid), (3, 2, 1));
         }
-        // Another format, and an earlier version's flat part file: replaced by the next run.
+        // Another format, an earlier version's flat part file and a killed run's spills:
+        // replaced by the next run.
         std::fs::write(out.join("tickets_with_team/part-00007.jsonl"), good).expect("write");
+        std::fs::create_dir_all(out.join(SPILL_DIR).join("00003")).expect("spill dir");
         for format in [OutputFormat::Parquet, OutputFormat::Jsonl] {
-            let r = process_file(
-                &input,
-                &out,
-                &Routing::default(),
-                &Aggregator::default(),
-                format,
-            )
-            .await
-            .expect("runs");
-            assert_eq!(r.valid, 2);
+            assert_eq!(run(format).await.valid, 2);
         }
-        let tree = files(&out.join("tickets_with_team"));
-        assert!(
-            tree.keys()
-                .all(|p| p.starts_with("date=2025-03-01/hour=10/part-") && p.ends_with(".jsonl")),
-            "the earlier runs' files are gone: {tree:?}"
+        let tickets = out.join("tickets_with_team");
+        assert_eq!(
+            read_dir_names(&tickets),
+            ["date=2025-03-01/hour=10/part-00000.jsonl"],
+            "the earlier runs' files are gone"
         );
-        let tickets: String = tree.into_values().collect();
-        assert_eq!(tickets.lines().count(), 2);
-        assert!(tickets.contains("\"support_team\":\"Billing Team\""));
+        assert!(!out.join(SPILL_DIR).exists());
+        let text =
+            std::fs::read_to_string(tickets.join("date=2025-03-01/hour=10/part-00000.jsonl"))
+                .expect("read");
+        assert_eq!(text.lines().count(), 2);
+        assert!(text.contains("\"support_team\":\"Billing Team\""));
         let dead = std::fs::read_to_string(out.join("dead_letters/part-00000.jsonl"))
             .expect("dead letters");
         assert!(

@@ -23,11 +23,15 @@ pub struct FileArgs {
     /// JSON Lines input, one ticket per line.
     pub input: PathBuf,
     /// Directory to write tickets_with_team/, counts_by_request_type/ and dead_letters/ into.
-    /// Tickets go under tickets_with_team/date=YYYY-MM-DD/hour=HH/ by the UTC hour of their
-    /// created_at (a time without an offset is UTC): a file has no Kafka timestamps. A file
-    /// in time order gets one file per hour; sort one that is not, for fewer, larger files.
+    /// Tickets go under tickets_with_team/date=YYYY-MM-DD/hour=HH/part-00000.* by the UTC hour
+    /// of their created_at (a time without an offset is UTC): a file has no Kafka timestamps.
+    /// One file per hour, whatever the order of the input.
     #[arg(long)]
     pub output_dir: PathBuf,
+    /// MiB of tickets the workers gather by hour, between them, before they spill them to
+    /// disk (under --output-dir/.spill/, removed at the end): what bounds the run's memory.
+    #[arg(long = "memory-mb", env = "PROCESS_FILE_MEMORY_MB", default_value_t = file::DEFAULT_MEMORY_MB, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    pub memory_mb: u64,
     /// Format of the ticket files: jsonl or parquet in --output-dir, or delta: also appended
     /// to the bucket's Delta table (the S3 settings below; where OUTPUT_FORMAT=delta streams
     /// go), once per file: a rerun of the same file adds nothing.

@@ -108,6 +108,7 @@ async fn process_file(args: ticket_processor::FileArgs) -> anyhow::Result<()> {
         &routing,
         &aggregator,
         args.output_format.files(),
+        (args.memory_mb as usize) << 20,
     )
     .await?;
     println!(
