@@ -17,7 +17,7 @@
 //! when S3 goes away and one when it is back, `/health/ready` and the metric say since when.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use anyhow::anyhow;
@@ -105,6 +105,16 @@ pub struct Retrier {
     pub max_backoff: Duration,
     /// Judges a failure that is not plainly transient; without one, such a failure is fatal.
     pub check: Option<Arc<dyn Check>>,
+    /// Unix time (ms) of the failure that found S3 unreachable; 0 while it answers. Shared by
+    /// every clone: one outage, one line each way.
+    pub(crate) down_since: Arc<AtomicU64>,
+}
+
+/// Unix time in milliseconds.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(1, |d| d.as_millis() as u64)
 }
 
 /// What a fresh check made of a failure.
@@ -125,6 +135,7 @@ impl Retrier {
             first_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
             check: None,
+            down_since: Arc::default(),
         }
     }
 
@@ -158,31 +169,36 @@ impl Retrier {
 
     /// S3 failed a request: the first failure since it was last reachable is logged.
     fn unreachable(&self, what: &str, e: &StoreError) {
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(1, |d| d.as_secs() as i64);
-        let since = self.metrics.s3_unreachable_since.inner();
-        if since
+        let now = now_ms();
+        if self
+            .down_since
             .compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst)
             .is_ok()
         {
+            self.metrics.s3_unreachable_since.set((now / 1000) as i64);
             tracing::warn!(what, error = %e, "S3 is unreachable; retrying until it is back (nothing is lost meanwhile).");
         }
     }
 
-    /// A request succeeded: if S3 was unreachable, it is back (logged once).
-    fn reachable(&self) {
-        let since = self
-            .metrics
-            .s3_unreachable_since
-            .inner()
-            .swap(0, Ordering::SeqCst);
-        if since != 0 {
-            let now = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(since, |d| d.as_secs() as i64);
-            tracing::info!(unreachable_seconds = now - since, "S3 is reachable again.");
+    /// A request that was sent at `sent` (Unix ms) succeeded: if S3 was unreachable, it is
+    /// back (logged once). Not if the request was sent before the failure that found S3
+    /// gone: an answer already on its way at the cut says nothing about S3 now.
+    fn reachable(&self, sent: u64) {
+        let since = self.down_since.load(Ordering::SeqCst);
+        if since == 0
+            || sent <= since
+            || self
+                .down_since
+                .compare_exchange(since, 0, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+        {
+            return;
         }
+        self.metrics.s3_unreachable_since.set(0);
+        tracing::info!(
+            unreachable_seconds = now_ms().saturating_sub(since) / 1000,
+            "S3 is reachable again."
+        );
     }
 
     pub async fn run<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, Failure>
@@ -193,9 +209,10 @@ impl Retrier {
         let mut attempt = 1u32;
         let mut unexplained = 0u32;
         loop {
+            let sent = now_ms();
             let e = match op().await {
                 Ok(v) => {
-                    self.reachable();
+                    self.reachable(sent);
                     return Ok(v);
                 }
                 Err(StoreError::Conflict { key }) => {
@@ -351,6 +368,22 @@ mod tests {
         let got = fails_then_works(&r, vec![refused("table?"), refused("table?")]).await;
         assert_eq!(got.ok(), Some(7));
         assert_eq!(r.metrics.s3_unreachable_since.get(), 0, "reachable again");
+    }
+
+    #[test]
+    fn an_answer_sent_before_the_cut_does_not_say_s3_is_back() {
+        let r = Retrier::new(CancellationToken::new(), Metrics::new());
+        let before = now_ms() - 10;
+        r.unreachable("op", &transient());
+        assert!(r.metrics.s3_unreachable_since.get() > 0);
+        r.reachable(before);
+        assert!(
+            r.metrics.s3_unreachable_since.get() > 0,
+            "a request sent before the failure answered: still unreachable"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+        r.reachable(now_ms());
+        assert_eq!(r.metrics.s3_unreachable_since.get(), 0, "back");
     }
 
     #[tokio::test]
