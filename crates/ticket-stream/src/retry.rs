@@ -36,9 +36,12 @@ pub const UNEXPLAINED_LIMIT: u32 = 8;
 /// fine, a transient error if it cannot be reached, a permanent one if it refuses us.
 pub trait Check: Send + Sync + 'static {
     fn check(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// What it looks at, for messages ("the bucket").
+    fn what(&self) -> &'static str;
 }
 
-/// The bucket: it exists, answers us, and lets us write and delete under the prefix.
+/// The bucket: it exists, answers us, and lets us write and delete under the prefix (what
+/// `ticket_s3::Store::check_writable` checks at start, over the store interface).
 pub struct BucketCheck {
     pub store: SharedStore,
     /// A key under the processor's prefix, written and deleted by the check.
@@ -57,12 +60,17 @@ impl BucketCheck {
 impl Check for BucketCheck {
     fn check(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
-            self.store.exists(&self.probe).await?;
+            // A missing bucket, refused credentials or a missing permission fail the write
+            // or the delete (the S3 adapter says which, and what to fix).
             self.store
                 .put(&self.probe, bytes::Bytes::from_static(b"ok"), Expect::Any)
                 .await?;
             self.store.delete(&self.probe).await
         })
+    }
+
+    fn what(&self) -> &'static str {
+        "the bucket"
     }
 }
 
@@ -89,6 +97,10 @@ impl Check for TableCheck {
                 Ok(()) => Ok(()),
             }
         })
+    }
+
+    fn what(&self) -> &'static str {
+        "the bucket and the Delta table"
     }
 }
 
@@ -237,12 +249,8 @@ impl Retrier {
                         unexplained += 1;
                         if unexplained >= UNEXPLAINED_LIMIT {
                             return Err(Failure::Fatal(anyhow!(
-                                "{what}: {e} ({unexplained} times in a row, while S3 answered and the bucket{} checked out each time)",
-                                if self.check.is_some() {
-                                    " and the table"
-                                } else {
-                                    ""
-                                }
+                                "{what}: {e} ({unexplained} times in a row, while S3 answered and {} checked out each time)",
+                                self.check.as_ref().map_or("the store", |c| c.what())
                             )));
                         }
                         tracing::warn!(what, attempt, error = %e, "S3 request failed though the store checks out; retrying.");
@@ -317,6 +325,10 @@ mod tests {
                 .pop()
                 .unwrap_or(Ok(()));
             Box::pin(async move { next })
+        }
+
+        fn what(&self) -> &'static str {
+            "the scripted store"
         }
     }
 

@@ -361,15 +361,21 @@ mod tests {
         b.mem.requests()
     }
 
+    /// A new table, then one owner's run with `fault` injected from there on.
+    async fn run_with(fault: Fault, dying: bool) -> (Bucket, Result<(), Failure>) {
+        let b = bucket();
+        let sink = open(&b).await.expect("create");
+        b.mem.inject(Some(fault));
+        let got = run(&b, sink, dying).await;
+        (b, got)
+    }
+
     #[tokio::test]
     async fn a_crash_before_any_request_then_a_new_owner_is_exactly_once() {
         let n = requests_of_a_run().await;
         assert!(n > 10, "{n} requests");
         for at in 1..=n {
-            let b = bucket();
-            let sink = open(&b).await.expect("create");
-            b.mem.inject(Some(Fault::CrashAt(at)));
-            let crashed = run(&b, sink, true).await;
+            let (b, crashed) = run_with(Fault::CrashAt(at), true).await;
             assert!(
                 matches!(crashed, Err(Failure::Aborted)),
                 "crash at request {at}: {crashed:?}"
@@ -387,12 +393,8 @@ mod tests {
     async fn a_lost_answer_to_any_request_is_not_committed_twice() {
         let n = requests_of_a_run().await;
         for at in 1..=n {
-            let b = bucket();
-            let sink = open(&b).await.expect("create");
-            b.mem.inject(Some(Fault::LoseAnswerOf(at)));
-            run(&b, sink, false)
-                .await
-                .unwrap_or_else(|e| panic!("answer of request {at} lost: {e}"));
+            let (b, got) = run_with(Fault::LoseAnswerOf(at), false).await;
+            got.unwrap_or_else(|e| panic!("answer of request {at} lost: {e}"));
             assert_exactly_once(&b, &format!("answer of request {at} lost")).await;
         }
     }
@@ -401,15 +403,12 @@ mod tests {
     async fn an_outage_at_any_request_is_waited_out_not_fatal() {
         let n = requests_of_a_run().await;
         for at in 1..=n {
-            let b = bucket();
-            let sink = open(&b).await.expect("create");
-            b.mem.inject(Some(Fault::Outage {
+            let fault = Fault::Outage {
                 from: at,
                 count: 12,
-            }));
-            run(&b, sink, false)
-                .await
-                .unwrap_or_else(|e| panic!("outage from request {at}: {e}"));
+            };
+            let (b, got) = run_with(fault, false).await;
+            got.unwrap_or_else(|e| panic!("outage from request {at}: {e}"));
             assert_exactly_once(&b, &format!("outage from request {at}")).await;
         }
     }

@@ -750,8 +750,7 @@ impl Processor {
     /// Closes a partition (the one way to, whatever the reason): its unwritten messages will
     /// be processed again by whoever owns it next, from the last committed checkpoint.
     fn close(&mut self, partition: i32, why: Close) {
-        if let Some(paused) = self.paused.remove(&partition) {
-            let _ = paused;
+        if self.paused.remove(&partition).is_some() {
             let _ = self.consumer.resume(&self.one(partition));
         }
         if let Some(owner) = self.owners.remove(&partition) {
