@@ -731,8 +731,8 @@ async fn delta_output_holds_every_ticket_once_through_a_kill_and_reruns_as_delta
 }
 
 /// A backfill and the stream end in one table: `process-file --output-format delta` appends
-/// a file's tickets to the table the stream writes, by the hour of their `created_at`, in one
-/// commit; run again on the same file it adds nothing. Read by delta-rs and by `query`.
+/// a file's tickets to the table the stream writes, by the hour of their `created_at`, through
+/// the stream's committer; run again on the same file it adds nothing. Read by delta-rs and by `query`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_backfill_lands_once_in_the_streams_delta_table_by_the_hour_it_was_created() {
     let fx = Fixture::start().await;

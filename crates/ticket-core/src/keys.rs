@@ -82,6 +82,11 @@ impl Layout {
         &self.prefix
     }
 
+    /// The Kafka topic whose results these are.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
     pub fn tickets_prefix(&self) -> String {
         format!("{}tickets_with_team/", self.prefix)
     }

@@ -3,11 +3,9 @@
 //!
 //! - [`query`]: `query`, SQL over the results in the bucket or a directory;
 //! - [`report`]: `report`, the lake's figures as a self-contained HTML page;
-//! - [`file`]: `process-file`, a local JSON Lines file into the S3 layout in a directory, or
-//!   into the bucket's Delta table.
+//! - [`file`]: `process-file`, a local JSON Lines file into the S3 layout in a directory (and,
+//!   with `--output-format delta`, through the output's backfill into the bucket's table).
 
-pub mod compact;
-mod delta;
 pub mod file;
 pub mod query;
 pub mod report;
@@ -15,7 +13,7 @@ pub mod report;
 use std::path::PathBuf;
 
 use ticket_engine::RoutingArgs;
-use ticket_engine::output::OutputFormat;
+use ticket_output::OutputSetting;
 use ticket_s3::S3Args;
 
 #[derive(clap::Args, Debug)]
@@ -35,28 +33,10 @@ pub struct FileArgs {
     /// Format of the ticket files: jsonl or parquet in --output-dir, or delta: also appended
     /// to the bucket's Delta table (the S3 settings below; where OUTPUT_FORMAT=delta streams
     /// go), once per file: a rerun of the same file adds nothing.
-    #[arg(long, env = "OUTPUT_FORMAT", value_enum, default_value_t = FileOutput::Jsonl)]
-    pub output_format: FileOutput,
+    #[arg(long, env = "OUTPUT_FORMAT", value_enum, default_value_t = OutputSetting::Jsonl)]
+    pub output_format: OutputSetting,
     #[command(flatten)]
     pub routing: RoutingArgs,
     #[command(flatten)]
     pub s3: S3Args,
-}
-
-/// Where `process-file` puts the tickets.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FileOutput {
-    Jsonl,
-    Parquet,
-    Delta,
-}
-
-impl FileOutput {
-    /// The format of the files in `--output-dir` (the table's are Parquet).
-    pub fn files(self) -> OutputFormat {
-        match self {
-            FileOutput::Jsonl => OutputFormat::Jsonl,
-            FileOutput::Parquet | FileOutput::Delta => OutputFormat::Parquet,
-        }
-    }
 }

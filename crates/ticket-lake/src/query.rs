@@ -10,7 +10,8 @@
 //!   `process-file` directory has NULL `topic` and `partition`, and the hour of each ticket's
 //!   `created_at` (an earlier version's flat directory: NULL in all four).
 //!   With `OUTPUT_FORMAT=delta`, the Delta table's rows are in it too: the data files of the
-//!   table's snapshot as the query starts (`crate::delta`), never a file of a commit not made.
+//!   table's snapshot as the query starts (`ticket_delta::read`, through
+//!   `ticket_output::register_readers`), never a file of a commit not made.
 //! - `counts`: `counts_by_request_type/latest.jsonl` (empty when it does not exist yet).
 //!
 //! The S3 side goes through DataFusion's own object store (`object_store`'s S3 client), given
@@ -189,11 +190,13 @@ pub async fn open(lake: &Lake<'_>) -> anyhow::Result<Opened> {
             (format!("s3://{}/{prefix}", args.bucket), store, root)
         }
     };
-    let delta = match lake {
-        Lake::Bucket(args) => register_delta(&ctx, &store, args).await?,
-        Lake::Dir(_) => false,
+    let readers = match lake {
+        Lake::Bucket(args) => {
+            ticket_output::register_readers(&ctx, &store, args, read_schema()).await?
+        }
+        Lake::Dir(_) => Vec::new(),
     };
-    register_tickets(&ctx, &url, lake, delta).await?;
+    register_tickets(&ctx, &url, lake, &readers).await?;
     register_counts(&ctx, &url, &store).await?;
     Ok(Opened {
         ctx,
@@ -251,7 +254,7 @@ async fn register_tickets(
     ctx: &SessionContext,
     root: &str,
     lake: &Lake<'_>,
-    delta: bool,
+    readers: &[&str],
 ) -> anyhow::Result<()> {
     let dir = format!("{root}tickets_with_team/");
     let layouts: Vec<&[(&str, DataType)]> = match lake {
@@ -297,9 +300,9 @@ async fn register_tickets(
             ));
         }
     }
-    if delta {
+    for table in readers {
         selects.push(format!(
-            "SELECT ticket_id, client_id, created_at, request, request_type, priority, support_team, {} FROM tickets_delta",
+            "SELECT ticket_id, client_id, created_at, request, request_type, priority, support_team, {} FROM {table}",
             PARTITIONED.iter().map(|(n, _)| format!("\"{n}\"")).collect::<Vec<_>>().join(", ")
         ));
     }
@@ -309,25 +312,6 @@ async fn register_tickets(
     ))
     .await?;
     Ok(())
-}
-
-/// `tickets_delta`: the Delta table's current snapshot, if the bucket has the table.
-async fn register_delta(
-    ctx: &SessionContext,
-    store: &Arc<dyn ObjectStore>,
-    args: &S3Args,
-) -> anyhow::Result<bool> {
-    let prefix = ticket_core::keys::Layout::new(&args.prefix, "")
-        .prefix()
-        .to_string();
-    let Some(table) = ticket_delta::Table::open(store.clone(), &args.bucket, &prefix).await? else {
-        return Ok(false);
-    };
-    let files = table.files().await?;
-    let root = format!("{prefix}{}", ticket_delta::TABLE_DIR);
-    let snapshot = crate::delta::Snapshot::new(&args.bucket, &root, read_schema(), files)?;
-    ctx.register_table("tickets_delta", Arc::new(snapshot))?;
-    Ok(true)
 }
 
 /// The ticket columns as `query` reads them: [`ticket_schema`] with its strings as views.

@@ -3,18 +3,24 @@
 //! This crate is the command line only; the work is in crates that compile apart, so an edit
 //! on one side does not recompile the other:
 //!
-//! - `ticket-stream`: the streaming side (consumer loop, sink, dead letters, replay-dlq, health
-//!   and metrics);
+//! - `ticket-stream`: the streaming side (consumer loop, dead letters, replay-dlq, health and
+//!   metrics);
 //! - `ticket-lake`: the reading side (query, report, process-file);
-//! - `ticket-engine`: what both share (enrich, counts with DataFusion, output formats);
-//! - `ticket-s3`: the S3 adapter and the object store interface of the sink.
+//! - `ticket-output`: the output, chosen at start (`OUTPUT_FORMAT`), over one crate per
+//!   destination: `ticket-objects`, `ticket-delta` (feature `delta`, on by default);
+//! - `ticket-commit`: what every output shares (the committer trait, retries, fault points);
+//! - `ticket-engine`: enrich, counts with DataFusion, the encodings (JSON Lines, Parquet);
+//! - `ticket-s3`: the S3 adapter and the object store interface of the committers.
 //!
 //! Where each part lives:
 //!
 //! | part | crate and module |
 //! | --- | --- |
 //! | consumer loop, partitions, writers, dead letters, drain, counts | `ticket_stream::stream` |
-//! | exactly-once protocol for one partition's batch | `ticket_stream::sink` |
+//! | the commit protocol every output implements, its driver, retries | `ticket_commit` |
+//! | the choice of output, and each output's place | `ticket_output` |
+//! | exactly-once objects: checkpoints, upgrade from 0.1.0 | `ticket_objects` |
+//! | the Delta table: log, committer, totals, reader, backfill, `compact` | `ticket_delta` |
 //! | `replay-dlq` | `ticket_stream::replay` |
 //! | health and Prometheus metrics | `ticket_stream::{http, metrics}` |
 //! | object store interface, in-memory store for tests | `ticket_s3::store` |
@@ -27,7 +33,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 pub use ticket_lake::FileArgs;
-use ticket_lake::{compact, query, report};
+use ticket_lake::{query, report};
+#[cfg(feature = "delta")]
+use ticket_output::compact;
 pub use ticket_stream::RunArgs;
 use ticket_stream::replay;
 
@@ -58,6 +66,7 @@ pub enum Command {
     Report(report::ReportArgs),
     /// The Delta table's maintenance (OUTPUT_FORMAT=delta): rewrite each old enough hour of a
     /// partition into one file, then delete the files no snapshot needs.
+    #[cfg(feature = "delta")]
     Compact(compact::CompactArgs),
     /// Exit 0 if the processor on this host answers ready at HTTP_ADDR (the image's HEALTHCHECK;
     /// needs no curl or shell in the image).

@@ -19,7 +19,8 @@ async fn main() {
             );
         }),
         Some(Command::Query(args)) => ticket_lake::query::query(&args).await,
-        Some(Command::Compact(args)) => ticket_lake::compact::compact(&args).await,
+        #[cfg(feature = "delta")]
+        Some(Command::Compact(args)) => ticket_output::compact::compact(&args).await,
         Some(Command::Report(args)) => {
             let shutdown = tokio_util::sync::CancellationToken::new();
             tokio::spawn(ticket_kafka::cancel_on_signal(shutdown.clone()));
@@ -107,7 +108,7 @@ async fn process_file(args: ticket_processor::FileArgs) -> anyhow::Result<()> {
         &args.output_dir,
         &routing,
         &aggregator,
-        args.output_format.files(),
+        args.output_format.encoding(),
         (args.memory_mb as usize) << 20,
     )
     .await?;
@@ -119,20 +120,11 @@ async fn process_file(args: ticket_processor::FileArgs) -> anyhow::Result<()> {
         args.output_dir.display(),
         start.elapsed().as_secs_f64()
     );
-    if args.output_format == ticket_lake::FileOutput::Delta {
-        let t =
-            ticket_lake::file::into_table(&args.input, &args.output_dir, r.lines, &args.s3).await?;
-        if t.already {
-            println!(
-                "already in the Delta table as topic {:?}: nothing added (a changed file is another backfill)",
-                t.topic
-            );
-        } else {
-            println!(
-                "appended to the Delta table as topic {:?}: {} tickets in {} files, one commit",
-                t.topic, t.tickets, t.files
-            );
-        }
+    let files = || ticket_lake::file::hour_files(&args.output_dir.join("tickets_with_team"));
+    if let Some(said) =
+        ticket_output::backfill(args.output_format, &args.input, files, &args.s3).await?
+    {
+        println!("{said}");
     }
     Ok(())
 }

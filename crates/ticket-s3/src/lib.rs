@@ -126,7 +126,7 @@ pub async fn sdk_config(args: &S3Args) -> anyhow::Result<aws_config::SdkConfig> 
     Ok(aws_config::defaults(aws_config::BehaviorVersion::latest())
         .http_client(http)
         .region(aws_config::Region::new(args.region.clone()))
-        // One retry layer only: the streaming side's own (`ticket_stream::retry::Retrier`)
+        // One retry layer only: the streaming side's own (`ticket_commit::Retrier`)
         // decides what is worth retrying and for how long, so the SDK makes each request once.
         .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(1))
         .timeout_config(

@@ -19,7 +19,7 @@ pub enum Retries {
     /// `process-file`).
     Client,
     /// None: every request is made once and the caller's retry loop decides (the streaming
-    /// processor's `ticket_stream::retry`), so that the two layers do not stack and an outage
+    /// processor's `ticket_commit::retry`), so that the two layers do not stack and an outage
     /// is seen, logged and waited out in one place.
     Caller,
 }

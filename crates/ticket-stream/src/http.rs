@@ -59,7 +59,7 @@ async fn live(State(s): State<AppState>) -> impl IntoResponse {
 /// S3 outage (README, "Health": nothing restarts a processor for this, `/health/live` stays
 /// 200; what the 503 tells is that nothing is being written).
 async fn ready(State(s): State<AppState>) -> impl IntoResponse {
-    let since = s.metrics.s3_unreachable_since.get();
+    let since = s.metrics.retry.s3_unreachable_since.get();
     if !s.health.is_ready() {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_string())
     } else if since > 0 {

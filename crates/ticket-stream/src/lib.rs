@@ -2,11 +2,9 @@
 //! It compiles apart from the reading side (`ticket-lake`).
 //!
 //! - [`stream`]: the Kafka consumer loop (continuous, or `--drain`), with its parts:
-//!   partition state, writers, dead letters, drain, counts;
-//! - [`sink`]: the exactly-once commit protocol: the [`sink::Committer`] trait and the object
-//!   layout's [`sink::ObjectCommitter`];
-//! - [`table`]: `OUTPUT_FORMAT=delta`, the committer into the Delta table;
-//! - [`retry`]: when to try an S3 request again (backoff with jitter);
+//!   partition state, writers, dead letters, drain, counts. What a batch becomes is the
+//!   output's (`ticket_output::Output`, chosen at start): the loop sees only its committers
+//!   (`ticket_commit::Committer`), the same for every output;
 //! - [`replay`]: `replay-dlq`, dead letters back into the tickets topic, exactly once;
 //! - [`http`] and [`metrics`]: health and Prometheus metrics;
 //! - [`RunArgs`] and [`run`]: the streaming processor's settings, and the processor itself.
@@ -14,20 +12,17 @@
 pub mod http;
 pub mod metrics;
 pub mod replay;
-pub mod retry;
-pub mod sink;
 pub mod stream;
-pub mod table;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use ticket_core::batch::BatchPolicy;
 use ticket_core::keys::Layout;
 use ticket_engine::RoutingArgs;
-use ticket_engine::output;
+use ticket_output::{Opening, Output, OutputSetting};
 use ticket_s3::store;
 use tokio_util::sync::CancellationToken;
 
@@ -48,8 +43,8 @@ pub struct RunArgs {
 
     /// Where the valid tickets go: objects of JSON Lines or Parquet under
     /// tickets_with_team/, or a Delta Lake table at tables/tickets_with_team/.
-    #[arg(long, env = "OUTPUT_FORMAT", value_enum, default_value_t = Output::Jsonl)]
-    pub output_format: Output,
+    #[arg(long, env = "OUTPUT_FORMAT", value_enum, default_value_t = OutputSetting::Jsonl)]
+    pub output_format: OutputSetting,
 
     /// Topic that invalid messages are sent to, with the reason in the error.message header.
     #[arg(long, env = "DLQ_TOPIC", default_value = "client_tickets_dlq")]
@@ -79,27 +74,6 @@ pub struct RunArgs {
     /// them to the next run; the process exits 5 s later whatever it still waits on.
     #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS", default_value_t = 20)]
     pub shutdown_timeout_secs: u64,
-}
-
-/// `OUTPUT_FORMAT` of the streaming processor.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Output {
-    /// JSON Lines objects (the default; what the MinIO console shows best).
-    Jsonl,
-    /// Parquet objects (typed columns, compressed).
-    Parquet,
-    /// A Delta Lake table of Parquet files, committed through the table's log.
-    Delta,
-}
-
-impl Output {
-    /// The format the tickets are encoded in.
-    pub fn encoding(self) -> output::OutputFormat {
-        match self {
-            Output::Jsonl => output::OutputFormat::Jsonl,
-            Output::Parquet | Output::Delta => output::OutputFormat::Parquet,
-        }
-    }
 }
 
 /// How a stop reaches the streaming processor from `main`, which owns the signals and the
@@ -152,26 +126,14 @@ pub async fn run(args: RunArgs, observed: Observed, shutdown: Shutdown) -> anyho
     let store: store::SharedStore = Arc::new(s3);
     let kafka = args.kafka.clone();
     tokio::task::spawn_blocking(move || kafka.check_brokers()).await??;
-    let table = match args.output_format {
-        Output::Delta => {
-            let table = ticket_delta::Table::open_or_create(
-                ticket_s3::object_store(&args.s3, ticket_s3::Retries::Caller).await?,
-                &args.s3.bucket,
-                layout.prefix(),
-            )
-            .await
-            .context("opening the Delta table (OUTPUT_FORMAT=delta)")?;
-            tracing::info!(table = %table.location(), version = table.version().await, "Writing to the Delta table.");
-            let table = Arc::new(table);
-            Some(table::TableSink {
-                group: ticket_delta::GroupCommit::spawn(table.clone()),
-                table,
-                root: format!("{}{}", layout.prefix(), ticket_delta::TABLE_DIR),
-                topic: args.kafka.topic.clone(),
-            })
-        }
-        Output::Jsonl | Output::Parquet => None,
-    };
+    let output = Output::open(Opening {
+        setting: args.output_format,
+        s3: &args.s3,
+        layout: &layout,
+        store: store.clone(),
+        routing: routing.digest(),
+    })
+    .await?;
 
     let settings = stream::Settings {
         kafka: args.kafka,
@@ -185,7 +147,7 @@ pub async fn run(args: RunArgs, observed: Observed, shutdown: Shutdown) -> anyho
         routing,
         layout,
         format: args.output_format.encoding(),
-        table,
+        output,
         drain: args.drain,
     };
     stream::run(settings, store, metrics, health, shutdown).await

@@ -7,6 +7,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use ticket_commit::retry::RetryMetrics;
 
 /// Cheap to clone: every field is a shared handle.
 #[derive(Clone)]
@@ -15,7 +16,6 @@ pub struct Metrics {
     pub tickets_written: Counter,
     pub dead_lettered: Counter,
     pub batches_written: Counter,
-    pub s3_errors: Counter,
     pub fenced: Counter,
     /// From a batch's first message to the moment it is durable in S3 (what a ticket waits).
     pub batch_age: Histogram,
@@ -24,9 +24,9 @@ pub struct Metrics {
     /// Messages behind the end of the assigned partitions, as of the last check.
     pub consumer_lag: Gauge<i64, AtomicI64>,
     pub assigned_partitions: Gauge,
-    /// Unix time (s) since which S3 has failed every request the processor made; 0 while it
-    /// answers. Set and cleared by the retries ([`crate::retry`]).
-    pub s3_unreachable_since: Gauge<i64, AtomicI64>,
+    /// S3 errors, and since when S3 has failed every request the processor made (0 while it
+    /// answers): set and cleared by the retries ([`ticket_commit::retry`]).
+    pub retry: RetryMetrics,
     registry: Arc<Registry>,
 }
 
@@ -44,13 +44,12 @@ impl Metrics {
             tickets_written: Counter::default(),
             dead_lettered: Counter::default(),
             batches_written: Counter::default(),
-            s3_errors: Counter::default(),
             fenced: Counter::default(),
             batch_age: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
             batch_commit: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             consumer_lag: Gauge::default(),
             assigned_partitions: Gauge::default(),
-            s3_unreachable_since: Gauge::default(),
+            retry: RetryMetrics::default(),
             registry: Arc::new(Registry::default()),
         };
         registry.register(
@@ -76,7 +75,7 @@ impl Metrics {
         registry.register(
             "s3_errors",
             "Failed S3 requests (each is retried)",
-            m.s3_errors.clone(),
+            m.retry.s3_errors.clone(),
         );
         registry.register(
             "fenced",
@@ -106,7 +105,7 @@ impl Metrics {
         registry.register(
             "s3_unreachable_since_seconds",
             "Unix time since which S3 has failed every request (an outage being waited out); 0 while S3 answers",
-            m.s3_unreachable_since.clone(),
+            m.retry.s3_unreachable_since.clone(),
         );
         Metrics {
             registry: Arc::new(registry),

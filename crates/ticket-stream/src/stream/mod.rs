@@ -1,5 +1,5 @@
-//! The streaming processor: consume, batch per partition, write each batch to S3 exactly once
-//! (see [`crate::sink`]), then commit the Kafka offsets.
+//! The streaming processor: consume, batch per partition, write each batch to the output
+//! exactly once (its `ticket_commit::Committer`), then commit the Kafka offsets.
 //!
 //! Who owns what:
 //! - this file: the consumer's loop, one task that does nothing slow. It copies each message
@@ -68,11 +68,10 @@ use self::partition::Written;
 use self::writer::{Report, WriterContext};
 use crate::Shutdown;
 use crate::metrics::Metrics;
-use crate::retry::{BucketCheck, Check, Retrier, TableCheck};
-use crate::sink::{Committer, Failure, MadeWith, ObjectCommitter, Plan};
-use crate::table::{AnyCommitter, TableCommitter, TableSink};
+use ticket_commit::{Committer, Failure, Plan, Retrier};
 use ticket_engine::aggregate::Aggregator;
-use ticket_engine::output::{ENCODING_VERSION, OutputFormat};
+use ticket_engine::output::OutputFormat;
+use ticket_output::Output;
 use ticket_s3::store::SharedStore;
 
 /// How often the loop ticks when no message comes: age-due batches are handed over, `--drain`
@@ -130,8 +129,8 @@ pub struct Settings {
     pub routing: Routing,
     pub layout: Layout,
     pub format: OutputFormat,
-    /// `OUTPUT_FORMAT=delta`: the table the batches are committed to, instead of objects.
-    pub table: Option<TableSink>,
+    /// Where the batches go (`OUTPUT_FORMAT`), opened at start.
+    pub output: Output,
     /// Process up to the end of the topic as of start, then exit.
     pub drain: bool,
 }
@@ -144,7 +143,7 @@ pub enum Event {
     Loaded {
         partition: i32,
         epoch: u64,
-        result: Result<Box<(AnyCommitter, Plan)>, Failure>,
+        result: Result<(Box<dyn Committer>, Plan), Failure>,
     },
     /// librdkafka's rebalance callback took partitions away.
     Revoked(Vec<i32>),
@@ -294,29 +293,17 @@ pub async fn run(
     // a stop request, and buffered batches are then abandoned (they are processed again on
     // restart) rather than the stop hanging on an outage.
     let Shutdown { stop, abort } = shutdown;
-    // A failure that is not plainly transient is judged by a fresh look at the bucket (and the
-    // table), not by how a library wrapped it (retry.rs).
-    let bucket = BucketCheck::new(store.clone(), settings.layout.prefix());
-    let check: Arc<dyn Check> = match &settings.table {
-        Some(sink) => Arc::new(TableCheck {
-            bucket,
-            table: sink.table.clone(),
-        }),
-        None => Arc::new(bucket),
-    };
-    let retry = Retrier::new(abort.clone(), metrics.clone()).with_check(check);
+    // A failure that is not plainly transient is judged by a fresh look at the output (the
+    // bucket, the table), not by how a library wrapped it (ticket_commit::retry).
+    let retry =
+        Retrier::new(abort.clone(), metrics.retry.clone()).with_check(settings.output.check());
     let writers = Arc::new(WriterContext {
         store: store.clone(),
         layout: settings.layout.clone(),
         routing: settings.routing.clone(),
         format: settings.format,
-        table: settings.table.clone(),
+        output: settings.output.clone(),
         retry: retry.clone(),
-        made_with: MadeWith {
-            format: settings.format.extension(),
-            routing: settings.routing.digest(),
-            encoding: ENCODING_VERSION,
-        },
         aggregator: Aggregator::default(),
         metrics: metrics.clone(),
         dead_letters,
@@ -327,7 +314,7 @@ pub async fn run(
         settings.layout.clone(),
         settings.routing.clone(),
         retry,
-        settings.table.clone(),
+        settings.output.totals(),
         events_tx.clone(),
     );
     let mut p = Processor {
@@ -702,7 +689,7 @@ impl Processor {
                 })
                 .await
                 .map_err(anyhow::Error::from)??;
-                Ok(Box::new((committer, plan)))
+                Ok((committer, plan))
             }
             .await;
             let _ = events.send(Event::Loaded {
@@ -717,7 +704,7 @@ impl Processor {
         &mut self,
         partition: i32,
         epoch: u64,
-        result: Result<Box<(AnyCommitter, Plan)>, Failure>,
+        result: Result<(Box<dyn Committer>, Plan), Failure>,
     ) -> anyhow::Result<()> {
         if !self
             .owners
@@ -727,7 +714,7 @@ impl Processor {
             return Ok(()); // revoked (or rewound again) meanwhile
         }
         let (committer, plan) = match result {
-            Ok(loaded) => *loaded,
+            Ok(loaded) => loaded,
             Err(Failure::Aborted) => return Ok(()),
             Err(e) => {
                 return Err(anyhow::Error::from(e)
@@ -742,7 +729,7 @@ impl Processor {
     }
 
     /// Owns a partition as its committer recovered it, with a writer of its own.
-    fn own(&mut self, partition: i32, epoch: u64, committer: AnyCommitter, plan: Plan) {
+    fn own(&mut self, partition: i32, epoch: u64, committer: Box<dyn Committer>, plan: Plan) {
         let owner = PartitionOwner::open(partition, epoch, self.writers.clone(), committer, plan);
         self.owners.insert(partition, owner);
     }
@@ -882,22 +869,11 @@ impl Processor {
 }
 
 /// A partition's committer, recovered from the store: where to start.
-async fn recover(ctx: &WriterContext, partition: i32) -> Result<(AnyCommitter, Plan), Failure> {
-    let mut committer = match &ctx.table {
-        Some(table) => AnyCommitter::Table(TableCommitter::new(
-            table.clone(),
-            ctx.store.clone(),
-            partition,
-            ctx.retry.clone(),
-        )),
-        None => AnyCommitter::Objects(ObjectCommitter::new(
-            ctx.store.clone(),
-            ctx.layout.clone(),
-            partition,
-            ctx.retry.clone(),
-            ctx.made_with.clone(),
-        )),
-    };
+async fn recover(
+    ctx: &WriterContext,
+    partition: i32,
+) -> Result<(Box<dyn Committer>, Plan), Failure> {
+    let mut committer = ctx.output.committer(partition, ctx.retry.clone());
     let plan = committer.recover().await?;
     Ok((committer, plan))
 }

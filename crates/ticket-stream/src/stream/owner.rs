@@ -32,7 +32,7 @@ use tokio::task::JoinHandle;
 use super::partition::{Partition, RangeGone, Written};
 use super::writer::{RawBatch, Writer, WriterContext};
 use crate::metrics::Metrics;
-use crate::sink::{Committer, Plan};
+use ticket_commit::{Committer, Plan};
 
 /// A message as [`PartitionOwner::accept`] takes it: offset, Kafka timestamp (ms), key, payload.
 pub type Incoming<'a> = (i64, Option<i64>, Option<&'a [u8]>, Option<&'a [u8]>);
@@ -88,11 +88,11 @@ impl PartitionOwner {
     }
 
     /// A partition recovered as `plan` says, with a writer of its own around `committer`.
-    pub fn open<C: Committer>(
+    pub fn open(
         id: i32,
         epoch: u64,
         ctx: Arc<WriterContext>,
-        committer: C,
+        committer: Box<dyn Committer>,
         plan: Plan,
     ) -> PartitionOwner {
         PartitionOwner {

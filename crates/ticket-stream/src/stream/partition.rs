@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use ticket_core::batch::{BatchPolicy, FlushReason};
 
-use crate::sink::Plan;
+use ticket_commit::Plan;
 
 /// Batches of one partition that may be handed to its writer before the consumer waits: one
 /// being committed while the next is encoded, so that S3 round trips, encoding and building

@@ -19,12 +19,12 @@ use super::Event;
 use super::dead_letter::{DeadLetter, DeadLetterError, DeadLetters};
 use super::partition::{Buffer, Open};
 use crate::metrics::Metrics;
-use crate::retry::Retrier;
-use crate::sink::{Batch, Committer, Failure, MadeWith, Object};
+use ticket_commit::{Batch, Committer, Failure, Object, Retrier, drive};
 use ticket_engine::aggregate::Aggregator;
 use ticket_engine::enrich::BatchBuilder;
 use ticket_engine::output::{OutputFormat, recycle_body};
 use ticket_engine::recycle::{Pool, Reusable};
+use ticket_output::Output;
 use ticket_s3::store::SharedStore;
 
 /// Messages as read, copied into one buffer (no allocation per message).
@@ -114,11 +114,9 @@ pub struct WriterContext {
     pub layout: Layout,
     pub routing: Routing,
     pub format: OutputFormat,
-    /// `OUTPUT_FORMAT=delta`: the table, instead of objects.
-    pub table: Option<crate::table::TableSink>,
+    /// Where the batches go: it gives each partition its committer.
+    pub output: Output,
     pub retry: Retrier,
-    /// What objects are made with, as each batch's intent records it.
-    pub made_with: MadeWith,
     pub aggregator: Aggregator,
     pub metrics: Metrics,
     pub dead_letters: DeadLetters,
@@ -156,17 +154,17 @@ struct Encoded {
     started: Instant,
     valid: u64,
     dead: u64,
-    /// A committed range read again ([`crate::sink::Plan::Rebuild`]).
+    /// A committed range read again ([`ticket_commit::Plan::Rebuild`]).
     rebuild: bool,
     batch: Result<Batch, Failure>,
 }
 
 impl Writer {
-    pub fn spawn<C: Committer>(
+    pub fn spawn(
         ctx: Arc<WriterContext>,
         partition: i32,
         epoch: u64,
-        mut committer: C,
+        mut committer: Box<dyn Committer>,
     ) -> Writer {
         let (jobs, mut rx) = tokio::sync::mpsc::unbounded_channel::<Open<RawBatch>>();
         // One encoded batch waits while the one before it is committed.
@@ -219,7 +217,7 @@ impl Writer {
                     Ok(batch) => {
                         let bodies: Vec<Bytes> =
                             batch.objects.iter().map(|o| o.body.clone()).collect();
-                        let work = commit(&ctx, &mut committer, partition, batch, e.rebuild);
+                        let work = commit(&ctx, committer.as_mut(), partition, batch, e.rebuild);
                         let outcome =
                             futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(work))
                                 .await
@@ -393,20 +391,15 @@ async fn encode(
 
 /// A batch's second stage: into S3 exactly once (or, for a committed range read again,
 /// checked against its record and completed).
-async fn commit<C: Committer>(
+async fn commit(
     ctx: &WriterContext,
-    committer: &mut C,
+    committer: &mut dyn Committer,
     partition: i32,
     batch: Batch,
     rebuild: bool,
 ) -> Result<(), Failure> {
     let (first, last) = (batch.first, batch.last);
-    let prepared = committer.prepare(batch);
-    let outcome = if rebuild {
-        committer.complete(prepared).await
-    } else {
-        committer.commit(vec![prepared]).await
-    };
+    let outcome = drive::write(committer, batch, rebuild).await;
     if let Err(Failure::Fenced(_)) = &outcome {
         ctx.metrics.fenced.inc();
         tracing::warn!(

@@ -1,5 +1,6 @@
-//! `OUTPUT_FORMAT=delta`: the [`Committer`] of a partition whose batches go into the Delta
-//! table ([`ticket_delta`] says how the table's log makes them exactly once).
+//! The [`Committer`] of a partition whose batches go into the Delta table (the crate's
+//! documentation says how the table's log makes them exactly once), and the [`Check`] that
+//! judges its failures.
 //!
 //! A batch's Parquet files are written first, under unique names; then the partition's part
 //! joins the processor's next table commit ([`GroupCommit`]) with the partition's version
@@ -11,11 +12,13 @@ use std::sync::Arc;
 
 use anyhow::anyhow;
 use bytes::Bytes;
-use ticket_delta::{DataFile, GroupCommit, Outcome, Part, Table};
-use ticket_s3::store::{Expect, SharedStore};
+use futures::future::BoxFuture;
+use ticket_commit::failpoint::failpoint;
+use ticket_commit::retry::{BucketCheck, Check};
+use ticket_commit::{Batch, Committer, Failure, Plan, Retrier};
+use ticket_s3::store::{Expect, SharedStore, StoreError};
 
-use crate::retry::Retrier;
-use crate::sink::{Batch, Committer, Failure, Plan, failpoint};
+use crate::{DataFile, GroupCommit, Outcome, Part, Table};
 
 /// What the partitions' committers share: the table, its group commit, and where its files go.
 #[derive(Clone)]
@@ -55,10 +58,9 @@ impl TableCommitter {
     }
 }
 
-impl Committer for TableCommitter {
-    type Prepared = PreparedFiles;
-
-    async fn recover(&mut self) -> Result<Plan, Failure> {
+impl TableCommitter {
+    /// [`Committer::recover`].
+    pub async fn recover(&mut self) -> Result<Plan, Failure> {
         let (table, topic, partition) = (&self.sink.table, &self.sink.topic, self.partition);
         self.expected = self
             .retry
@@ -71,7 +73,8 @@ impl Committer for TableCommitter {
         })
     }
 
-    fn prepare(&self, batch: Batch) -> PreparedFiles {
+    /// Pure: the batch's data files, named, not written.
+    pub fn prepare(&self, batch: Batch) -> PreparedFiles {
         let files = batch
             .objects
             .into_iter()
@@ -93,130 +96,100 @@ impl Committer for TableCommitter {
         }
     }
 
-    async fn commit(&mut self, batches: Vec<PreparedFiles>) -> Result<(), Failure> {
-        for batch in batches {
-            for (file, body) in &batch.files {
-                let key = format!("{}{}", self.sink.root, file.path);
-                let store = &self.store;
-                self.retry
-                    .run("write a Delta data file", || {
-                        store.put(&key, body.clone(), Expect::Any)
-                    })
-                    .await?;
-            }
-            let part = Part {
-                topic: self.sink.topic.clone(),
-                partition: self.partition,
-                expected: self.expected,
-                version: batch.last,
-                files: batch.files.into_iter().map(|(f, _)| f).collect(),
-            };
-            failpoint("before-table-commit", self.partition).await;
-            let group = &self.sink.group;
-            let mut outcome = self
+    /// [`Committer::commit`] of a prepared batch: its files, then its part of a table commit.
+    pub async fn commit_prepared(&mut self, batch: PreparedFiles) -> Result<(), Failure> {
+        for (file, body) in &batch.files {
+            let key = format!("{}{}", self.sink.root, file.path);
+            let store = &self.store;
+            self.retry
+                .run("write a Delta data file", || {
+                    store.put(&key, body.clone(), Expect::Any)
+                })
+                .await?;
+        }
+        let part = Part {
+            topic: self.sink.topic.clone(),
+            partition: self.partition,
+            expected: self.expected,
+            version: batch.last,
+            files: batch.files.into_iter().map(|(f, _)| f).collect(),
+        };
+        failpoint("before-table-commit", self.partition).await;
+        let group = &self.sink.group;
+        let mut outcome = self
+            .retry
+            .run("commit to the Delta table", || group.commit(part.clone()))
+            .await?;
+        if failpoint("after-table-commit", self.partition).await {
+            // The answer lost (`after-table-commit:lose:<n>`): asked again, as after a
+            // timeout on the log write.
+            outcome = self
                 .retry
                 .run("commit to the Delta table", || group.commit(part.clone()))
                 .await?;
-            if failpoint("after-table-commit", self.partition).await {
-                // The answer lost (`after-table-commit:lose:<n>`): asked again, as after a
-                // timeout on the log write.
-                outcome = self
-                    .retry
-                    .run("commit to the Delta table", || group.commit(part.clone()))
-                    .await?;
-            }
-            match outcome {
-                Outcome::Committed => self.expected = Some(batch.last),
-                Outcome::Fenced { found } => {
-                    tracing::debug!(
-                        partition = self.partition,
-                        expected = ?self.expected,
-                        ?found,
-                        "The table holds another owner's version of the partition."
-                    );
-                    return Err(Failure::Fenced(self.partition));
-                }
+        }
+        match outcome {
+            Outcome::Committed => self.expected = Some(batch.last),
+            Outcome::Fenced { found } => {
+                tracing::debug!(
+                    partition = self.partition,
+                    expected = ?self.expected,
+                    ?found,
+                    "The table holds another owner's version of the partition."
+                );
+                return Err(Failure::Fenced(self.partition));
             }
         }
         Ok(())
     }
+}
 
-    async fn complete(&mut self, _rebuilt: PreparedFiles) -> Result<(), Failure> {
-        Err(Failure::Fatal(anyhow!(
-            "the Delta table's committer never asks for a range to be read again"
-        )))
+impl Committer for TableCommitter {
+    fn recover(&mut self) -> BoxFuture<'_, Result<Plan, Failure>> {
+        Box::pin(TableCommitter::recover(self))
+    }
+
+    fn commit(&mut self, batch: Batch) -> BoxFuture<'_, Result<(), Failure>> {
+        let prepared = self.prepare(batch);
+        Box::pin(self.commit_prepared(prepared))
+    }
+
+    fn complete(&mut self, _rebuilt: Batch) -> BoxFuture<'_, Result<(), Failure>> {
+        Box::pin(async {
+            Err(Failure::Fatal(anyhow!(
+                "the Delta table's committer never asks for a range to be read again"
+            )))
+        })
     }
 }
 
-/// The committer `OUTPUT_FORMAT` chose for a partition.
-// One per owned partition, moved once: its size does not matter.
-#[allow(clippy::large_enum_variant)]
-pub enum AnyCommitter {
-    Objects(crate::sink::ObjectCommitter),
-    Table(TableCommitter),
+/// The bucket, then the Delta table read again from its log: it is there and this processor
+/// can write it.
+pub struct TableCheck {
+    pub bucket: BucketCheck,
+    pub table: Arc<Table>,
 }
 
-/// A batch prepared by an [`AnyCommitter`].
-pub enum AnyPrepared {
-    Objects(crate::sink::PreparedBatch),
-    Table(PreparedFiles),
-}
-
-impl AnyPrepared {
-    fn objects(self) -> Option<crate::sink::PreparedBatch> {
-        match self {
-            AnyPrepared::Objects(b) => Some(b),
-            AnyPrepared::Table(_) => None,
-        }
-    }
-
-    fn files(self) -> Option<PreparedFiles> {
-        match self {
-            AnyPrepared::Table(b) => Some(b),
-            AnyPrepared::Objects(_) => None,
-        }
-    }
-}
-
-impl Committer for AnyCommitter {
-    type Prepared = AnyPrepared;
-
-    async fn recover(&mut self) -> Result<Plan, Failure> {
-        match self {
-            AnyCommitter::Objects(c) => c.recover().await,
-            AnyCommitter::Table(c) => c.recover().await,
-        }
-    }
-
-    fn prepare(&self, batch: Batch) -> AnyPrepared {
-        match self {
-            AnyCommitter::Objects(c) => AnyPrepared::Objects(c.prepare(batch)),
-            AnyCommitter::Table(c) => AnyPrepared::Table(c.prepare(batch)),
-        }
-    }
-
-    async fn commit(&mut self, batches: Vec<AnyPrepared>) -> Result<(), Failure> {
-        // A committer only ever gets the batches it prepared.
-        match self {
-            AnyCommitter::Objects(c) => {
-                let batches = batches.into_iter().filter_map(AnyPrepared::objects);
-                c.commit(batches.collect()).await
+impl Check for TableCheck {
+    fn check(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.bucket.check().await?;
+            match self.table.check_writable().await {
+                Err(e) if e.is_transient() => Err(e),
+                Err(e @ StoreError::Permanent { op: "check", .. }) => Err(e),
+                // The log could not be read, however delta-rs wrapped why, while the bucket
+                // answered just before: unexplained, not a verdict.
+                Err(e) => {
+                    tracing::debug!(error = %e, "Reading the Delta table again failed.");
+                    Ok(())
+                }
+                Ok(()) => Ok(()),
             }
-            AnyCommitter::Table(c) => {
-                let batches = batches.into_iter().filter_map(AnyPrepared::files);
-                c.commit(batches.collect()).await
-            }
-        }
+        })
     }
 
-    async fn complete(&mut self, rebuilt: AnyPrepared) -> Result<(), Failure> {
-        match (self, rebuilt) {
-            (AnyCommitter::Objects(c), AnyPrepared::Objects(b)) => c.complete(b).await,
-            (AnyCommitter::Table(c), AnyPrepared::Table(b)) => c.complete(b).await,
-            _ => Err(Failure::Fatal(anyhow!(
-                "a batch prepared by another committer"
-            ))),
-        }
+    fn what(&self) -> &'static str {
+        "the bucket and the Delta table"
     }
 }
 
@@ -226,15 +199,13 @@ impl Committer for AnyCommitter {
 pub(crate) mod testing {
     use std::time::Duration;
 
-    use ticket_delta::TABLE_DIR;
+    use ticket_commit::retry::RetryMetrics;
     use ticket_s3::memory_objects::MemObjects;
-    use ticket_s3::store::StoreError;
     use ticket_s3::store::memory::MemStore;
     use tokio_util::sync::CancellationToken;
 
     use super::*;
-    use crate::metrics::Metrics;
-    use crate::retry::{BucketCheck, TableCheck};
+    use crate::TABLE_DIR;
 
     pub const TOPIC: &str = "t";
 
@@ -242,7 +213,7 @@ pub(crate) mod testing {
     pub struct Bucket {
         pub mem: Arc<MemStore>,
         pub store: SharedStore,
-        pub root: Arc<dyn ticket_delta::ObjectStore>,
+        pub root: Arc<dyn crate::ObjectStore>,
     }
 
     pub fn bucket() -> Bucket {
@@ -268,15 +239,12 @@ pub(crate) mod testing {
     /// Retries at once, judging failures by a fresh look at the same bucket and table, as
     /// the processor does; `dying`: a process that dies at its first failed request.
     pub fn retrier(b: &Bucket, sink: &TableSink, dying: bool) -> Retrier {
-        let r = Retrier {
-            first_backoff: Duration::from_millis(1),
-            max_backoff: Duration::from_millis(1),
-            ..Retrier::new(CancellationToken::new(), Metrics::new())
-        }
-        .with_check(Arc::new(TableCheck {
-            bucket: BucketCheck::new(b.store.clone(), ""),
-            table: sink.table.clone(),
-        }));
+        let r = Retrier::new(CancellationToken::new(), RetryMetrics::default())
+            .with_backoff(Duration::from_millis(1), Duration::from_millis(1))
+            .with_check(Arc::new(TableCheck {
+                bucket: BucketCheck::new(b.store.clone(), ""),
+                table: sink.table.clone(),
+            }));
         if dying {
             r.abort.cancel();
         }
@@ -294,12 +262,12 @@ mod tests {
 
     use std::collections::BTreeMap;
 
-    use ticket_delta::TABLE_DIR;
+    use ticket_commit::testing::batch;
     use ticket_s3::store::memory::Fault;
 
     use super::testing::{Bucket, TOPIC, bucket, open, retrier};
     use super::*;
-    use crate::sink::testing::batch;
+    use crate::TABLE_DIR;
 
     const PARTITION: i32 = 0;
 
@@ -316,8 +284,7 @@ mod tests {
             panic!("the table never asks for a rebuild");
         };
         for (first, last) in BATCHES.into_iter().filter(|(_, last)| *last >= at) {
-            let prepared = c.prepare(batch(first.max(at), last));
-            c.commit(vec![prepared]).await?;
+            Committer::commit(&mut c, batch(first.max(at), last)).await?;
         }
         Ok(())
     }

@@ -17,11 +17,14 @@ use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::logical_expr::Expr;
 use datafusion::physical_plan::ExecutionPlan;
-use ticket_delta::SnapshotFile;
+use datafusion::prelude::SessionContext;
+use object_store::ObjectStore;
 
-/// The partition columns' types, in [`ticket_delta::PARTITION_COLUMNS`] order.
-fn partition_fields() -> Vec<FieldRef> {
-    ticket_delta::PARTITION_COLUMNS
+use crate::{SnapshotFile, TABLE_DIR, Table};
+
+/// The partition columns' types, in [`crate::PARTITION_COLUMNS`] order.
+pub fn partition_fields() -> Vec<FieldRef> {
+    crate::PARTITION_COLUMNS
         .iter()
         .map(|name| {
             let t = match *name {
@@ -116,4 +119,24 @@ impl TableProvider for Snapshot {
             .build();
         Ok(DataSourceExec::from_data_source(config))
     }
+}
+
+/// Registers the bucket's Delta table (under `S3_PREFIX` `prefix`), its current snapshot read
+/// with `schema`, as `name`; `false` if the bucket has no table.
+pub async fn register(
+    ctx: &SessionContext,
+    name: &str,
+    store: &Arc<dyn ObjectStore>,
+    bucket: &str,
+    prefix: &str,
+    schema: SchemaRef,
+) -> anyhow::Result<bool> {
+    let Some(table) = Table::open(store.clone(), bucket, prefix).await? else {
+        return Ok(false);
+    };
+    let files = table.files().await?;
+    let root = format!("{prefix}{TABLE_DIR}");
+    let snapshot = Snapshot::new(bucket, &root, schema, files)?;
+    ctx.register_table(name, Arc::new(snapshot))?;
+    Ok(true)
 }

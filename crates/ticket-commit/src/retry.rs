@@ -13,11 +13,11 @@
 //! should not loop forever, and a flapping network does not make a request fail and its check
 //! pass that many times in a row.
 //!
-//! Whether S3 is reachable is kept in [`Metrics::s3_unreachable_since`]: the log has one line
+//! Whether S3 is reachable is kept in [`RetryMetrics::s3_unreachable_since`]: the log has one line
 //! when S3 goes away and one when it is back, `/health/ready` and the metric say since when.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use anyhow::anyhow;
@@ -25,9 +25,21 @@ use futures::future::BoxFuture;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
-use crate::sink::Failure;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::Failure;
 use ticket_s3::store::{Expect, SharedStore, StoreError};
+
+/// What the retries report, as the processor's Prometheus metrics (registered by its
+/// `Metrics`; shared handles, cheap to clone).
+#[derive(Clone, Debug, Default)]
+pub struct RetryMetrics {
+    /// S3 requests that failed (each attempt).
+    pub s3_errors: Counter,
+    /// Unix time (s) since which S3 has failed every request; 0 while it answers.
+    pub s3_unreachable_since: Gauge<i64, AtomicI64>,
+}
 
 /// Failures in a row that S3 answered a fresh check for, before one stops the processor.
 pub const UNEXPLAINED_LIMIT: u32 = 8;
@@ -74,36 +86,6 @@ impl Check for BucketCheck {
     }
 }
 
-/// The bucket, then the Delta table read again from its log: it is there and this processor
-/// can write it.
-pub struct TableCheck {
-    pub bucket: BucketCheck,
-    pub table: Arc<ticket_delta::Table>,
-}
-
-impl Check for TableCheck {
-    fn check(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move {
-            self.bucket.check().await?;
-            match self.table.check_writable().await {
-                Err(e) if e.is_transient() => Err(e),
-                Err(e @ StoreError::Permanent { op: "check", .. }) => Err(e),
-                // The log could not be read, however delta-rs wrapped why, while the bucket
-                // answered just before: unexplained, not a verdict.
-                Err(e) => {
-                    tracing::debug!(error = %e, "Reading the Delta table again failed.");
-                    Ok(())
-                }
-                Ok(()) => Ok(()),
-            }
-        })
-    }
-
-    fn what(&self) -> &'static str {
-        "the bucket and the Delta table"
-    }
-}
-
 /// Retries S3 operations that failed transiently, with capped exponential backoff and full
 /// jitter (each wait is random between half the backoff and the backoff, so partitions that
 /// failed together, as in an outage, do not retry in lockstep), until they succeed or `abort`
@@ -112,14 +94,14 @@ impl Check for TableCheck {
 #[derive(Clone)]
 pub struct Retrier {
     pub abort: CancellationToken,
-    pub metrics: Metrics,
+    pub metrics: RetryMetrics,
     pub first_backoff: Duration,
     pub max_backoff: Duration,
     /// Judges a failure that is not plainly transient; without one, such a failure is fatal.
     pub check: Option<Arc<dyn Check>>,
     /// Unix time (ms) of the failure that found S3 unreachable; 0 while it answers. Shared by
     /// every clone: one outage, one line each way.
-    pub(crate) down_since: Arc<AtomicU64>,
+    down_since: Arc<AtomicU64>,
 }
 
 /// Unix time in milliseconds.
@@ -140,7 +122,7 @@ enum Verdict {
 }
 
 impl Retrier {
-    pub fn new(abort: CancellationToken, metrics: Metrics) -> Retrier {
+    pub fn new(abort: CancellationToken, metrics: RetryMetrics) -> Retrier {
         Retrier {
             abort,
             metrics,
@@ -155,6 +137,15 @@ impl Retrier {
     pub fn with_check(self, check: Arc<dyn Check>) -> Retrier {
         Retrier {
             check: Some(check),
+            ..self
+        }
+    }
+
+    /// The same policy, waiting `first` after the first failure and at most `max`.
+    pub fn with_backoff(self, first: Duration, max: Duration) -> Retrier {
+        Retrier {
+            first_backoff: first,
+            max_backoff: max,
             ..self
         }
     }
@@ -298,7 +289,7 @@ mod tests {
 
     #[test]
     fn waits_grow_to_the_cap_and_differ_between_retriers() {
-        let r = Retrier::new(CancellationToken::new(), Metrics::new());
+        let r = Retrier::new(CancellationToken::new(), RetryMetrics::default());
         for attempt in 1..40 {
             let cap = (r.first_backoff * 2u32.pow((attempt - 1).min(16))).min(r.max_backoff);
             let w = r.wait_before_next(attempt);
@@ -353,7 +344,7 @@ mod tests {
         Retrier {
             first_backoff: Duration::from_millis(1),
             max_backoff: Duration::from_millis(2),
-            ..Retrier::new(CancellationToken::new(), Metrics::new())
+            ..Retrier::new(CancellationToken::new(), RetryMetrics::default())
         }
         .with_check(Arc::new(Scripted(Mutex::new(check))))
     }
@@ -384,7 +375,7 @@ mod tests {
 
     #[test]
     fn an_answer_sent_before_the_cut_does_not_say_s3_is_back() {
-        let r = Retrier::new(CancellationToken::new(), Metrics::new());
+        let r = Retrier::new(CancellationToken::new(), RetryMetrics::default());
         let before = now_ms() - 10;
         r.unreachable("op", &transient());
         assert!(r.metrics.s3_unreachable_since.get() > 0);

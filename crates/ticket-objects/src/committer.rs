@@ -1,176 +1,15 @@
-//! Exactly-once output to S3: how a micro-batch of one partition becomes part of the results.
-//!
-//! The commit protocol sits behind one trait, [`Committer`] (recover, prepare, commit,
-//! complete), so that another lake format can be added beside today's object layout without
-//! touching the consumer's loop. Kafka stays outside it: [`Committer::recover`] returns a
-//! [`Plan`] (resume at an offset, or first rebuild a recorded range), and the loop does the
-//! reading. [`ObjectCommitter`] is the object layout's implementation:
-//!
-//! Each partition has a checkpoint object (`_checkpoints/.../partition=N.json`) holding the next
-//! offset to process and the running totals. A batch covering offsets `first..=last` becomes
-//! one object per UTC hour its tickets fall in (usually one; see [`Batch::objects`]), written:
-//!
-//! 1. **the intent**: the new checkpoint (`next_offset = last + 1`, the totals, and `batch`:
-//!    the offsets, the format, what the objects were made with, and per object its key, hour,
-//!    offsets, ticket count and CRC32C), written **conditionally on the ETag of the checkpoint
-//!    this owner loaded** (`If-Match`). This is the commit point: a stale owner (the partition
-//!    moved to another instance) fails here and writes nothing;
-//! 2. **the objects, once, in place**: each created with `If-None-Match: *` under its final
-//!    key. One that already exists is done (another owner, or our own write whose answer was
-//!    lost, created it with the same bytes). Nothing is staged, copied or deleted;
-//! 3. only then does the caller commit the Kafka offset (invariant: never before S3 is durable).
-//!
-//! Two sequential requests per batch with valid tickets (the conditional PUT, then the
-//! objects' PUTs side by side), one (the checkpoint) for a batch of dead letters only. The next
-//! batch's checkpoint is written only once the previous batch's objects are (one committer
-//! task per partition, one batch at a time), so a checkpoint's `batch` is the only one that
-//! can have objects missing.
-//!
-//! **Recovery.** A crash before 1 leaves nothing: the batch is processed again from the
-//! checkpoint's offset. A crash after 1 leaves a recorded batch whose objects may be missing;
-//! whoever loads the checkpoint next checks them (one HEAD each) and, if any is missing,
-//! returns [`Plan::Rebuild`]: the loop reads exactly `first..=last` from Kafka again (never
-//! re-cut by the batch policy; dead letters are not sent twice), and
-//! [`Committer::complete`] checks the rebuilt objects' keys, ticket counts and checksums
-//! against the record before it creates the missing ones. A mismatch (the routing table, the
-//! output format or the validator changed in between) stops the processor with what to do,
-//! rather than write other bytes under a committed key. Because replay always starts at the
-//! checkpoint's offset (or the recorded batch's first), a replay never writes a range that
-//! overlaps one already committed, however its batches are cut; and because an object's key
-//! comes from its tickets (their hour, first and last offsets), the same tickets always make
-//! the same keys. This is how Kafka Connect's S3 sink and kafka-delta-ingest work: Kafka is
-//! the log, S3 holds what is committed.
-//!
-//! **The price: a recorded batch depends on Kafka's retention** until its objects are written,
-//! exactly like every message not yet processed. The window runs from the checkpoint write to
-//! the last object's, which an S3 outage or a stopped processor stretches; the batch is lost
-//! only if the topic's retention passes first. Then the processor stops with an error that
-//! names the topic, partition and offsets and says how to go on; it never skips them (the
-//! loop checks the partition's first offset in Kafka before it seeks, and that the first
-//! message delivered is the recorded first offset: `auto.offset.reset=earliest` would
-//! otherwise jump forward without a word). `--drain` does not end while a recorded range is
-//! still to be read: it waits while Kafka's partition ends past the range, and stops with the
-//! same error once it ends before (the topic deleted and created again, or a broker that
-//! answers a fetch past the end with nothing instead of "offset out of range").
-//!
-//! **Upgrades.** Versions up to 0.1.0 staged each object, wrote `pending: {staging_key,
-//! final_key}` into the checkpoint, copied and deleted. A checkpoint such a version left with
-//! `pending` is finished here from its staging object (copy, then delete it), exactly once;
-//! this version never writes `pending`, and those versions ignore `batch`, so a rollback
-//! resumes after this version's last batch and never touches its keys. Roll back after a
-//! clean stop (every batch's objects written); after a crash, start this version once so that
-//! it completes its last batch.
-//!
-//! The unit tests below crash the protocol at every request (recovery included, with the
-//! rebuild from Kafka), lose the answer of every request, and run a stale owner against a new
-//! one, on [`ticket_s3::store::memory::MemStore`].
+//! [`ObjectCommitter`]: the object layout's [`Committer`] (the crate's documentation says how).
 
 use anyhow::anyhow;
 use bytes::Bytes;
-use ticket_core::checkpoint::{Checkpoint, Intent, Pending, Planned};
-use ticket_core::counts::Counts;
-use ticket_core::keys::{Hour, Layout};
-
-use crate::retry::Retrier;
+use futures::future::BoxFuture;
+use ticket_commit::failpoint::failpoint;
+use ticket_commit::{Batch, Committer, Failure, Plan, Retrier};
+use ticket_core::checkpoint::{Checkpoint, Intent, Planned};
+use ticket_core::keys::Layout;
 use ticket_s3::store::{Expect, SharedStore};
 
-/// One partition's micro-batch, ready to be written.
-#[derive(Debug, Default)]
-pub struct Batch {
-    /// First and last offsets the batch covers (valid or not).
-    pub first: i64,
-    pub last: i64,
-    /// The valid tickets with their team, one object per hour of their Kafka timestamps, in
-    /// the order of the hours (a batch is split by hour, not cut, so that tickets whose
-    /// timestamps are out of order near an hour's end do not make many small objects).
-    pub objects: Vec<Object>,
-    /// The objects' file extension (their format).
-    pub extension: &'static str,
-    pub valid: u64,
-    pub dead_letters: u64,
-    pub counts: Counts,
-}
-
-/// One object of a batch: the tickets of one hour.
-#[derive(Debug)]
-pub struct Object {
-    pub hour: Hour,
-    /// Offsets of the first and last ticket in it.
-    pub first: i64,
-    pub last: i64,
-    pub tickets: u64,
-    pub body: Bytes,
-}
-
-/// Why a batch (or a partition's recovery) did not become durable: the one outcome type of
-/// the streaming side, from the store's answers up to the consumer's loop.
-#[derive(Debug, thiserror::Error)]
-pub enum Failure {
-    /// The checkpoint changed under us: another owner took the partition. Reload the
-    /// checkpoint and resume from it.
-    #[error("another writer committed partition {0} first")]
-    Fenced(i32),
-    /// Something that may pass (a dead letter not delivered): reload the checkpoint and
-    /// process again from there.
-    #[error("{0}")]
-    Rewind(String),
-    /// The processor is stopping and gave up retrying: processed again on restart.
-    #[error("stopped while retrying")]
-    Aborted,
-    /// Will not get better by retrying: stop the processor with this message.
-    #[error(transparent)]
-    Fatal(#[from] anyhow::Error),
-}
-
-/// Where a partition's processing starts, as its committer recovered it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Plan {
-    /// Everything below `at` is durable: process from `at` on.
-    Resume { at: i64 },
-    /// The batch `first..=last` is committed but some of its objects are missing: read
-    /// exactly that range again, as one batch, hand it to [`Committer::complete`], then go on
-    /// at `last + 1`.
-    Rebuild { first: i64, last: i64 },
-}
-
-impl Plan {
-    /// The first offset to read.
-    pub fn start(self) -> i64 {
-        match self {
-            Plan::Resume { at } => at,
-            Plan::Rebuild { first, .. } => first,
-        }
-    }
-}
-
-/// The commit protocol of one lake format, in the spirit of Arroyo's `TwoPhaseCommitter`:
-/// what a partition's owner calls, in this order.
-pub trait Committer: Send + 'static {
-    /// A batch made ready to commit: its keys and checksums, nothing written yet.
-    type Prepared: Send + 'static;
-
-    /// Reads what the store holds for the partition, finishes what needs no Kafka (an
-    /// earlier version's staged copies), and says where to start.
-    fn recover(&mut self) -> impl Future<Output = Result<Plan, Failure>> + Send;
-
-    /// Pure: the batch's intent (keys, checksums) as the store will record it.
-    fn prepare(&self, batch: Batch) -> Self::Prepared;
-
-    /// Makes prepared batches durable, in order; on `Ok`, their offsets may be committed to
-    /// Kafka. A format whose commit covers several batches at once (a table's log) commits
-    /// them in one step; the object layout commits one checkpoint after the other.
-    fn commit(
-        &mut self,
-        batches: Vec<Self::Prepared>,
-    ) -> impl Future<Output = Result<(), Failure>> + Send;
-
-    /// After [`Plan::Rebuild`]: checks the range read again from Kafka against what was
-    /// recorded, and writes what is missing.
-    fn complete(
-        &mut self,
-        rebuilt: Self::Prepared,
-    ) -> impl Future<Output = Result<(), Failure>> + Send;
-}
+use crate::upgrade::finish_pending;
 
 /// What this process makes objects with; recorded in each batch's intent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -291,7 +130,8 @@ impl ObjectCommitter {
         Ok(())
     }
 
-    async fn commit_one(&mut self, prepared: PreparedBatch) -> Result<(), Failure> {
+    /// [`Committer::commit`] of a prepared batch.
+    pub async fn commit_prepared(&mut self, prepared: PreparedBatch) -> Result<(), Failure> {
         let PreparedBatch { intent, batch } = prepared;
         let mut next = self.checkpoint.clone();
         next.next_offset = batch.last + 1;
@@ -361,10 +201,9 @@ impl ObjectCommitter {
     }
 }
 
-impl Committer for ObjectCommitter {
-    type Prepared = PreparedBatch;
-
-    async fn recover(&mut self) -> Result<Plan, Failure> {
+impl ObjectCommitter {
+    /// [`Committer::recover`].
+    pub async fn recover(&mut self) -> Result<Plan, Failure> {
         let (store, retry) = (self.store.clone(), self.retry.clone());
         let key = self.layout.checkpoint_key(self.partition);
         let found = retry.run("load checkpoint", || store.get(&key)).await?;
@@ -435,7 +274,8 @@ impl Committer for ObjectCommitter {
         Ok(plan)
     }
 
-    fn prepare(&self, batch: Batch) -> PreparedBatch {
+    /// Pure: the batch's intent (keys, checksums) as the checkpoint will record it.
+    pub fn prepare(&self, batch: Batch) -> PreparedBatch {
         let objects = batch
             .objects
             .iter()
@@ -465,14 +305,8 @@ impl Committer for ObjectCommitter {
         PreparedBatch { intent, batch }
     }
 
-    async fn commit(&mut self, batches: Vec<PreparedBatch>) -> Result<(), Failure> {
-        for prepared in batches {
-            self.commit_one(prepared).await?;
-        }
-        Ok(())
-    }
-
-    async fn complete(&mut self, rebuilt: PreparedBatch) -> Result<(), Failure> {
+    /// [`Committer::complete`] of a prepared batch.
+    pub async fn complete_prepared(&mut self, rebuilt: PreparedBatch) -> Result<(), Failure> {
         let Some(recorded) = self.rebuild.take() else {
             return Err(Failure::Fatal(anyhow!(
                 "partition {}: a rebuilt batch {}..={} arrived, but none was recorded",
@@ -510,170 +344,19 @@ impl Committer for ObjectCommitter {
     }
 }
 
-/// Fault injection for the reliability tests (`tests/e2e/faults.rs`), in debug builds only:
-/// `TICKET_PROCESSOR_FAILPOINT=<point>:<action>:<n>` makes the n-th pass through `<point>`
-/// (`before-checkpoint`, `after-checkpoint`, `after-final`; with the Delta table
-/// `before-table-commit`, `after-table-commit`) either `abort` the process (as a SIGKILL
-/// would) or `pause-<ms>` it (as a GC pause or a frozen VM would, long enough to lose the
-/// partition); any other action is the caller's (true is returned: `lose` at
-/// `after-table-commit` drops the commit's answer). Its log line names the partition it
-/// stopped in. Release builds compile it to nothing.
-#[cfg(debug_assertions)]
-pub(crate) async fn failpoint(point: &str, partition: i32) -> bool {
-    use std::sync::OnceLock;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static SPEC: OnceLock<Option<(String, String, u64)>> = OnceLock::new();
-    static HITS: AtomicU64 = AtomicU64::new(0);
-    let spec = SPEC.get_or_init(|| {
-        let v = std::env::var("TICKET_PROCESSOR_FAILPOINT").ok()?;
-        let mut parts = v.splitn(3, ':');
-        let (p, a, n) = (parts.next()?, parts.next()?, parts.next()?.parse().ok()?);
-        Some((p.to_string(), a.to_string(), n))
-    });
-    let Some((p, action, n)) = spec else {
-        return false;
-    };
-    if p != point || HITS.fetch_add(1, Ordering::SeqCst) + 1 != *n {
-        return false;
-    }
-    tracing::warn!(point, action, partition, "Failpoint reached.");
-    if action == "abort" {
-        std::process::abort();
-    }
-    if let Some(ms) = action.strip_prefix("pause-").and_then(|ms| ms.parse().ok()) {
-        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
-    }
-    true
-}
-
-#[cfg(not(debug_assertions))]
-pub(crate) async fn failpoint(_point: &str, _partition: i32) -> bool {
-    false
-}
-/// Copies a pending object to its final key. Another owner finishing the same checkpoint
-/// (a rebalance) may have copied it and deleted the staging object in between: then the copy
-/// fails, the final object is there, and that is success, not a reason to stop.
-async fn copy_pending(store: &SharedStore, p: &Pending, retry: &Retrier) -> Result<(), Failure> {
-    let copied = retry
-        .run("copy tickets object", || {
-            store.copy(&p.staging_key, &p.final_key)
-        })
-        .await;
-    match copied {
-        Err(Failure::Fatal(e)) => {
-            if retry
-                .run("check tickets object", || store.exists(&p.final_key))
-                .await?
-            {
-                tracing::info!(key = %p.final_key, "Another owner finished this object first.");
-                Ok(())
-            } else {
-                Err(Failure::Fatal(e))
-            }
-        }
-        other => other,
-    }
-}
-
-/// Completes a batch whose checkpoint is durable: the final object gets the staged bytes.
-async fn finish_pending(store: &SharedStore, p: &Pending, retry: &Retrier) -> Result<(), Failure> {
-    let final_exists = || retry.run("check tickets object", || store.exists(&p.final_key));
-    if !final_exists().await? {
-        if !retry
-            .run("check staging object", || store.exists(&p.staging_key))
-            .await?
-        {
-            // Another process may have finished it between our two reads.
-            if final_exists().await? {
-                return Ok(());
-            }
-            return Err(Failure::Fatal(anyhow!(
-                "checkpoint says {} is pending from {}, but neither object exists in {}: was the bucket edited by hand?",
-                p.final_key,
-                p.staging_key,
-                store.location()
-            )));
-        }
-        tracing::info!(key = %p.final_key, "Finishing a batch a previous run left pending.");
-        copy_pending(store, p, retry).await?;
-    }
-    retry
-        .run("delete staging object", || store.delete(&p.staging_key))
-        .await
-}
-
-/// Sums every partition's checkpoint: the totals over everything under `tickets_with_team/`.
-pub async fn total_counts(
-    store: &SharedStore,
-    layout: &Layout,
-    retry: &Retrier,
-) -> Result<Counts, Failure> {
-    let prefix = layout.checkpoints_prefix();
-    let keys = retry
-        .run("list checkpoints", || store.list(&prefix))
-        .await?;
-    let mut total = Counts::default();
-    for key in keys
-        .iter()
-        .filter(|k| layout.partition_of_checkpoint(k).is_some())
-    {
-        if let Some((bytes, _)) = retry.run("read checkpoint", || store.get(key)).await? {
-            let cp = Checkpoint::from_json(&bytes)
-                .map_err(|e| anyhow!("checkpoint {key} is not valid: {e}"))?;
-            total.merge(&cp.counts());
-        }
-    }
-    Ok(total)
-}
-
-/// What the committers' tests share: batches as Kafka would give them, again and again the same.
-#[cfg(test)]
-pub(crate) mod testing {
-    use super::*;
-
-    /// The hour of the ticket at offset `o`: five offsets per hour, so batches span hours.
-    pub fn hour_of(o: i64) -> Hour {
-        Hour::from_millis(o / 5 * 3_600_000)
+impl Committer for ObjectCommitter {
+    fn recover(&mut self) -> BoxFuture<'_, Result<Plan, Failure>> {
+        Box::pin(ObjectCommitter::recover(self))
     }
 
-    /// A batch of offsets `first..=last`, every offset a valid ticket written as its own line
-    /// in the object of its hour, except multiples of 7, which are dead letters.
-    pub fn batch(first: i64, last: i64) -> Batch {
-        let valid: Vec<i64> = (first..=last).filter(|o| o % 7 != 0).collect();
-        let mut objects: Vec<Object> = Vec::new();
-        for &o in &valid {
-            let line = Bytes::from(format!("{o}\n"));
-            match objects.last_mut() {
-                Some(obj) if obj.hour == hour_of(o) => {
-                    obj.body = [obj.body.clone(), line].concat().into();
-                    obj.last = o;
-                    obj.tickets += 1;
-                }
-                _ => objects.push(Object {
-                    hour: hour_of(o),
-                    first: o,
-                    last: o,
-                    tickets: 1,
-                    body: line,
-                }),
-            }
-        }
-        let mut counts = Counts::default();
-        counts.add(&ticket_core::counts::CountRow {
-            request_type: "billing".into(),
-            priority: "low".into(),
-            support_team: "Billing Team".into(),
-            count: valid.len() as u64,
-        });
-        Batch {
-            first,
-            last,
-            objects,
-            extension: "jsonl",
-            valid: valid.len() as u64,
-            dead_letters: (last - first + 1) as u64 - valid.len() as u64,
-            counts,
-        }
+    fn commit(&mut self, batch: Batch) -> BoxFuture<'_, Result<(), Failure>> {
+        let prepared = self.prepare(batch);
+        Box::pin(self.commit_prepared(prepared))
+    }
+
+    fn complete(&mut self, rebuilt: Batch) -> BoxFuture<'_, Result<(), Failure>> {
+        let prepared = self.prepare(rebuilt);
+        Box::pin(self.complete_prepared(prepared))
     }
 }
 
@@ -689,9 +372,10 @@ mod tests {
 
     use tokio_util::sync::CancellationToken;
 
-    use super::testing::{batch, hour_of};
     use super::*;
-    use crate::metrics::Metrics;
+    use ticket_commit::retry::RetryMetrics;
+    use ticket_commit::testing::{batch, hour_of};
+    use ticket_core::counts::Counts;
     use ticket_s3::store::memory::{Fault, MemStore};
 
     const PARTITION: i32 = 0;
@@ -710,11 +394,8 @@ mod tests {
 
     /// A retrier that retries transient errors at once, forever (until `abort`).
     fn patient() -> Retrier {
-        Retrier {
-            first_backoff: Duration::from_millis(1),
-            max_backoff: Duration::from_millis(1),
-            ..Retrier::new(CancellationToken::new(), Metrics::new())
-        }
+        Retrier::new(CancellationToken::new(), RetryMetrics::default())
+            .with_backoff(Duration::from_millis(1), Duration::from_millis(1))
     }
 
     /// A retrier of a process that dies at its first failed request: it never retries.
@@ -768,16 +449,14 @@ mod tests {
         match c.recover().await? {
             Plan::Resume { at } => Ok((c, at)),
             Plan::Rebuild { first, last } => {
-                let rebuilt = c.prepare(batch(first, last));
-                c.complete(rebuilt).await?;
+                Committer::complete(&mut c, batch(first, last)).await?;
                 Ok((c, last + 1))
             }
         }
     }
 
     async fn commit(c: &mut ObjectCommitter, b: Batch) -> Result<(), Failure> {
-        let prepared = c.prepare(b);
-        c.commit(vec![prepared]).await
+        Committer::commit(c, b).await
     }
 
     /// Every valid offset below `end` exactly once, nothing else; no staging object; the
@@ -885,7 +564,7 @@ mod tests {
             }
         );
         assert!(!visible(&mem).contains_key(&11));
-        b.complete(b.prepare(batch(10, 19)))
+        Committer::complete(&mut b, batch(10, 19))
             .await
             .expect("complete");
         commit(&mut b, batch(20, 29)).await.expect("commit");
@@ -928,8 +607,7 @@ mod tests {
         );
         let mut changed = batch(0, 9);
         changed.objects[0].body = Bytes::from_static(b"1\n2\n4\n3\n");
-        let e = b
-            .complete(b.prepare(changed))
+        let e = Committer::complete(&mut b, changed)
             .await
             .expect_err("other bytes")
             .to_string();

@@ -1,7 +1,7 @@
 //! `compact`: the Delta table's maintenance (`OUTPUT_FORMAT=delta`). Each processor commit
 //! adds one small file per partition and hour; this rewrites the hours that are old enough
 //! into one file each and deletes what no snapshot needs any more. Safe beside running
-//! processors: see [`ticket_delta::Table::compact`] and [`ticket_delta::Table::vacuum`].
+//! processors: see [`crate::Table::compact`] and [`crate::Table::vacuum`].
 
 use std::time::Duration;
 
@@ -40,11 +40,11 @@ pub async fn compact(args: &CompactArgs) -> anyhow::Result<()> {
     let prefix = ticket_core::keys::Layout::new(&args.s3.prefix, "")
         .prefix()
         .to_string();
-    let Some(table) = ticket_delta::Table::open(store, &args.s3.bucket, &prefix).await? else {
+    let Some(table) = crate::Table::open(store, &args.s3.bucket, &prefix).await? else {
         anyhow::bail!(
             "no Delta table at s3://{}/{prefix}{} (the processor creates it with OUTPUT_FORMAT=delta)",
             args.s3.bucket,
-            ticket_delta::TABLE_DIR
+            crate::TABLE_DIR
         );
     };
     let before = chrono::Utc::now() - chrono::Duration::hours(args.older_than_hours as i64);

@@ -1,0 +1,193 @@
+//! The Delta table's totals: a GROUP BY over the data files of its latest snapshot, each file
+//! read once (data files never change; a compaction's or vacuum's removals are forgotten).
+
+use std::collections::{HashMap, HashSet};
+
+use anyhow::anyhow;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use ticket_commit::{Failure, Retrier, Totals};
+use ticket_core::counts::Counts;
+use ticket_engine::aggregate::Aggregator;
+use ticket_s3::store::SharedStore;
+
+use crate::committer::TableSink;
+
+/// [`Totals`] of the Delta table.
+pub struct TableTotals {
+    sink: TableSink,
+    store: SharedStore,
+    per_file: HashMap<String, Counts>,
+    aggregator: Aggregator,
+}
+
+impl TableTotals {
+    pub fn new(sink: TableSink, store: SharedStore) -> TableTotals {
+        TableTotals {
+            sink,
+            store,
+            per_file: HashMap::new(),
+            aggregator: Aggregator::default(),
+        }
+    }
+
+    async fn sum(&mut self, retry: &Retrier) -> Result<Counts, Failure> {
+        let (table, store) = (&self.sink.table, &self.store);
+        let files = retry.run("read the Delta table", || table.files()).await?;
+        let live: HashSet<&String> = files.iter().map(|f| &f.path).collect();
+        // A compaction or vacuum takes files out of the snapshot.
+        self.per_file.retain(|path, _| live.contains(path));
+        for path in files.iter().map(|f| &f.path) {
+            if self.per_file.contains_key(path) {
+                continue;
+            }
+            let key = format!("{}{path}", self.sink.root);
+            let Some(object) = retry
+                .run("read a Delta data file", || store.get(&key))
+                .await?
+            else {
+                return Err(Failure::Fatal(anyhow!(
+                    "the Delta table's snapshot refers to {key}, which is not in the bucket"
+                )));
+            };
+            let counts = self
+                .aggregator
+                .count_parquet(Bytes::from(object.0))
+                .await
+                .map_err(|e| Failure::Fatal(e.context(format!("counting {key}"))))?;
+            self.per_file.insert(path.clone(), counts);
+        }
+        let mut total = Counts::default();
+        for counts in self.per_file.values() {
+            total.merge(counts);
+        }
+        Ok(total)
+    }
+}
+
+impl Totals for TableTotals {
+    fn total<'a>(&'a mut self, retry: &'a Retrier) -> BoxFuture<'a, Result<Counts, Failure>> {
+        Box::pin(self.sum(retry))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The totals of the Delta table (a GROUP BY over its data files) refreshed through a
+    //! crash at every request and an outage from every request, the log and the data files in
+    //! one in-memory store with one fault: never a fatal error, and the totals a refresh after
+    //! the fault finds are those a refresh without it finds.
+
+    use ticket_core::counts::{CountRow, Counts};
+    use ticket_core::keys::Hour;
+    use ticket_core::validate::decode_ref;
+    use ticket_engine::output::{OutputFormat, Rows};
+    use ticket_s3::store::memory::Fault;
+
+    use ticket_commit::{Batch, Committer, Object};
+    use ticket_core::Routing;
+
+    use super::*;
+    use crate::committer::TableCommitter;
+    use crate::committer::testing::{Bucket, bucket, open, retrier};
+
+    const TYPES: [&str; 3] = ["billing", "technical", "other"];
+
+    /// A batch of valid tickets `first..=last` in one hour, their types in turn, as Parquet.
+    fn batch(routing: &Routing, first: i64, last: i64) -> Batch {
+        let mut rows = Rows::new(OutputFormat::Parquet);
+        let mut counts = Counts::default();
+        for o in first..=last {
+            let kind = TYPES[o as usize % TYPES.len()];
+            let json = format!(
+                r#"{{"ticket_id":"T-{o}","client_id":{o},"created_at":"2025-03-01T10:00:00Z","request":"Help","request_type":"{kind}","priority":"low"}}"#
+            );
+            let ticket = decode_ref(json.as_bytes()).expect("a valid ticket");
+            rows.push(&ticket, routing.team_for(kind));
+            counts.add(&CountRow {
+                request_type: kind.into(),
+                priority: "low".into(),
+                support_team: routing.team_for(kind).into(),
+                count: 1,
+            });
+        }
+        let body = Bytes::from(rows.into_object().expect("parquet"));
+        Batch {
+            first,
+            last,
+            objects: vec![Object {
+                hour: Hour::from_millis(first * 3_600_000),
+                first,
+                last,
+                tickets: (last - first + 1) as u64,
+                body,
+            }],
+            extension: "parquet",
+            valid: (last - first + 1) as u64,
+            dead_letters: 0,
+            counts,
+        }
+    }
+
+    /// A table of three committed batches of partition 0 (30 tickets).
+    async fn table(routing: &Routing) -> Bucket {
+        let b = bucket();
+        let sink = open(&b).await.expect("create");
+        let retry = retrier(&b, &sink, false);
+        let mut c = TableCommitter::new(sink, b.store.clone(), 0, retry);
+        c.recover().await.expect("recover");
+        for (first, last) in [(0, 9), (10, 19), (20, 29)] {
+            Committer::commit(&mut c, batch(routing, first, last))
+                .await
+                .expect("commit");
+        }
+        b
+    }
+
+    /// The totals as a processor just started finds them.
+    async fn total_once(b: &Bucket) -> Result<Counts, Failure> {
+        let sink = open(b).await.map_err(|e| Failure::Fatal(e.into()))?;
+        let retry = retrier(b, &sink, false);
+        TableTotals::new(sink, b.store.clone()).total(&retry).await
+    }
+
+    #[tokio::test]
+    async fn the_tables_totals_come_through_a_crash_or_an_outage_at_every_request() {
+        let routing = Routing::default();
+        let clean = table(&routing).await;
+        clean.mem.inject(None);
+        let expected = total_once(&clean).await.expect("totals without faults");
+        assert_eq!(expected.total(), 30);
+        let jsonl = String::from_utf8_lossy(&expected.to_jsonl(&routing)).into_owned();
+        assert!(jsonl.contains("\"count\":10"), "{jsonl}");
+        let n = clean.mem.requests();
+        assert!(n > 5, "{n} requests");
+        for at in 1..=n {
+            for fault in [
+                Fault::CrashAt(at),
+                Fault::Outage {
+                    from: at,
+                    count: 10,
+                },
+            ] {
+                let b = table(&routing).await;
+                // The table is opened before the fault: a refresh of a running processor.
+                let sink = open(&b).await.expect("open");
+                let dying = matches!(fault, Fault::CrashAt(_));
+                let retry = retrier(&b, &sink, dying);
+                let mut totals = TableTotals::new(sink, b.store.clone());
+                b.mem.inject(Some(fault));
+                match (fault, totals.total(&retry).await) {
+                    (_, Ok(got)) => assert_eq!(got, expected, "{fault:?}: the totals"),
+                    (Fault::CrashAt(_), Err(Failure::Aborted)) => {}
+                    (fault, got) => panic!("{fault:?}: {got:?}"),
+                }
+                b.mem.inject(None);
+                let after = total_once(&b)
+                    .await
+                    .unwrap_or_else(|e| panic!("{fault:?}, then a refresh: {e}"));
+                assert_eq!(after, expected, "{fault:?}: the totals after it");
+            }
+        }
+    }
+}
