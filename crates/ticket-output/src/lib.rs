@@ -66,6 +66,11 @@ pub struct Opening<'a> {
 }
 
 impl Output {
+    /// An output of a destination opened elsewhere (a test's).
+    pub fn new(destination: Arc<dyn Destination>) -> Output {
+        Output(destination)
+    }
+
     /// The output `OUTPUT_FORMAT` names, opened (a table is created if there is none). The one
     /// `match` a new destination adds an arm to.
     pub async fn open(o: Opening<'_>) -> anyhow::Result<Output> {

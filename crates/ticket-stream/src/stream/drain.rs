@@ -10,9 +10,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use rdkafka::consumer::Consumer;
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::kafka::Kafka;
 use super::{Event, Processor, range_gone, recover, still_in_kafka};
 
 /// A partition past its end offset as of start with no message for this long is done: a
@@ -152,7 +152,7 @@ impl Drain {
     }
 }
 
-impl Processor {
+impl<K: Kafka> Processor<K> {
     /// Whether the drain is over: every partition at its end as of start, and no committed
     /// range left to read again.
     pub(super) fn drain_done(&mut self) -> anyhow::Result<bool> {
@@ -269,7 +269,7 @@ impl Processor {
                 .with_context(|| format!("loading the checkpoint of partition {partition}"))?;
             tokio::task::block_in_place(|| {
                 still_in_kafka(
-                    &self.consumer,
+                    self.consumer.as_ref(),
                     &self.settings.kafka,
                     &self.writers.layout,
                     partition,

@@ -38,9 +38,15 @@ pub mod counts;
 pub mod dead_letter;
 pub mod drain;
 pub mod health;
+pub mod kafka;
 pub mod owner;
 pub mod partition;
 pub mod writer;
+
+#[cfg(test)]
+mod scripted;
+#[cfg(test)]
+mod tests_loop;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -48,10 +54,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use futures::{FutureExt, StreamExt};
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{CommitMode, StreamConsumer};
 use rdkafka::error::KafkaResult;
-use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::{ClientConfig, ClientContext, Offset, Statistics, TopicPartitionList};
+use rdkafka::message::Message;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use ticket_core::Routing;
 use ticket_core::batch::BatchPolicy;
 use ticket_core::keys::Layout;
@@ -63,6 +69,7 @@ use self::counts::CountsPublisher;
 use self::dead_letter::DeadLetters;
 use self::drain::Drain;
 use self::health::Health;
+use self::kafka::{Ctx, Kafka};
 use self::owner::{Close, HandOver, PartitionOwner};
 use self::partition::Written;
 use self::writer::{Report, WriterContext};
@@ -153,64 +160,10 @@ pub enum Event {
     EndOffset { partition: i32, end: Option<i64> },
 }
 
-/// librdkafka's callbacks: rebalances become events, statistics become the lag metric.
-struct Ctx {
-    events: UnboundedSender<Event>,
-    metrics: Metrics,
-}
-
-impl ClientContext for Ctx {
-    fn stats(&self, stats: Statistics) {
-        let lag: i64 = stats
-            .topics
-            .values()
-            .flat_map(|t| t.partitions.values())
-            .filter(|p| p.partition >= 0 && p.consumer_lag >= 0)
-            .map(|p| p.consumer_lag)
-            .sum();
-        self.metrics.consumer_lag.set(lag);
-    }
-
-    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        // With --drain, reaching the end of a partition is the expected way to finish, and
-        // librdkafka also reports it as a client-wide error: not worth an ERROR line.
-        if let rdkafka::error::KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF) =
-            error
-        {
-            tracing::debug!(reason, "End of a partition.");
-        } else {
-            tracing::error!("librdkafka: {error}: {reason}");
-        }
-    }
-}
-
-impl ConsumerContext for Ctx {
-    fn post_rebalance(
-        &self,
-        _base: &rdkafka::consumer::BaseConsumer<Self>,
-        rebalance: &Rebalance<'_>,
-    ) {
-        match rebalance {
-            Rebalance::Revoke(tpl) => {
-                let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-                tracing::info!(partitions = ?parts, "Partitions revoked.");
-                let _ = self.events.send(Event::Revoked(parts));
-            }
-            Rebalance::Assign(tpl) => {
-                let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-                tracing::info!(partitions = ?parts, "Partitions assigned.");
-            }
-            Rebalance::Error(e) => tracing::warn!(error = %e, "Rebalance error."),
-        }
-    }
-}
-
-type Kafka = StreamConsumer<Ctx>;
-
-struct Processor {
+struct Processor<K: Kafka> {
     settings: Settings,
     /// Shared with the loop's message stream (one for the whole run, not one per message).
-    consumer: Arc<Kafka>,
+    consumer: Arc<K>,
     writers: Arc<WriterContext>,
     /// `None` once finished.
     counts: Option<CountsPublisher>,
@@ -258,7 +211,7 @@ pub async fn run(
         futures::executor::block_on(kafka.ensure_topic(&dlq_topic, partitions as i32, 1))
     });
 
-    let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+    let (events_tx, events) = tokio::sync::mpsc::unbounded_channel::<Event>();
     let context = Ctx {
         events: events_tx.clone(),
         metrics: metrics.clone(),
@@ -270,7 +223,7 @@ pub async fn run(
         max_poll_interval_ms = config.get("max.poll.interval.ms").unwrap_or("300000"),
         "Kafka consumer settings."
     );
-    let consumer: Kafka = config
+    let consumer: StreamConsumer<Ctx> = config
         .set("group.id", &settings.group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -288,6 +241,52 @@ pub async fn run(
         &settings.dlq_topic,
         &settings.kafka.topic,
     )?;
+    let ready = async move {
+        dlq_ready.await??;
+        anyhow::Ok(())
+    };
+    let parts = Parts {
+        settings,
+        consumer: Arc::new(consumer),
+        dead_letters,
+        store,
+        metrics,
+        events: (events_tx, events),
+    };
+    serve(parts, partitions as i32, ready, health, shutdown).await
+}
+
+/// What [`serve`] runs on: the settings, and the consumer and dead-letter producer made from
+/// them (librdkafka's, or a test's), with the loop's event channel the consumer's callbacks
+/// send on.
+pub(crate) struct Parts<K: Kafka> {
+    pub settings: Settings,
+    pub consumer: Arc<K>,
+    pub dead_letters: DeadLetters,
+    pub store: SharedStore,
+    pub metrics: Metrics,
+    pub events: (UnboundedSender<Event>, UnboundedReceiver<Event>),
+}
+
+/// The processor on any [`Kafka`]: joins (or, draining, assigns) `partitions` of the topic,
+/// processes until `shutdown.stop` (or the drain's end), then writes what is buffered until
+/// `shutdown.abort`. `ready` is awaited before processing begins (the dead-letter topic).
+pub(crate) async fn serve<K: Kafka>(
+    parts: Parts<K>,
+    partitions: i32,
+    ready: impl Future<Output = anyhow::Result<()>>,
+    health: Arc<Health>,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let Parts {
+        settings,
+        consumer,
+        dead_letters,
+        store,
+        metrics,
+        events: (events_tx, events),
+    } = parts;
+    let topic = settings.kafka.topic.clone();
 
     // The abort token ends S3 retries and waits: `main` fires it SHUTDOWN_TIMEOUT_SECS after
     // a stop request, and buffered batches are then abandoned (they are processed again on
@@ -318,7 +317,7 @@ pub async fn run(
         events_tx.clone(),
     );
     let mut p = Processor {
-        consumer: Arc::new(consumer),
+        consumer,
         writers,
         counts: Some(counts),
         metrics,
@@ -335,13 +334,13 @@ pub async fn run(
 
     let started = async {
         if p.settings.drain {
-            p.start_drain(partitions as i32).await?;
+            p.start_drain(partitions).await?;
         } else {
             p.consumer
-                .subscribe(&[&topic])
+                .subscribe(&topic)
                 .context("subscribing to the tickets topic")?;
         }
-        dlq_ready.await??;
+        ready.await?;
         anyhow::Ok(())
     };
     let result = match started.await {
@@ -373,7 +372,7 @@ pub async fn run(
     }
 }
 
-impl Processor {
+impl<K: Kafka> Processor<K> {
     async fn main_loop(
         &mut self,
         shutdown: &CancellationToken,
@@ -386,7 +385,7 @@ impl Processor {
         let mut deadline_timer = std::pin::pin!(tokio::time::sleep(TICK));
         let mut armed: Option<Instant> = None;
         let consumer = self.consumer.clone();
-        let mut messages = consumer.stream();
+        let mut messages = consumer.messages();
         loop {
             if self.drain_done()? {
                 return Ok(());
@@ -437,7 +436,7 @@ impl Processor {
     /// One message (or error) from the consumer.
     fn on_message(
         &mut self,
-        m: KafkaResult<BorrowedMessage<'_>>,
+        m: KafkaResult<impl Message>,
         now: &mut Instant,
     ) -> anyhow::Result<()> {
         match m {
@@ -685,7 +684,7 @@ impl Processor {
             let result = async move {
                 let (committer, plan) = recover(&ctx, partition).await?;
                 tokio::task::spawn_blocking(move || {
-                    still_in_kafka(&consumer, &kafka, &ctx.layout, partition, plan)
+                    still_in_kafka(consumer.as_ref(), &kafka, &ctx.layout, partition, plan)
                 })
                 .await
                 .map_err(anyhow::Error::from)??;
@@ -780,10 +779,7 @@ impl Processor {
     /// was fetched before it), so the loop never blocks on the broker.
     fn seek(&mut self, partition: i32, offset: i64) {
         let topic = self.settings.kafka.topic.clone();
-        if let Err(e) =
-            self.consumer
-                .seek(&topic, partition, Offset::Offset(offset), Duration::ZERO)
-        {
+        if let Err(e) = self.consumer.seek(&topic, partition, offset) {
             // Not assigned any more, most likely: whoever owns it resumes from the checkpoint.
             tracing::warn!(partition, offset, error = %e, "Seek failed; forgetting the partition.");
             self.close(partition, Close::Revoked);
@@ -881,7 +877,7 @@ async fn recover(
 /// Before a committed range is read again: Kafka must still have its first offset (the
 /// consumer's `auto.offset.reset=earliest` would otherwise jump past it without a word).
 fn still_in_kafka(
-    consumer: &Kafka,
+    consumer: &impl Kafka,
     kafka: &ticket_kafka::KafkaArgs,
     layout: &Layout,
     partition: i32,
