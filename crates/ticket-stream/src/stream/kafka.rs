@@ -1,6 +1,7 @@
 //! The consumer seam: everything the loop asks of Kafka, as one small trait ([`Kafka`]), with
-//! the rdkafka adapter here and a scripted in-memory one for the loop's unit tests
-//! (`scripted`, in tests only). Rebalances reach the loop as [`Event::Revoked`] from the
+//! the rdkafka adapter here (the consumer's settings, [`consumer`], and librdkafka's
+//! callbacks, [`Ctx`]) and a scripted in-memory one for the loop's unit tests (`scripted` and
+//! `tests_loop`, in tests only). Rebalances reach the loop as [`Event::Revoked`] from the
 //! adapter (librdkafka's callback, or the script), like every other event.
 //!
 //! The trait speaks rdkafka's own types (its `Message` trait, `TopicPartitionList`, errors), so
@@ -8,15 +9,17 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
 use futures::Stream;
-use rdkafka::consumer::StreamConsumer;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext, Offset, Statistics, TopicPartitionList};
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::Event;
+use super::{Event, Settings};
 use crate::metrics::Metrics;
 
 /// What the consumer's loop asks of Kafka.
@@ -47,6 +50,63 @@ pub trait Kafka: Send + Sync + 'static {
         partition: i32,
         timeout: Duration,
     ) -> KafkaResult<(i64, i64)>;
+}
+
+/// librdkafka consumer properties the processors set unless `KAFKA_OPTIONS` does (README,
+/// "Without Docker"), each with why.
+pub const CONSUMER_DEFAULTS: [(&str, &str); 4] = [
+    // Failover within seconds rather than librdkafka's 45 s.
+    ("session.timeout.ms", "10000"),
+    // A fetch with nothing new returns after this long (librdkafka's default is 500 ms, and a
+    // broker that does not answer early makes every message that late): part of the latency.
+    ("fetch.wait.max.ms", "100"),
+    // When the writers hold the consumer back (MAX_IN_FLIGHT batches per partition),
+    // librdkafka's local queue fills and it pauses fetching for this long, 1 s by default: the
+    // consumer then emptied the queue and sat idle for most of that second, about half of a
+    // 1M-ticket drain (BENCHMARKS.md).
+    ("fetch.queue.backoff.ms", "20"),
+    // Librdkafka's prefetch queue, 64 MB by default: at 16 MB a drain's peak memory is about
+    // 25 MB lower and its speed the same (BENCHMARKS.md); that still holds many fetches.
+    ("queued.max.messages.kbytes", "16384"),
+];
+
+/// Adds [`CONSUMER_DEFAULTS`] to `config` where it has no value of its own.
+pub fn with_consumer_defaults(config: &mut ClientConfig) {
+    for (key, value) in CONSUMER_DEFAULTS {
+        if config.get(key).is_none() {
+            config.set(key, value);
+        }
+    }
+}
+
+/// librdkafka's consumer for the processor's settings: the group, offsets stored and committed
+/// by the loop alone, and [`CONSUMER_DEFAULTS`] where `KAFKA_OPTIONS` sets nothing.
+pub fn consumer(
+    settings: &Settings,
+    events: UnboundedSender<Event>,
+    metrics: Metrics,
+) -> anyhow::Result<StreamConsumer<Ctx>> {
+    let context = Ctx { events, metrics };
+    let mut config = settings.kafka.client_config();
+    with_consumer_defaults(&mut config);
+    tracing::info!(
+        session_timeout_ms = config.get("session.timeout.ms").unwrap_or("45000"),
+        max_poll_interval_ms = config.get("max.poll.interval.ms").unwrap_or("300000"),
+        "Kafka consumer settings."
+    );
+    config
+        .set("group.id", &settings.group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("statistics.interval.ms", "5000")
+        // --drain stops at the first end-of-partition at or past the end offset seen at start.
+        .set(
+            "enable.partition.eof",
+            if settings.drain { "true" } else { "false" },
+        )
+        .create_with_context(context)
+        .context("creating the Kafka consumer (check KAFKA_OPTIONS)")
 }
 
 /// librdkafka's callbacks: rebalances become events, statistics become the lag metric.
@@ -150,5 +210,20 @@ impl Kafka for StreamConsumer<Ctx> {
         timeout: Duration,
     ) -> KafkaResult<(i64, i64)> {
         Consumer::fetch_watermarks(self, topic, partition, timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consumer_defaults_fill_gaps_and_keep_what_kafka_options_set() {
+        let mut config = ClientConfig::new();
+        config.set("fetch.queue.backoff.ms", "1000");
+        with_consumer_defaults(&mut config);
+        assert_eq!(config.get("fetch.queue.backoff.ms"), Some("1000"));
+        assert_eq!(config.get("session.timeout.ms"), Some("10000"));
+        assert_eq!(config.get("fetch.wait.max.ms"), Some("100"));
     }
 }

@@ -15,7 +15,9 @@
 //! - [`dead_letter`]: the dead-letter producer;
 //! - [`drain`]: `--drain`, all of it: the assignment and end offsets at start, the idle rule
 //!   and the end test (never with a committed batch left unwritten);
-//! - [`counts`]: `counts_by_request_type/latest.jsonl`, refreshed by a task of its own.
+//! - [`counts`]: `counts_by_request_type/latest.jsonl`, refreshed by a task of its own;
+//! - [`kafka`]: the consumer seam, what the loop asks of Kafka, and librdkafka behind it (the
+//!   loop is generic over it: `tests_loop` runs it on a scripted Kafka, without a broker).
 //!
 //! Back-pressure without leaving the group: when a partition's due batch finds its writer
 //! full (`MAX_IN_FLIGHT` batches in flight, as during an S3 outage), that partition is paused
@@ -54,10 +56,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use futures::{FutureExt, StreamExt};
-use rdkafka::consumer::{CommitMode, StreamConsumer};
+use rdkafka::consumer::CommitMode;
 use rdkafka::error::KafkaResult;
 use rdkafka::message::Message;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use ticket_core::Routing;
 use ticket_core::batch::BatchPolicy;
 use ticket_core::keys::Layout;
@@ -69,7 +71,8 @@ use self::counts::CountsPublisher;
 use self::dead_letter::DeadLetters;
 use self::drain::Drain;
 use self::health::Health;
-use self::kafka::{Ctx, Kafka};
+use self::kafka::Kafka;
+pub use self::kafka::{CONSUMER_DEFAULTS, with_consumer_defaults};
 use self::owner::{Close, HandOver, PartitionOwner};
 use self::partition::Written;
 use self::writer::{Report, WriterContext};
@@ -92,33 +95,6 @@ pub const BURST: usize = 256;
 /// After SIGTERM/SIGINT, how much longer than `SHUTDOWN_TIMEOUT_SECS` the process may take
 /// (closing the Kafka clients) before `main` exits regardless.
 pub const EXIT_GRACE: Duration = Duration::from_secs(5);
-
-/// librdkafka consumer properties the processors set unless `KAFKA_OPTIONS` does (README,
-/// "Without Docker"), each with why.
-pub const CONSUMER_DEFAULTS: [(&str, &str); 4] = [
-    // Failover within seconds rather than librdkafka's 45 s.
-    ("session.timeout.ms", "10000"),
-    // A fetch with nothing new returns after this long (librdkafka's default is 500 ms, and a
-    // broker that does not answer early makes every message that late): part of the latency.
-    ("fetch.wait.max.ms", "100"),
-    // When the writers hold the consumer back (MAX_IN_FLIGHT batches per partition),
-    // librdkafka's local queue fills and it pauses fetching for this long, 1 s by default: the
-    // consumer then emptied the queue and sat idle for most of that second, about half of a
-    // 1M-ticket drain (BENCHMARKS.md).
-    ("fetch.queue.backoff.ms", "20"),
-    // Librdkafka's prefetch queue, 64 MB by default: at 16 MB a drain's peak memory is about
-    // 25 MB lower and its speed the same (BENCHMARKS.md); that still holds many fetches.
-    ("queued.max.messages.kbytes", "16384"),
-];
-
-/// Adds [`CONSUMER_DEFAULTS`] to `config` where it has no value of its own.
-pub fn with_consumer_defaults(config: &mut ClientConfig) {
-    for (key, value) in CONSUMER_DEFAULTS {
-        if config.get(key).is_none() {
-            config.set(key, value);
-        }
-    }
-}
 
 /// A paused partition (see [`Processor::pause`]).
 #[derive(Debug, Default)]
@@ -212,30 +188,7 @@ pub async fn run(
     });
 
     let (events_tx, events) = tokio::sync::mpsc::unbounded_channel::<Event>();
-    let context = Ctx {
-        events: events_tx.clone(),
-        metrics: metrics.clone(),
-    };
-    let mut config = settings.kafka.client_config();
-    with_consumer_defaults(&mut config);
-    tracing::info!(
-        session_timeout_ms = config.get("session.timeout.ms").unwrap_or("45000"),
-        max_poll_interval_ms = config.get("max.poll.interval.ms").unwrap_or("300000"),
-        "Kafka consumer settings."
-    );
-    let consumer: StreamConsumer<Ctx> = config
-        .set("group.id", &settings.group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("statistics.interval.ms", "5000")
-        // --drain stops at the first end-of-partition at or past the end offset seen at start.
-        .set(
-            "enable.partition.eof",
-            if settings.drain { "true" } else { "false" },
-        )
-        .create_with_context(context)
-        .context("creating the Kafka consumer (check KAFKA_OPTIONS)")?;
+    let consumer = kafka::consumer(&settings, events_tx.clone(), metrics.clone())?;
     let dead_letters = DeadLetters::new(
         settings.kafka.client_config(),
         &settings.dlq_topic,
@@ -913,19 +866,4 @@ fn range_gone(topic: &str, layout: &Layout, partition: i32, what: &str) -> anyho
         "topic {topic:?}, partition {partition}: {what}. Those objects cannot be written. To go on without them (every other ticket stays exactly once), remove the \"batch\" field from {} and restart; to keep this from happening, keep the topic's retention longer than any S3 outage or stop of the processor",
         layout.checkpoint_key(partition)
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn consumer_defaults_fill_gaps_and_keep_what_kafka_options_set() {
-        let mut config = ClientConfig::new();
-        config.set("fetch.queue.backoff.ms", "1000");
-        with_consumer_defaults(&mut config);
-        assert_eq!(config.get("fetch.queue.backoff.ms"), Some("1000"));
-        assert_eq!(config.get("session.timeout.ms"), Some("10000"));
-        assert_eq!(config.get("fetch.wait.max.ms"), Some("100"));
-    }
 }
