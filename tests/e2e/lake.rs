@@ -811,6 +811,73 @@ async fn a_file_backfill_lands_once_in_the_streams_delta_table_by_the_hour_it_wa
     assert_eq!(out.trim(), "n,ids\n80,80", "{err}");
 }
 
+/// A backfill over many hours is committed in parts of 256 hour files, each exactly once: killed
+/// between two commits and run again, it adds exactly the parts after the last one committed
+/// (every ticket once, as delta-rs reads the table); a third run adds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_killed_between_two_commits_adds_exactly_the_rest_when_run_again() {
+    let fx = Fixture::start().await;
+    let env = fx.env().set("OUTPUT_FORMAT", "delta");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("hours.jsonl");
+    // 600 tickets, each in an hour of its own, in no order: three parts (256, 256, 88 hours).
+    let text: String = (0..600i64)
+        .map(|i| {
+            let hour = (i * 389) % 600;
+            let at = chrono::DateTime::from_timestamp(1_700_000_000 + hour * 3_600, 0)
+                .expect("a time")
+                .to_rfc3339();
+            format!(
+                "{{\"ticket_id\":\"H-{i}\",\"client_id\":{i},\"created_at\":\"{at}\",\"request\":\"old\",\"request_type\":\"billing\",\"priority\":\"low\"}}\n"
+            )
+        })
+        .collect();
+    std::fs::write(&file, text).expect("write");
+    let out_dir = dir.path().join("out");
+    let args = [
+        "process-file",
+        file.to_str().expect("utf8"),
+        "--output-dir",
+        out_dir.to_str().expect("utf8"),
+    ];
+    let ids = || {
+        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+        for r in fx.read_delta(1).rows {
+            *seen
+                .entry(r["ticket_id"].as_str().expect("id").to_string())
+                .or_default() += 1;
+        }
+        seen
+    };
+
+    // Killed (as SIGKILL would) just after its second commit.
+    let killed = env
+        .clone()
+        .set("TICKET_PROCESSOR_FAILPOINT", "after-table-commit:abort:2");
+    let (ok, out, err) = run("ticket-processor", &killed, &args).await;
+    assert!(!ok, "the failpoint kills the run:\n{out}\n{err}");
+    assert!(err.contains("Failpoint reached"), "{err}");
+    let seen = ids();
+    assert_eq!(seen.len(), 512, "two parts of 256 hours: {}", seen.len());
+    assert!(seen.values().all(|n| *n == 1), "a ticket twice");
+
+    let out = run_ok("ticket-processor", &env, &args).await;
+    assert!(
+        out.contains("88 tickets in 88 files, 1 commit, after 2 committed by an earlier run"),
+        "{out}"
+    );
+    let seen = ids();
+    let expected: BTreeMap<String, usize> = (0..600).map(|i| (format!("H-{i}"), 1)).collect();
+    assert_eq!(seen, expected, "every ticket of the file exactly once");
+
+    let out = run_ok("ticket-processor", &env, &args).await;
+    assert!(
+        out.contains("already in the Delta table"),
+        "a third run: {out}"
+    );
+    assert_eq!(ids(), expected);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compact_makes_one_file_per_partition_hour_and_vacuum_removes_what_no_snapshot_needs() {
     let fx = Fixture::start().await;

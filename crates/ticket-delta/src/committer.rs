@@ -13,12 +13,16 @@ use std::sync::Arc;
 use anyhow::anyhow;
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use futures::{StreamExt, TryStreamExt};
 use ticket_commit::failpoint::failpoint;
 use ticket_commit::retry::{BucketCheck, Check};
 use ticket_commit::{Batch, Committer, Failure, Plan, Retrier};
 use ticket_s3::store::{Expect, SharedStore, StoreError};
 
 use crate::{DataFile, GroupCommit, Outcome, Part, Table};
+
+/// Data files a commit uploads at once.
+pub const UPLOADS: usize = 16;
 
 /// What the partitions' committers share: the table, its group commit, and where its files go.
 #[derive(Clone)]
@@ -98,15 +102,27 @@ impl TableCommitter {
 
     /// [`Committer::commit`] of a prepared batch: its files, then its part of a table commit.
     pub async fn commit_prepared(&mut self, batch: PreparedFiles) -> Result<(), Failure> {
-        for (file, body) in &batch.files {
-            let key = format!("{}{}", self.sink.root, file.path);
-            let store = &self.store;
-            self.retry
-                .run("write a Delta data file", || {
-                    store.put(&key, body.clone(), Expect::Any)
-                })
-                .await?;
-        }
+        // Side by side (a backfill's part has hundreds), UPLOADS at a time.
+        let (store, retry, root) = (&self.store, &self.retry, &self.sink.root);
+        let uploads: Vec<_> = batch
+            .files
+            .iter()
+            .map(|(file, body)| {
+                let key = format!("{root}{}", file.path);
+                let body = body.clone();
+                async move {
+                    retry
+                        .run("write a Delta data file", || {
+                            store.put(&key, body.clone(), Expect::Any)
+                        })
+                        .await
+                }
+            })
+            .collect();
+        futures::stream::iter(uploads)
+            .buffer_unordered(UPLOADS)
+            .try_collect::<Vec<_>>()
+            .await?;
         let part = Part {
             topic: self.sink.topic.clone(),
             partition: self.partition,

@@ -80,37 +80,32 @@ impl Delta {
             prefix: layout.prefix().to_string(),
         })
     }
+}
 
-    /// Partition `partition`'s committer.
-    pub fn committer(&self, partition: i32, retry: Retrier) -> TableCommitter {
-        TableCommitter::new(self.sink.clone(), self.store.clone(), partition, retry)
+impl Destination for Delta {
+    /// Partition `partition`'s [`TableCommitter`].
+    fn committer(&self, partition: i32, retry: Retrier) -> Box<dyn Committer> {
+        Box::new(TableCommitter::new(
+            self.sink.clone(),
+            self.store.clone(),
+            partition,
+            retry,
+        ))
     }
 
-    /// The totals: a GROUP BY over the snapshot's files.
-    pub fn totals(&self) -> totals::TableTotals {
-        totals::TableTotals::new(self.sink.clone(), self.store.clone())
+    /// A GROUP BY over the snapshot's files.
+    fn totals(&self) -> Box<dyn Totals> {
+        Box::new(totals::TableTotals::new(
+            self.sink.clone(),
+            self.store.clone(),
+        ))
     }
 
-    /// What judges a failed request that is not plainly transient: the bucket, then the table
-    /// read again from its log.
-    pub fn check(&self) -> Arc<TableCheck> {
+    /// The bucket, then the table read again from its log.
+    fn check(&self) -> Arc<dyn Check> {
         Arc::new(TableCheck {
             bucket: BucketCheck::new(self.store.clone(), &self.prefix),
             table: self.sink.table.clone(),
         })
-    }
-}
-
-impl Destination for Delta {
-    fn committer(&self, partition: i32, retry: Retrier) -> Box<dyn Committer> {
-        Box::new(Delta::committer(self, partition, retry))
-    }
-
-    fn totals(&self) -> Box<dyn Totals> {
-        Box::new(Delta::totals(self))
-    }
-
-    fn check(&self) -> Arc<dyn Check> {
-        Delta::check(self)
     }
 }

@@ -89,42 +89,28 @@ pub struct Objects {
     pub made_with: MadeWith,
 }
 
-impl Objects {
-    /// Partition `partition`'s committer.
-    pub fn committer(&self, partition: i32, retry: Retrier) -> ObjectCommitter {
-        ObjectCommitter::new(
+impl Destination for Objects {
+    /// Partition `partition`'s [`ObjectCommitter`].
+    fn committer(&self, partition: i32, retry: Retrier) -> Box<dyn Committer> {
+        Box::new(ObjectCommitter::new(
             self.store.clone(),
             self.layout.clone(),
             partition,
             retry,
             self.made_with.clone(),
-        )
+        ))
     }
 
-    /// The totals: every partition's checkpoint summed.
-    pub fn totals(&self) -> totals::CheckpointTotals {
-        totals::CheckpointTotals {
+    /// Every partition's checkpoint summed.
+    fn totals(&self) -> Box<dyn Totals> {
+        Box::new(totals::CheckpointTotals {
             store: self.store.clone(),
             layout: self.layout.clone(),
-        }
+        })
     }
 
-    /// What judges a failed request that is not plainly transient: the bucket.
-    pub fn check(&self) -> Arc<BucketCheck> {
-        Arc::new(BucketCheck::new(self.store.clone(), self.layout.prefix()))
-    }
-}
-
-impl Destination for Objects {
-    fn committer(&self, partition: i32, retry: Retrier) -> Box<dyn Committer> {
-        Box::new(Objects::committer(self, partition, retry))
-    }
-
-    fn totals(&self) -> Box<dyn Totals> {
-        Box::new(Objects::totals(self))
-    }
-
+    /// The bucket.
     fn check(&self) -> Arc<dyn Check> {
-        Objects::check(self)
+        Arc::new(BucketCheck::new(self.store.clone(), self.layout.prefix()))
     }
 }
