@@ -1,7 +1,8 @@
-//! `ticket-s3`: the S3 adapter, the handful of object operations the sink needs, with errors
-//! that say what was being done, where, and what to do about it; the settings and HTTP client
-//! every S3 caller shares (the reading side's `object_store` takes the same settings); and
-//! [`store`], the interface the sink is written against, with an in-memory store for tests.
+//! `ticket-s3`: the S3 adapter, the handful of object operations the committers need, with
+//! errors that say what was being done, where, and what to do about it; the settings and HTTP
+//! client every S3 caller shares (the reading side's `object_store` takes the same settings);
+//! and [`store`], the interface the committers are written against, with an in-memory store for
+//! tests.
 
 pub mod memory_objects;
 mod objects;

@@ -1,5 +1,5 @@
-//! The object store behind the exactly-once protocol: the handful of operations the sink needs,
-//! with conditional writes (create-only, update-if-ETag).
+//! The object store behind the exactly-once protocol: the handful of operations the committers
+//! need, with conditional writes (create-only, update-if-ETag).
 //!
 //! [`crate::Store`] is the real one (AWS S3, MinIO, any S3-compatible store);
 //! [`memory::MemStore`] keeps objects in memory with the same conditional semantics and can
