@@ -18,8 +18,8 @@ pub async fn write(
 }
 
 /// A backfill: a source cut into parts `0..parts` the same way on every run, part `k`
-/// committed as the batch of offsets `k..=k`, so that the output's version of the source
-/// counts the parts committed. Recovers first and commits only the parts after what is
+/// committed as the batch of offsets `k..=k`, so that the output's version of the source is
+/// the number of the last part committed (`version + 1` parts are in). Recovers first and commits only the parts after what is
 /// there: a rerun adds nothing, a run killed between two parts and started again adds exactly
 /// the rest. `part(k)` makes part `k` when it is its turn (one in memory at a time). Returns
 /// how many parts this run committed.

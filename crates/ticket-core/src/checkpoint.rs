@@ -3,7 +3,7 @@
 //! S3, not Kafka, is the source of truth for what was written: a batch becomes part of the
 //! output when its checkpoint is replaced (conditionally on the previous version, so a
 //! stale owner of the partition cannot), and Kafka offsets are committed only after that.
-//! See ticket-stream's `sink` module for the protocol.
+//! See the `ticket-objects` crate for the protocol.
 //!
 //! Two generations of the format are read:
 //! - this version's: [`Checkpoint::batch`] records the intent of the last batch committed

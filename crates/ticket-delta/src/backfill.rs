@@ -4,9 +4,11 @@
 //!
 //! The file's rows are a source of their own in the table: `topic` `file:<name>@<sha256, 12
 //! hex>`, partition 0, so its transaction app id is `file:<name>@<sha256>-0`. The hour files,
-//! in hour order, are cut into parts of [`PART_FILES`] files (the same cut on every run of the
-//! same file: it depends on the hours, not on the bytes), and part `k` is committed with
-//! version `k` ([`ticket_commit::drive::backfill`]): the version counts the parts committed.
+//! in hour order, are cut into parts of at most [`PART_FILES`] files and [`PART_BYTES`] (an
+//! hour file larger than that is a part of its own): the same cut on every run of the same file
+//! by the same version (the files' bytes are those of `ENCODING_VERSION`). A part is what the
+//! run holds in memory while it commits it. Part `k` is committed with version `k`
+//! ([`ticket_commit::drive::backfill`]).
 //! A rerun of the same file adds nothing; a run stopped between two parts and started again
 //! adds exactly the rest; a changed file is another backfill. A part's files are uploaded
 //! before its commit under unique names: a part whose commit never came leaves them unread,
@@ -27,8 +29,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{GroupCommit, TABLE_DIR, Table, TableCheck, TableCommitter, TableSink};
 
-/// Hour files per commit: a log entry of that many adds stays far below 10 MB.
+/// Hour files per commit at most: a log entry of that many adds stays far below 10 MB.
 pub const PART_FILES: usize = 256;
+/// Bytes of hour files per commit at most (unless one file is larger): held in memory while
+/// the part is uploaded and committed.
+pub const PART_BYTES: u64 = 64 << 20;
 
 /// What [`into_table`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,25 +71,31 @@ pub async fn into_table(
         .prefix()
         .to_string();
     let root = ticket_s3::object_store(s3, ticket_s3::Retries::Caller).await?;
-    let table = Arc::new(Table::open_or_create(root, &s3.bucket, &prefix).await?);
+    // The stream's retries: an outage is waited out (Ctrl-C stops the run; the rerun adds
+    // the rest), a refusal stops with what to fix.
+    let bucket = Retrier::new(CancellationToken::new(), RetryMetrics::default())
+        .with_check(Arc::new(BucketCheck::new(store.clone(), &prefix)));
+    let table = bucket
+        .run("open the Delta table", || {
+            Table::open_or_create(root.clone(), &s3.bucket, &prefix)
+        })
+        .await
+        .map_err(anyhow::Error::from)?;
+    let table = Arc::new(table);
     let sink = TableSink {
         group: GroupCommit::spawn(table.clone()),
         table: table.clone(),
         root: format!("{prefix}{TABLE_DIR}"),
         topic: topic.clone(),
     };
-    // The stream's retries: an outage is waited out (Ctrl-C stops the run; the rerun adds
-    // the rest), a refusal stops with what to fix.
-    let retry = Retrier::new(CancellationToken::new(), RetryMetrics::default()).with_check(
-        Arc::new(TableCheck {
-            bucket: BucketCheck::new(store.clone(), &prefix),
-            table,
-        }),
-    );
+    let retry = bucket.with_check(Arc::new(TableCheck {
+        bucket: BucketCheck::new(store.clone(), &prefix),
+        table,
+    }));
     let mut committer = TableCommitter::new(sink, store, 0, retry);
 
     files.sort_by_key(|(_, hour)| *hour);
-    let parts: Vec<&[(PathBuf, Hour)]> = files.chunks(PART_FILES).collect();
+    let parts = cut(&files)?;
     let mut load = TableLoad {
         topic,
         parts: parts.len() as i64,
@@ -109,6 +120,27 @@ pub async fn into_table(
     load.files = added_files;
     load.tickets = added_tickets;
     Ok(load)
+}
+
+/// The hour files (in hour order) cut into parts: a new part at [`PART_FILES`] files, or when
+/// the next file would take the part past [`PART_BYTES`].
+fn cut(files: &[(PathBuf, Hour)]) -> anyhow::Result<Vec<&[(PathBuf, Hour)]>> {
+    let mut parts = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, (path, _)) in files.iter().enumerate() {
+        let size = std::fs::metadata(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .len();
+        if i > start && (i - start == PART_FILES || bytes + size > PART_BYTES) {
+            parts.push(&files[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < files.len() {
+        parts.push(&files[start..]);
+    }
+    Ok(parts)
 }
 
 /// The file's source name in the table: its name and the start of its SHA-256.
@@ -159,4 +191,47 @@ fn read_part(part: &[(PathBuf, Hour)]) -> anyhow::Result<Batch> {
         });
     }
     Ok(batch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hour files of these sizes (sparse: nothing is written), one hour each, in order.
+    fn files(dir: &Path, sizes: &[u64]) -> Vec<(PathBuf, Hour)> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, size)| {
+                let path = dir.join(format!("{i}.parquet"));
+                std::fs::File::create(&path)
+                    .and_then(|f| f.set_len(*size))
+                    .expect("a file");
+                (path, Hour::from_millis(i as i64 * 3_600_000))
+            })
+            .collect()
+    }
+
+    fn lengths(parts: &[&[(PathBuf, Hour)]]) -> Vec<usize> {
+        parts.iter().map(|p| p.len()).collect()
+    }
+
+    #[test]
+    fn parts_end_at_256_files_or_64_mib_and_a_larger_file_is_a_part_of_its_own() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let small = files(&dir.path().join("small"), &[]);
+        assert!(cut(&small).expect("cut").is_empty());
+        std::fs::create_dir(dir.path().join("many")).expect("dir");
+        let many = files(&dir.path().join("many"), &[1_000; 600]);
+        assert_eq!(lengths(&cut(&many).expect("cut")), [256, 256, 88]);
+        std::fs::create_dir(dir.path().join("big")).expect("dir");
+        let mib = 1 << 20;
+        let big = files(
+            &dir.path().join("big"),
+            &[40 * mib, 24 * mib, mib, 100 * mib, 10 * mib],
+        );
+        assert_eq!(lengths(&cut(&big).expect("cut")), [2, 1, 1, 1]);
+        // The same files cut again: the same parts.
+        assert_eq!(lengths(&cut(&big).expect("cut")), [2, 1, 1, 1]);
+    }
 }

@@ -4,7 +4,7 @@
 //!
 //! A batch's Parquet files are written first, under unique names; then the partition's part
 //! joins the processor's next table commit ([`GroupCommit`]) with the partition's version
-//! (the batch's last offset). Recovery reads the version back: everything up to it is in the
+//! (the batch's last offset; for a backfill, the number of the part). Recovery reads the version back: everything up to it is in the
 //! table, so a new owner resumes after it. Nothing is ever rebuilt from Kafka: a batch is
 //! either in the table with all its files or not in it at all.
 

@@ -105,7 +105,7 @@ pub struct Part {
     pub partition: i32,
     /// The version this owner resumed from or last committed (`None`: the table has none).
     pub expected: Option<i64>,
-    /// The last offset the part covers.
+    /// The last offset the part covers (a backfill's: the number of the part, from 0).
     pub version: i64,
     pub files: Vec<DataFile>,
 }

@@ -18,7 +18,7 @@ pub struct MadeWith {
     pub format: &'static str,
     /// [`ticket_core::Routing::digest`] of the routing table in use.
     pub routing: String,
-    /// [`ticket_engine::output::ENCODING_VERSION`].
+    /// `ticket_engine::output::ENCODING_VERSION`.
     pub encoding: u32,
 }
 

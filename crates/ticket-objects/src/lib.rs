@@ -61,7 +61,7 @@
 //! clean stop (every batch's objects written); after a crash, start this version once so that
 //! it completes its last batch.
 //!
-//! The unit tests below crash the protocol at every request (recovery included, with the
+//! The unit tests (in [`committer`]) crash the protocol at every request (recovery included, with the
 //! rebuild from Kafka), lose the answer of every request, and run a stale owner against a new
 //! one, on [`ticket_s3::store::memory::MemStore`].
 

@@ -143,7 +143,9 @@ pub async fn backfill(
         #[cfg(feature = "delta")]
         OutputSetting::Delta => {
             let t = ticket_delta::backfill::into_table(input, files()?, s3).await?;
-            Ok(Some(if t.already() {
+            Ok(Some(if t.parts == 0 {
+                "no valid ticket: nothing to append to the Delta table".to_string()
+            } else if t.already() {
                 format!(
                     "already in the Delta table as topic {:?}: nothing added (a changed file is another backfill)",
                     t.topic

@@ -15,11 +15,10 @@ use crate::S3Args;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retries {
     /// `object_store`'s own policy (10 retries, backoff up to 15 s, within 3 minutes): for the
-    /// commands that have no retry loop of their own (`query`, `report`, `compact`,
-    /// `process-file`).
+    /// commands that have no retry loop of their own (`query`, `report`, `compact`).
     Client,
     /// None: every request is made once and the caller's retry loop decides (the streaming
-    /// processor's `ticket_commit::retry`), so that the two layers do not stack and an outage
+    /// processor's and `process-file`'s Delta backfill's `ticket_commit::retry`), so that the two layers do not stack and an outage
     /// is seen, logged and waited out in one place.
     Caller,
 }

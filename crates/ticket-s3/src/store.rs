@@ -4,7 +4,8 @@
 //! [`crate::Store`] is the real one (AWS S3, MinIO, any S3-compatible store);
 //! [`memory::MemStore`] keeps objects in memory with the same conditional semantics and can
 //! inject faults (a crash at the n-th request, a write that lands but whose answer is lost), so
-//! the protocol in ticket-stream's sink is tested in one process, in milliseconds.
+//! the committers' protocols (`ticket-objects`, `ticket-delta`) are tested in one process, in
+//! milliseconds.
 
 use futures::future::BoxFuture;
 
