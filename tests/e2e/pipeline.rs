@@ -171,6 +171,39 @@ async fn malformed_messages_go_to_the_dead_letter_topic_with_their_reason() {
         metrics.contains("ticket_processor_messages_in_total 12"),
         "{metrics}"
     );
+    // Each written batch went through every stage once, and its freshness was measured.
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} not in /metrics:\n{metrics}"))
+    };
+    let batches = value("ticket_processor_batches_written_total");
+    assert!(batches >= 1.0, "{metrics}");
+    for stage in [
+        "fetch",
+        "seal",
+        "queue",
+        "encode",
+        "wait",
+        "data_write",
+        "record",
+        "visible",
+    ] {
+        let count = value(&format!(
+            "ticket_processor_stage_seconds_count{{stage=\"{stage}\"}}"
+        ));
+        assert_eq!(count, batches, "stage {stage}: {metrics}");
+    }
+    let sum = |stage: &str| {
+        value(&format!(
+            "ticket_processor_stage_seconds_sum{{stage=\"{stage}\"}}"
+        ))
+    };
+    assert!(
+        sum("visible") >= sum("record") && sum("record") > 0.0,
+        "a batch is visible after its record is written: {metrics}"
+    );
 
     // Read once the batch is written (its dead letters are durable before its commit, which
     // the metrics above show), so that a duplicate would be counted, not waited past.

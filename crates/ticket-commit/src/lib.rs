@@ -21,6 +21,10 @@ pub mod retry;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use ticket_core::counts::Counts;
@@ -43,6 +47,38 @@ pub struct Batch {
     pub valid: u64,
     pub dead_letters: u64,
     pub counts: Counts,
+    /// How long its commit's steps took, set by the committer (the stream's stage timings).
+    pub steps: Steps,
+}
+
+/// How long a commit's two steps took: writing the data (the objects, the table's data files)
+/// and recording the batch (the checkpoint, the table commit). The committer sets them on the
+/// batch it is given; the caller keeps a clone and reads them once the commit returned. Both
+/// stay zero for a step the commit did not take.
+#[derive(Debug, Default, Clone)]
+pub struct Steps(Arc<[AtomicU64; 2]>);
+
+impl Steps {
+    /// Adds to the time spent writing the batch's data.
+    pub fn data(&self, took: Duration) {
+        self.add(0, took);
+    }
+
+    /// Adds to the time spent recording the batch.
+    pub fn record(&self, took: Duration) {
+        self.add(1, took);
+    }
+
+    /// (data, record).
+    pub fn taken(&self) -> (Duration, Duration) {
+        let get = |i: usize| Duration::from_micros(self.0[i].load(Ordering::Relaxed));
+        (get(0), get(1))
+    }
+
+    fn add(&self, i: usize, took: Duration) {
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.0[i].fetch_add(micros, Ordering::Relaxed);
+    }
 }
 
 /// One object of a batch: the tickets of one hour.

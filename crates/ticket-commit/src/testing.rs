@@ -49,5 +49,6 @@ pub fn batch(first: i64, last: i64) -> Batch {
         valid: valid.len() as u64,
         dead_letters: (last - first + 1) as u64 - valid.len() as u64,
         counts,
+        steps: Default::default(),
     }
 }

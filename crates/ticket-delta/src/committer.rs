@@ -9,6 +9,7 @@
 //! either in the table with all its files or not in it at all.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::anyhow;
 use bytes::Bytes;
@@ -16,7 +17,7 @@ use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
 use ticket_commit::failpoint::failpoint;
 use ticket_commit::retry::{BucketCheck, Check};
-use ticket_commit::{Batch, Committer, Failure, Plan, Retrier};
+use ticket_commit::{Batch, Committer, Failure, Plan, Retrier, Steps};
 use ticket_s3::store::{Expect, SharedStore, StoreError};
 
 use crate::{DataFile, GroupCommit, Outcome, Part, Table};
@@ -48,6 +49,7 @@ pub struct TableCommitter {
 pub struct PreparedFiles {
     last: i64,
     files: Vec<(DataFile, Bytes)>,
+    steps: Steps,
 }
 
 impl TableCommitter {
@@ -97,12 +99,14 @@ impl TableCommitter {
         PreparedFiles {
             last: batch.last,
             files,
+            steps: batch.steps,
         }
     }
 
     /// [`Committer::commit`] of a prepared batch: its files, then its part of a table commit.
     pub async fn commit_prepared(&mut self, batch: PreparedFiles) -> Result<(), Failure> {
         // Side by side (a backfill's part has hundreds), UPLOADS at a time.
+        let writing = Instant::now();
         let (store, retry, root) = (&self.store, &self.retry, &self.sink.root);
         let uploads: Vec<_> = batch
             .files
@@ -123,6 +127,7 @@ impl TableCommitter {
             .buffer_unordered(UPLOADS)
             .try_collect::<Vec<_>>()
             .await?;
+        batch.steps.data(writing.elapsed());
         let part = Part {
             topic: self.sink.topic.clone(),
             partition: self.partition,
@@ -131,6 +136,7 @@ impl TableCommitter {
             files: batch.files.into_iter().map(|(f, _)| f).collect(),
         };
         failpoint("before-table-commit", self.partition).await;
+        let recording = Instant::now();
         let group = &self.sink.group;
         let mut outcome = self
             .retry
@@ -144,6 +150,7 @@ impl TableCommitter {
                 .run("commit to the Delta table", || group.commit(part.clone()))
                 .await?;
         }
+        batch.steps.record(recording.elapsed());
         match outcome {
             Outcome::Committed => self.expected = Some(batch.last),
             Outcome::Fenced { found } => {

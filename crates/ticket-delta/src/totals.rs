@@ -126,6 +126,7 @@ mod tests {
             valid: (last - first + 1) as u64,
             dead_letters: 0,
             counts,
+            steps: Default::default(),
         }
     }
 

@@ -151,6 +151,7 @@ impl ObjectCommitter {
         let body = Bytes::from(next.to_json());
         let (store, retry) = (&self.store, &self.retry);
         failpoint("before-checkpoint", self.partition).await;
+        let recording = std::time::Instant::now();
         let written = retry
             .run_conditional("write checkpoint", || {
                 store.put(&key, body.clone(), expect.clone())
@@ -169,9 +170,12 @@ impl ObjectCommitter {
         // that to the next owner, which rebuilds the batch if the checkpoint records it.
         self.etag = Some(etag);
         self.checkpoint = next;
+        batch.steps.record(recording.elapsed());
         failpoint("after-checkpoint", self.partition).await;
 
+        let writing = std::time::Instant::now();
         self.create_objects(&intent, &batch).await?;
+        batch.steps.data(writing.elapsed());
         if !batch.objects.is_empty() {
             failpoint("after-final", self.partition).await;
         }

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -24,6 +25,8 @@ pub struct Metrics {
     /// Messages behind the end of the assigned partitions, as of the last check.
     pub consumer_lag: Gauge<i64, AtomicI64>,
     pub assigned_partitions: Gauge,
+    /// Where a batch's time goes, stage by stage ([`Stages`]).
+    pub stages: Stages,
     /// S3 errors, and since when S3 has failed every request the processor made (0 while it
     /// answers): set and cleared by the retries ([`ticket_commit::retry`]).
     pub retry: RetryMetrics,
@@ -50,6 +53,7 @@ impl Metrics {
             consumer_lag: Gauge::default(),
             assigned_partitions: Gauge::default(),
             retry: RetryMetrics::default(),
+            stages: Stages::default(),
             registry: Arc::new(Registry::default()),
         };
         registry.register(
@@ -107,6 +111,11 @@ impl Metrics {
             "Unix time since which S3 has failed every request (an outage being waited out); 0 while S3 answers",
             m.retry.s3_unreachable_since.clone(),
         );
+        registry.register(
+            "stage_seconds",
+            "Where a micro-batch's time goes, by stage: fetch (its first message's Kafka timestamp to its arrival), seal (arrival to the batch handed to its writer), queue (waiting for the encoder), encode, wait (encoded, waiting behind the commit before it), data_write, record (checkpoint or table commit), visible (its oldest message's Kafka timestamp to the batch readable)",
+            m.stages.family.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
             ..m
@@ -120,5 +129,49 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+/// The stage histograms, one per value of the `stage` label, each a handle into one family
+/// (`stage_seconds`): a batch observes each stage once, with no label lookup.
+#[derive(Clone)]
+pub struct Stages {
+    family: Family<[(&'static str, &'static str); 1], Histogram>,
+    /// Its first message's Kafka timestamp to its arrival at the consumer's loop.
+    pub fetch: Histogram,
+    /// Its first message's arrival to the batch handed to its writer (its age when sealed).
+    pub seal: Histogram,
+    /// Handed over to the encoder taking it (behind the batch before it).
+    pub queue: Histogram,
+    /// Decode, validate, route, dead letters, counts, the objects' bodies.
+    pub encode: Histogram,
+    /// Encoded to its commit's start (behind the commit before it).
+    pub wait: Histogram,
+    /// The data: objects, or the table's data files.
+    pub data_write: Histogram,
+    /// The record: the checkpoint, or the table commit (with its wait for the group).
+    pub record: Histogram,
+    /// Its oldest message's Kafka timestamp to the batch readable (freshness).
+    pub visible: Histogram,
+}
+
+impl Default for Stages {
+    fn default() -> Self {
+        // 1 ms to 57 s, each bucket 1.5 times the one before: fine enough for a p99 read off
+        // them to within a few percent.
+        let buckets: fn() -> Histogram = || Histogram::new(exponential_buckets(0.001, 1.5, 28));
+        let family = Family::new_with_constructor(buckets);
+        let stage = |name: &'static str| family.get_or_create(&[("stage", name)]).clone();
+        Stages {
+            fetch: stage("fetch"),
+            seal: stage("seal"),
+            queue: stage("queue"),
+            encode: stage("encode"),
+            wait: stage("wait"),
+            data_write: stage("data_write"),
+            record: stage("record"),
+            visible: stage("visible"),
+            family,
+        }
     }
 }

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use ticket_core::keys::{Hour, Layout};
@@ -19,7 +19,7 @@ use super::Event;
 use super::dead_letter::{DeadLetter, DeadLetterError, DeadLetters};
 use super::partition::{Buffer, Open};
 use crate::metrics::Metrics;
-use ticket_commit::{Batch, Committer, Failure, Object, Retrier, drive};
+use ticket_commit::{Batch, Committer, Failure, Object, Retrier, Steps, drive};
 use ticket_engine::aggregate::Aggregator;
 use ticket_engine::enrich::BatchBuilder;
 use ticket_engine::output::{OutputFormat, recycle_body};
@@ -142,7 +142,8 @@ pub struct Report {
 /// (round trips). Librdkafka hands over long runs of one partition's messages, so without the
 /// overlap that partition's writer alone set the pace, one step after the other.
 pub struct Writer {
-    jobs: UnboundedSender<Open<RawBatch>>,
+    /// Each batch with the moment it was handed over.
+    jobs: UnboundedSender<(Open<RawBatch>, Instant)>,
     cancel: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -156,6 +157,10 @@ struct Encoded {
     dead: u64,
     /// A committed range read again ([`ticket_commit::Plan::Rebuild`]).
     rebuild: bool,
+    /// The Kafka timestamp (ms) of its oldest message, if any has one.
+    oldest: Option<i64>,
+    /// When its encoding ended.
+    encoded: Instant,
     batch: Result<Batch, Failure>,
 }
 
@@ -166,7 +171,7 @@ impl Writer {
         epoch: u64,
         mut committer: Box<dyn Committer>,
     ) -> Writer {
-        let (jobs, mut rx) = tokio::sync::mpsc::unbounded_channel::<Open<RawBatch>>();
+        let (jobs, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Open<RawBatch>, Instant)>();
         // One encoded batch waits while the one before it is committed.
         let (encoded_tx, mut encoded) = tokio::sync::mpsc::channel::<Encoded>(1);
         let cancel = CancellationToken::new();
@@ -175,19 +180,22 @@ impl Writer {
         tokio::spawn(async move {
             let ctx = encoder_ctx;
             loop {
-                let job = tokio::select! {
+                let (job, sealed) = tokio::select! {
                     biased;
                     _ = stop.cancelled() => break,
                     job = rx.recv() => match job { Some(j) => j, None => break },
                 };
                 let (first, last, started, rebuild) =
                     (job.first, job.last, job.started, job.rebuild);
+                let oldest = observe_before_encoding(&ctx.metrics, &job, sealed);
+                let encoding = Instant::now();
                 let work = encode(&ctx, partition, job);
                 // A panic must still report, or the partition would wait for this batch forever.
                 let (valid, dead, batch) =
                     futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(work))
                         .await
                         .unwrap_or_else(|_| (0, 0, Err(panicked(partition, first))));
+                ctx.metrics.stages.encode.observe(secs(encoding.elapsed()));
                 let failed = batch.is_err();
                 let e = Encoded {
                     first,
@@ -196,6 +204,8 @@ impl Writer {
                     valid,
                     dead,
                     rebuild,
+                    oldest,
+                    encoded: Instant::now(),
                     batch,
                 };
                 // The committer is gone after a failure: what is queued is rebuilt anyway.
@@ -213,10 +223,15 @@ impl Writer {
                     e = encoded.recv() => match e { Some(e) => e, None => break },
                 };
                 let commit_started = Instant::now();
+                ctx.metrics
+                    .stages
+                    .wait
+                    .observe(secs(commit_started - e.encoded));
                 let outcome = match e.batch {
                     Ok(batch) => {
                         let bodies: Vec<Bytes> =
                             batch.objects.iter().map(|o| o.body.clone()).collect();
+                        let steps = batch.steps.clone();
                         let work = commit(&ctx, committer.as_mut(), partition, batch, e.rebuild);
                         let outcome =
                             futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(work))
@@ -224,6 +239,9 @@ impl Writer {
                                 .unwrap_or_else(|_| Err(panicked(partition, e.first)));
                         for body in bodies {
                             recycle_body(ctx.format, body);
+                        }
+                        if outcome.is_ok() {
+                            observe_commit(&ctx.metrics, &steps, e.oldest);
                         }
                         outcome
                     }
@@ -253,7 +271,7 @@ impl Writer {
 
     pub fn send(&self, batch: Open<RawBatch>) {
         // The tasks only end after a failure (reported) or a cancel: then the batch is moot.
-        let _ = self.jobs.send(batch);
+        let _ = self.jobs.send((batch, Instant::now()));
     }
 
     /// The partition is not ours any more: stop between batches (a batch being committed is
@@ -266,6 +284,50 @@ impl Writer {
     /// No more batches: the returned task ends once the queued ones are written.
     pub fn close(self) -> JoinHandle<()> {
         self.task
+    }
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// Milliseconds since the Unix epoch, as Kafka timestamps are.
+fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The stages before encoding (fetch, seal, queue) of a batch handed over at `sealed`;
+/// returns the Kafka timestamp of its oldest message.
+fn observe_before_encoding(
+    metrics: &Metrics,
+    job: &Open<RawBatch>,
+    sealed: Instant,
+) -> Option<i64> {
+    let stages = &metrics.stages;
+    let now = Instant::now();
+    stages.queue.observe(secs(now - sealed));
+    stages.seal.observe(secs(sealed - job.started));
+    let messages = &job.buf.messages;
+    if let Some(ts) = messages.first().and_then(|m| m.timestamp) {
+        // The first message arrived at `started`: its age then, on the wall clock.
+        let arrived = now_millis() - (now - job.started).as_millis() as i64;
+        stages.fetch.observe((arrived - ts).max(0) as f64 / 1000.0);
+    }
+    messages.iter().filter_map(|m| m.timestamp).min()
+}
+
+/// The commit's stages (data write, record) and the batch's freshness, once it is readable.
+fn observe_commit(metrics: &Metrics, steps: &Steps, oldest: Option<i64>) {
+    let (data, record) = steps.taken();
+    let stages = &metrics.stages;
+    stages.data_write.observe(secs(data));
+    stages.record.observe(secs(record));
+    if let Some(ts) = oldest {
+        stages
+            .visible
+            .observe((now_millis() - ts).max(0) as f64 / 1000.0);
     }
 }
 
@@ -385,6 +447,7 @@ async fn encode(
         valid,
         dead_letters: dead,
         counts,
+        steps: Steps::default(),
     };
     (valid, dead, Ok(batch))
 }
