@@ -30,6 +30,7 @@ pub mod compact;
 pub mod read;
 pub mod table;
 pub mod totals;
+mod upkeep;
 
 use std::sync::Arc;
 

@@ -13,6 +13,7 @@ use deltalake_core::kernel::{Action, Add, DataType, Remove, StructField, Transac
 use deltalake_core::logstore::{LogStoreRef, StorageConfig, default_logstore};
 use deltalake_core::operations::create::CreateBuilder;
 use deltalake_core::protocol::{DeltaOperation, SaveMode};
+use deltalake_core::table::config::TablePropertiesExt as _;
 use deltalake_core::table::state::DeltaTableState;
 use object_store::ObjectStoreExt as _;
 use object_store::prefix::PrefixStore;
@@ -20,6 +21,8 @@ use ticket_core::keys::Hour;
 use ticket_engine::output::ticket_schema;
 use ticket_s3::store::StoreError;
 use tokio::sync::{Mutex, mpsc, oneshot};
+
+use crate::upkeep::Upkeep;
 
 /// Where the table lives under `S3_PREFIX`.
 pub const TABLE_DIR: &str = "tables/tickets_with_team/";
@@ -124,6 +127,9 @@ pub struct Table {
     log: LogStoreRef,
     location: url::Url,
     state: Mutex<Known>,
+    /// A writer's log upkeep (checkpoints, expired entries), told of each commit; `None` for
+    /// a reader.
+    upkeep: Option<Upkeep>,
 }
 
 /// The snapshot this process read last, and the partitions' versions looked up in it (a
@@ -174,10 +180,18 @@ impl Table {
             }
             Err(e) => return Err(store_error("read", &location, e)),
         };
+        let config = state.table_config();
+        let upkeep = Upkeep::spawn(
+            log.clone(),
+            state.version(),
+            config.checkpoint_interval().get(),
+            config.log_retention_duration(),
+        );
         Ok(Table {
             log,
             location,
             state: Mutex::new(Known::new(state)),
+            upkeep: Some(upkeep),
         })
     }
 
@@ -193,6 +207,7 @@ impl Table {
                 log,
                 location,
                 state: Mutex::new(Known::new(state)),
+                upkeep: None,
             })),
             Err(DeltaTableError::NotATable(_)) => Ok(None),
             Err(e) => Err(store_error("read", &location, e)),
@@ -231,9 +246,23 @@ impl Table {
             })
     }
 
+    /// The table's log store.
+    #[cfg(test)]
+    pub(crate) fn log(&self) -> &LogStoreRef {
+        &self.log
+    }
+
     /// `s3://bucket/prefix/tables/tickets_with_team/`.
     pub fn location(&self) -> &url::Url {
         &self.location
+    }
+
+    /// Waits until the log's upkeep has followed every commit this process made (a checkpoint
+    /// due is written, expired entries removed).
+    pub async fn settled(&self) {
+        if let Some(upkeep) = &self.upkeep {
+            upkeep.settled().await;
+        }
     }
 
     /// The version of the table this process read last.
@@ -323,7 +352,12 @@ impl Table {
         actions: Vec<Action>,
         operation: DeltaOperation,
     ) -> Result<bool, StoreError> {
-        let commit = CommitBuilder::from(CommitProperties::default())
+        // The log's checkpoint and cleanup follow the commit, by the upkeep's task, rather
+        // than delaying its answer (crate::upkeep).
+        let properties = CommitProperties::default()
+            .with_create_checkpoint(false)
+            .with_cleanup_expired_logs(Some(false));
+        let commit = CommitBuilder::from(properties)
             .with_actions(actions)
             // Conflicts come back to the caller, which checks what it depends on again.
             .with_max_retries(0)
@@ -332,6 +366,9 @@ impl Table {
         match commit {
             Ok(done) => {
                 known.snapshot = done.snapshot();
+                if let Some(upkeep) = &self.upkeep {
+                    upkeep.committed(known.snapshot.version());
+                }
                 Ok(true)
             }
             Err(DeltaTableError::Transaction {
@@ -761,11 +798,11 @@ impl Table {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use object_store::memory::InMemory;
 
-    fn part(partition: i32, expected: Option<i64>, version: i64) -> Part {
+    pub(crate) fn part(partition: i32, expected: Option<i64>, version: i64) -> Part {
         let hour = Hour::from_millis(1_700_000_000_000);
         Part {
             topic: "tickets".into(),
@@ -783,7 +820,7 @@ mod tests {
         }
     }
 
-    async fn table(root: &Arc<dyn ObjectStore>) -> Table {
+    pub(crate) async fn table(root: &Arc<dyn ObjectStore>) -> Table {
         Table::open_or_create(root.clone(), "bucket", "p/")
             .await
             .expect("table")
@@ -899,6 +936,8 @@ mod tests {
                 .await
                 .expect("commit");
         }
+        // Made by the upkeep, after the commit.
+        t.settled().await;
         let log = object_store::path::Path::from("p/tables/tickets_with_team/_delta_log");
         let names: Vec<String> =
             futures::TryStreamExt::try_collect::<Vec<_>>(root.list(Some(&log)))

@@ -157,8 +157,8 @@ struct Encoded {
     dead: u64,
     /// A committed range read again ([`ticket_commit::Plan::Rebuild`]).
     rebuild: bool,
-    /// The Kafka timestamp (ms) of its oldest message, if any has one.
-    oldest: Option<i64>,
+    /// Its stages so far.
+    timeline: Timeline,
     /// When its encoding ended.
     encoded: Instant,
     batch: Result<Batch, Failure>,
@@ -187,7 +187,7 @@ impl Writer {
                 };
                 let (first, last, started, rebuild) =
                     (job.first, job.last, job.started, job.rebuild);
-                let oldest = observe_before_encoding(&ctx.metrics, &job, sealed);
+                let mut timeline = Timeline::before_encoding(&job, sealed);
                 let encoding = Instant::now();
                 let work = encode(&ctx, partition, job);
                 // A panic must still report, or the partition would wait for this batch forever.
@@ -195,7 +195,7 @@ impl Writer {
                     futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(work))
                         .await
                         .unwrap_or_else(|_| (0, 0, Err(panicked(partition, first))));
-                ctx.metrics.stages.encode.observe(secs(encoding.elapsed()));
+                timeline.encode = secs(encoding.elapsed());
                 let failed = batch.is_err();
                 let e = Encoded {
                     first,
@@ -204,7 +204,7 @@ impl Writer {
                     valid,
                     dead,
                     rebuild,
-                    oldest,
+                    timeline,
                     encoded: Instant::now(),
                     batch,
                 };
@@ -223,10 +223,8 @@ impl Writer {
                     e = encoded.recv() => match e { Some(e) => e, None => break },
                 };
                 let commit_started = Instant::now();
-                ctx.metrics
-                    .stages
-                    .wait
-                    .observe(secs(commit_started - e.encoded));
+                let mut e = e;
+                e.timeline.wait = secs(commit_started - e.encoded);
                 let outcome = match e.batch {
                     Ok(batch) => {
                         let bodies: Vec<Bytes> =
@@ -241,7 +239,8 @@ impl Writer {
                             recycle_body(ctx.format, body);
                         }
                         if outcome.is_ok() {
-                            observe_commit(&ctx.metrics, &steps, e.oldest);
+                            e.timeline
+                                .observe(&ctx.metrics, &steps, partition, e.first, e.last);
                         }
                         outcome
                     }
@@ -298,36 +297,74 @@ fn now_millis() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// The stages before encoding (fetch, seal, queue) of a batch handed over at `sealed`;
-/// returns the Kafka timestamp of its oldest message.
-fn observe_before_encoding(
-    metrics: &Metrics,
-    job: &Open<RawBatch>,
-    sealed: Instant,
-) -> Option<i64> {
-    let stages = &metrics.stages;
-    let now = Instant::now();
-    stages.queue.observe(secs(now - sealed));
-    stages.seal.observe(secs(sealed - job.started));
-    let messages = &job.buf.messages;
-    if let Some(ts) = messages.first().and_then(|m| m.timestamp) {
-        // The first message arrived at `started`: its age then, on the wall clock.
-        let arrived = now_millis() - (now - job.started).as_millis() as i64;
-        stages.fetch.observe((arrived - ts).max(0) as f64 / 1000.0);
-    }
-    messages.iter().filter_map(|m| m.timestamp).min()
+/// A batch's stages as measured so far, in seconds ([`Metrics::stages`] says what each is).
+#[derive(Debug, Default, Clone, Copy)]
+struct Timeline {
+    /// The Kafka timestamp (ms) of its oldest message, if any has one.
+    oldest: Option<i64>,
+    fetch: Option<f64>,
+    seal: f64,
+    queue: f64,
+    encode: f64,
+    wait: f64,
 }
 
-/// The commit's stages (data write, record) and the batch's freshness, once it is readable.
-fn observe_commit(metrics: &Metrics, steps: &Steps, oldest: Option<i64>) {
-    let (data, record) = steps.taken();
-    let stages = &metrics.stages;
-    stages.data_write.observe(secs(data));
-    stages.record.observe(secs(record));
-    if let Some(ts) = oldest {
-        stages
-            .visible
-            .observe((now_millis() - ts).max(0) as f64 / 1000.0);
+impl Timeline {
+    /// The stages before encoding, of a batch handed over at `sealed`.
+    fn before_encoding(job: &Open<RawBatch>, sealed: Instant) -> Timeline {
+        let now = Instant::now();
+        let messages = &job.buf.messages;
+        let fetch = messages.first().and_then(|m| m.timestamp).map(|ts| {
+            // The first message arrived at `started`: its age then, on the wall clock.
+            let arrived = now_millis() - (now - job.started).as_millis() as i64;
+            (arrived - ts).max(0) as f64 / 1000.0
+        });
+        Timeline {
+            oldest: messages.iter().filter_map(|m| m.timestamp).min(),
+            fetch,
+            seal: secs(sealed - job.started),
+            queue: secs(now - sealed),
+            ..Timeline::default()
+        }
+    }
+
+    /// Once the batch is readable: every stage into its histogram, and one debug line.
+    fn observe(&self, metrics: &Metrics, steps: &Steps, partition: i32, first: i64, last: i64) {
+        let (data, record) = steps.taken();
+        let (data, record) = (secs(data), secs(record));
+        let visible = self
+            .oldest
+            .map(|ts| (now_millis() - ts).max(0) as f64 / 1000.0);
+        let s = &metrics.stages;
+        for (h, v) in [
+            (&s.fetch, self.fetch),
+            (&s.seal, Some(self.seal)),
+            (&s.queue, Some(self.queue)),
+            (&s.encode, Some(self.encode)),
+            (&s.wait, Some(self.wait)),
+            (&s.data_write, Some(data)),
+            (&s.record, Some(record)),
+            (&s.visible, visible),
+        ] {
+            if let Some(v) = v {
+                h.observe(v);
+            }
+        }
+        let ms = |v: f64| (v * 1000.0 * 10.0).round() / 10.0;
+        tracing::debug!(
+            partition,
+            first,
+            last,
+            fetch_ms = self.fetch.map(ms),
+            seal_ms = ms(self.seal),
+            queue_ms = ms(self.queue),
+            encode_ms = ms(self.encode),
+            wait_ms = ms(self.wait),
+            data_write_ms = ms(data),
+            record_ms = ms(record),
+            visible_ms = visible.map(ms),
+            "Batch stages."
+        );
     }
 }
 
