@@ -87,6 +87,7 @@ pub async fn into_table(
         table: table.clone(),
         root: format!("{prefix}{TABLE_DIR}"),
         topic: topic.clone(),
+        counted: Default::default(),
     };
     let retry = bucket.with_check(Arc::new(TableCheck {
         bucket: BucketCheck::new(store.clone(), &prefix),

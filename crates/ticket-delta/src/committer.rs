@@ -8,6 +8,7 @@
 //! table, so a new owner resumes after it. Nothing is ever rebuilt from Kafka: a batch is
 //! either in the table with all its files or not in it at all.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,6 +19,7 @@ use futures::{StreamExt, TryStreamExt};
 use ticket_commit::failpoint::failpoint;
 use ticket_commit::retry::{BucketCheck, Check};
 use ticket_commit::{Batch, Committer, Failure, Plan, Retrier, Steps};
+use ticket_core::counts::Counts;
 use ticket_s3::store::{Expect, SharedStore, StoreError};
 
 use crate::{DataFile, GroupCommit, Outcome, Part, Table};
@@ -33,7 +35,13 @@ pub struct TableSink {
     /// The table's root as a key prefix of the bucket (`{S3_PREFIX}tables/tickets_with_team/`).
     pub root: String,
     pub topic: String,
+    /// The counts of data files this process committed, as their batches counted them, until
+    /// the totals take them ([`crate::totals`]): the totals need not read them back.
+    pub counted: Counted,
 }
+
+/// Data file path -> its tickets counted, shared by a process's committers and its totals.
+pub type Counted = Arc<std::sync::Mutex<HashMap<String, Counts>>>;
 
 /// One partition's committer to the table.
 pub struct TableCommitter {
@@ -49,6 +57,8 @@ pub struct TableCommitter {
 pub struct PreparedFiles {
     last: i64,
     files: Vec<(DataFile, Bytes)>,
+    /// The batch's counts, when they are its one file's (they count every ticket in it).
+    counts: Option<Counts>,
     steps: Steps,
 }
 
@@ -95,10 +105,15 @@ impl TableCommitter {
                 };
                 (file, o.body)
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let counts = match files.as_slice() {
+            [(file, _)] if batch.counts.total() == file.tickets => Some(batch.counts),
+            _ => None,
+        };
         PreparedFiles {
             last: batch.last,
             files,
+            counts,
             steps: batch.steps,
         }
     }
@@ -135,6 +150,7 @@ impl TableCommitter {
             version: batch.last,
             files: batch.files.into_iter().map(|(f, _)| f).collect(),
         };
+        let counted = batch.counts.map(|c| (part.files[0].path.clone(), c));
         failpoint("before-table-commit", self.partition).await;
         let recording = Instant::now();
         let group = &self.sink.group;
@@ -152,7 +168,16 @@ impl TableCommitter {
         }
         batch.steps.record(recording.elapsed());
         match outcome {
-            Outcome::Committed => self.expected = Some(batch.last),
+            Outcome::Committed => {
+                self.expected = Some(batch.last);
+                if let Some((path, counts)) = counted {
+                    self.sink
+                        .counted
+                        .lock()
+                        .expect("counted")
+                        .insert(path, counts);
+                }
+            }
             Outcome::Fenced { found } => {
                 tracing::debug!(
                     partition = self.partition,
@@ -256,6 +281,7 @@ pub(crate) mod testing {
             table,
             root: TABLE_DIR.to_string(),
             topic: TOPIC.into(),
+            counted: Default::default(),
         })
     }
 

@@ -76,6 +76,7 @@ impl Delta {
                 table,
                 root: format!("{}{TABLE_DIR}", layout.prefix()),
                 topic: layout.topic().to_string(),
+                counted: Default::default(),
             },
             store,
             prefix: layout.prefix().to_string(),

@@ -279,18 +279,31 @@ impl Table {
 
     /// The data files of the latest snapshot: what a reader reads, no more (not a file of a
     /// commit not made yet, nor one a commit never referred to).
+    ///
+    /// The log is read on a copy of the known snapshot, without holding it: a commit of this
+    /// process (the stream's, several a second) never waits for a reader (the totals' refresh,
+    /// once a second). The newer snapshot is then kept for the next commit.
     pub async fn files(&self) -> Result<Vec<SnapshotFile>, StoreError> {
-        let mut known = self.state.lock().await;
-        self.refresh(&mut known).await?;
-        let files = known.snapshot.snapshot().log_data();
-        Ok(files
+        let mut snapshot = self.state.lock().await.snapshot.clone();
+        snapshot
+            .update(self.log.as_ref(), None)
+            .await
+            .map_err(|e| store_error("read", &self.location, e))?;
+        let files = snapshot
+            .snapshot()
+            .log_data()
             .iter()
             .map(|f| SnapshotFile {
                 path: f.path().to_string(),
                 size: f.size().max(0) as u64,
                 partition_values: f.partition_values_map(),
             })
-            .collect())
+            .collect();
+        let mut known = self.state.lock().await;
+        if snapshot.version() > known.snapshot.version() {
+            *known = Known::new(snapshot);
+        }
+        Ok(files)
     }
 
     /// One commit of every part whose partition is still at the version its owner expects.

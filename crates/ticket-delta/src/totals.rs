@@ -1,5 +1,6 @@
 //! The Delta table's totals: a GROUP BY over the data files of its latest snapshot, each file
-//! read once (data files never change; a compaction's or vacuum's removals are forgotten).
+//! read once (data files never change; a compaction's or vacuum's removals are forgotten), and
+//! a file this process committed not even once: its batch counted it when it was written.
 
 use std::collections::{HashMap, HashSet};
 
@@ -39,6 +40,12 @@ impl TableTotals {
         self.per_file.retain(|path, _| live.contains(path));
         for path in files.iter().map(|f| &f.path) {
             if self.per_file.contains_key(path) {
+                continue;
+            }
+            // Committed by this process: counted when it was written.
+            let counted = self.sink.counted.lock().expect("counted").remove(path);
+            if let Some(counts) = counted {
+                self.per_file.insert(path.clone(), counts);
                 continue;
             }
             let key = format!("{}{path}", self.sink.root);
@@ -150,6 +157,37 @@ mod tests {
         let sink = open(b).await.map_err(|e| Failure::Fatal(e.into()))?;
         let retry = retrier(b, &sink, false);
         TableTotals::new(sink, b.store.clone()).total(&retry).await
+    }
+
+    #[tokio::test]
+    async fn files_this_process_committed_are_counted_without_reading_them_back() {
+        let routing = Routing::default();
+        let b = bucket();
+        let sink = open(&b).await.expect("create");
+        let retry = retrier(&b, &sink, false);
+        let mut c = TableCommitter::new(sink.clone(), b.store.clone(), 0, retry.clone());
+        c.recover().await.expect("recover");
+        for (first, last) in [(0, 9), (10, 19), (20, 29)] {
+            Committer::commit(&mut c, batch(&routing, first, last))
+                .await
+                .expect("commit");
+        }
+        let expected = total_once(&b).await.expect("totals read from the files");
+        // The data files gone from the bucket: only counts kept at commit can add up.
+        for f in sink.table.files().await.expect("files") {
+            let key = format!("{}{}", sink.root, f.path);
+            b.store.delete(&key).await.expect("delete");
+        }
+        let mut totals = TableTotals::new(sink.clone(), b.store.clone());
+        assert_eq!(totals.total(&retry).await.expect("totals"), expected);
+        assert!(
+            sink.counted.lock().expect("counted").is_empty(),
+            "taken once"
+        );
+        assert!(
+            total_once(&b).await.is_err(),
+            "another process reads the files, which are gone"
+        );
     }
 
     #[tokio::test]
