@@ -104,13 +104,16 @@ def run(fmt, age, rate, env, s3_root, s3_stats):
     name = f"{fmt[0]}{age}r{rate}t{int(time.time()) % 100000}"
     n = rate * SECONDS
     http = f"127.0.0.1:{free_port()}"
-    penv = dict(env, TICKETS_TOPIC=name, CONSUMER_GROUP=name, DLQ_TOPIC=f"{name}_dlq", S3_PREFIX=f"{name}/",
+    # A bucket per run: s3s-fs answers a LIST by walking the whole bucket, so one shared by the
+    # runs would make every later run's listings (the table's log) slower.
+    os.makedirs(os.path.join(s3_root, name))
+    penv = dict(env, TICKETS_TOPIC=name, CONSUMER_GROUP=name, DLQ_TOPIC=f"{name}_dlq", S3_BUCKET_NAME=name,
                 OUTPUT_FORMAT=fmt, BATCH_MAX_AGE_MS=str(age), HTTP_ADDR=http,
                 RUST_LOG="info,ticket_stream::stream::writer=debug", **EXTRA)
     subprocess.run([f"{REL}/ticket-producer", "--count", "0", "--partitions", str(PARTITIONS)], env=penv, check=True, stdout=subprocess.DEVNULL)
     log_path = os.path.join(WORK, f"{name}.log")
     proc = subprocess.Popen([f"{REL}/ticket-processor"], env=penv, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
-    root = os.path.join(s3_root, "bench", name)
+    root = os.path.join(s3_root, name)
     try:
         # One producer for the whole run, started once the processor has the partitions: a
         # producer's first messages wait for its connection and metadata, and each partition
@@ -177,11 +180,11 @@ def main():
     port, s3_port = free_port(), free_port()
     brokers = f"127.0.0.1:{port}"
     s3_root, s3_stats = os.path.join(WORK, "s3"), os.path.join(WORK, "s3-requests.json")
-    os.makedirs(os.path.join(s3_root, "bench"))
+    os.makedirs(s3_root)
     broker = subprocess.Popen([tansu, "broker", "--listener-url", f"tcp://{brokers}", "--advertised-listener-url", f"tcp://{brokers}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     s3 = subprocess.Popen([f"{REL}/examples/s3-server", s3_root, str(s3_port), s3_stats], stdout=subprocess.DEVNULL, stderr=open(os.path.join(WORK, "s3-server.log"), "w"))
     time.sleep(1)
-    env = dict(os.environ, KAFKA_BROKERS=brokers, S3_BUCKET_NAME="bench", S3_ENDPOINT=f"http://127.0.0.1:{s3_port}",
+    env = dict(os.environ, KAFKA_BROKERS=brokers, S3_ENDPOINT=f"http://127.0.0.1:{s3_port}",
                AWS_ACCESS_KEY_ID="test-access-key", AWS_SECRET_ACCESS_KEY="test-secret-key", AWS_EC2_METADATA_DISABLED="true",
                KAFKA_OPTIONS=os.environ.get("KAFKA_OPTIONS", "session.timeout.ms=6000"))
     results = []
