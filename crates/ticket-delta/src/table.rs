@@ -185,7 +185,9 @@ impl Table {
             log.clone(),
             state.version(),
             config.checkpoint_interval().get(),
-            config.log_retention_duration(),
+            config
+                .enable_expired_log_cleanup()
+                .then(|| config.log_retention_duration()),
         );
         Ok(Table {
             log,

@@ -38,14 +38,19 @@ impl TableTotals {
         let live: HashSet<&String> = files.iter().map(|f| &f.path).collect();
         // A compaction or vacuum takes files out of the snapshot.
         self.per_file.retain(|path, _| live.contains(path));
+        // Committed by this process: counted when it was written. Taken for every live file,
+        // even one read back already (its commit's answer came after that refresh), so that
+        // nothing is left behind.
+        {
+            let mut counted = self.sink.counted.lock().expect("counted");
+            for path in files.iter().map(|f| &f.path) {
+                if let Some(counts) = counted.remove(path) {
+                    self.per_file.insert(path.clone(), counts);
+                }
+            }
+        }
         for path in files.iter().map(|f| &f.path) {
             if self.per_file.contains_key(path) {
-                continue;
-            }
-            // Committed by this process: counted when it was written.
-            let counted = self.sink.counted.lock().expect("counted").remove(path);
-            if let Some(counts) = counted {
-                self.per_file.insert(path.clone(), counts);
                 continue;
             }
             let key = format!("{}{path}", self.sink.root);

@@ -32,12 +32,12 @@ pub(crate) struct Upkeep {
 
 impl Upkeep {
     /// Starts the upkeep of a table read at `version`, checkpointed every `interval` versions,
-    /// its log kept for `retention`.
+    /// its log kept for `retention` (`None`: kept whole, `delta.enableExpiredLogCleanup=false`).
     pub(crate) fn spawn(
         log: LogStoreRef,
         version: u64,
         interval: u64,
-        retention: Duration,
+        retention: Option<Duration>,
     ) -> Upkeep {
         let (committed, mut wanted) = watch::channel(version);
         let (done, handled) = watch::channel(version);
@@ -50,7 +50,11 @@ impl Upkeep {
                 let v = *wanted.borrow_and_update();
                 if (v + 1) / interval > (last + 1) / interval {
                     match checkpoint(&log, v).await {
+                        Ok(()) if retention.is_none() => {
+                            tracing::debug!(version = v, "Checkpointed the table's log.");
+                        }
                         Ok(()) => {
+                            let retention = retention.unwrap_or_default();
                             let cutoff = chrono::Utc::now().timestamp_millis()
                                 - retention.as_millis() as i64;
                             match cleanup(&log, cleaned_below, v, cutoff).await {

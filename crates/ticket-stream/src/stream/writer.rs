@@ -316,8 +316,8 @@ impl Timeline {
         let messages = &job.buf.messages;
         let fetch = messages.first().and_then(|m| m.timestamp).map(|ts| {
             // The first message arrived at `started`: its age then, on the wall clock.
-            let arrived = now_millis() - (now - job.started).as_millis() as i64;
-            (arrived - ts).max(0) as f64 / 1000.0
+            let arrived = now_millis().saturating_sub((now - job.started).as_millis() as i64);
+            arrived.saturating_sub(ts).max(0) as f64 / 1000.0
         });
         Timeline {
             oldest: messages.iter().filter_map(|m| m.timestamp).min(),
@@ -334,7 +334,7 @@ impl Timeline {
         let (data, record) = (secs(data), secs(record));
         let visible = self
             .oldest
-            .map(|ts| (now_millis() - ts).max(0) as f64 / 1000.0);
+            .map(|ts| now_millis().saturating_sub(ts).max(0) as f64 / 1000.0);
         let s = &metrics.stages;
         for (h, v) in [
             (&s.fetch, self.fetch),
@@ -342,8 +342,9 @@ impl Timeline {
             (&s.queue, Some(self.queue)),
             (&s.encode, Some(self.encode)),
             (&s.wait, Some(self.wait)),
-            (&s.data_write, Some(data)),
-            (&s.record, Some(record)),
+            // Zero: a step the commit did not take (a committed batch rebuilt and completed).
+            (&s.data_write, (data > 0.0).then_some(data)),
+            (&s.record, (record > 0.0).then_some(record)),
             (&s.visible, visible),
         ] {
             if let Some(v) = v {
