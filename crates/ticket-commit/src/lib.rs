@@ -154,6 +154,8 @@ pub trait Destination: Send + Sync + 'static {
     fn totals(&self) -> Box<dyn Totals>;
     /// What judges a failed request that is not plainly transient (the bucket, the table).
     fn check(&self) -> std::sync::Arc<dyn retry::Check>;
+    /// Adds the output's own figures to the processor's `/metrics` (the table's upkeep).
+    fn register_metrics(&self, _registry: &mut prometheus_client::registry::Registry) {}
 }
 
 /// Where an output's running totals (`counts_by_request_type/latest.jsonl`) come from: what

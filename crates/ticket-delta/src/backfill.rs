@@ -27,7 +27,7 @@ use ticket_commit::{Batch, Failure, Object, Retrier};
 use ticket_core::keys::Hour;
 use tokio_util::sync::CancellationToken;
 
-use crate::{GroupCommit, TABLE_DIR, Table, TableCheck, TableCommitter, TableSink};
+use crate::{Creation, GroupCommit, TABLE_DIR, Table, TableCheck, TableCommitter, TableSink};
 
 /// Hour files per commit at most: a log entry of that many adds stays far below 10 MB.
 pub const PART_FILES: usize = 256;
@@ -62,6 +62,7 @@ pub async fn into_table(
     input: &Path,
     mut files: Vec<(PathBuf, Hour)>,
     s3: &ticket_s3::S3Args,
+    creation: &Creation,
 ) -> anyhow::Result<TableLoad> {
     let topic = source_topic(input)?;
     let s3_store = ticket_s3::Store::connect(s3).await?;
@@ -77,7 +78,7 @@ pub async fn into_table(
         .with_check(Arc::new(BucketCheck::new(store.clone(), &prefix)));
     let table = bucket
         .run("open the Delta table", || {
-            Table::open_or_create(root.clone(), &s3.bucket, &prefix)
+            Table::open_or_create(root.clone(), &s3.bucket, &prefix, creation)
         })
         .await
         .map_err(anyhow::Error::from)?;
@@ -88,6 +89,8 @@ pub async fn into_table(
         root: format!("{prefix}{TABLE_DIR}"),
         topic: topic.clone(),
         counted: Default::default(),
+        replaced: Default::default(),
+        maintainer: None,
     };
     let retry = bucket.with_check(Arc::new(TableCheck {
         bucket: BucketCheck::new(store.clone(), &prefix),

@@ -22,6 +22,7 @@ use ticket_commit::{Batch, Committer, Failure, Plan, Retrier, Steps};
 use ticket_core::counts::Counts;
 use ticket_s3::store::{Expect, SharedStore, StoreError};
 
+use crate::maintain::{Maintainer, Replaced};
 use crate::{DataFile, GroupCommit, Outcome, Part, Table};
 
 /// Data files a commit uploads at once.
@@ -38,6 +39,12 @@ pub struct TableSink {
     /// The counts of data files this process committed, as their batches counted them, until
     /// the totals take them ([`crate::totals`]): the totals need not read them back.
     pub counted: Counted,
+    /// The files this process's compactions replaced, by the file that replaced them, until
+    /// the totals take them (the same: no file read back).
+    pub replaced: Replaced,
+    /// The table's upkeep (a processor's; `None` for a backfill), told of what the partitions'
+    /// committers own and commit.
+    pub maintainer: Option<Maintainer>,
 }
 
 /// Data file path -> its tickets counted, shared by a process's committers and its totals.
@@ -51,6 +58,16 @@ pub struct TableCommitter {
     retry: Retrier,
     /// The partition's version in the table as this owner knows it: the last offset in it.
     expected: Option<i64>,
+    /// Told the maintainer it owns the partition (to be untold when dropped).
+    owning: bool,
+}
+
+impl Drop for TableCommitter {
+    fn drop(&mut self) {
+        if let (true, Some(m)) = (self.owning, &self.sink.maintainer) {
+            m.left(self.partition);
+        }
+    }
 }
 
 /// A batch's files, named, not written yet.
@@ -70,6 +87,7 @@ impl TableCommitter {
             partition,
             retry,
             expected: None,
+            owning: false,
         }
     }
 }
@@ -84,6 +102,10 @@ impl TableCommitter {
                 table.version_of(topic, partition)
             })
             .await?;
+        if let (false, Some(m)) = (self.owning, &self.sink.maintainer) {
+            m.owns(partition);
+            self.owning = true;
+        }
         Ok(Plan::Resume {
             at: self.expected.map_or(0, |v| v + 1),
         })
@@ -170,6 +192,10 @@ impl TableCommitter {
         match outcome {
             Outcome::Committed => {
                 self.expected = Some(batch.last);
+                let newest = part.files.iter().map(|f| f.hour).max();
+                if let (Some(m), Some(hour)) = (&self.sink.maintainer, newest) {
+                    m.saw(self.partition, hour);
+                }
                 if let Some((path, counts)) = counted {
                     self.sink
                         .counted
@@ -275,13 +301,17 @@ pub(crate) mod testing {
 
     /// A process's view of the table: its own snapshot and group commit.
     pub async fn open(b: &Bucket) -> Result<TableSink, StoreError> {
-        let table = Arc::new(Table::open_or_create(b.root.clone(), "bucket", "").await?);
+        let table = Arc::new(
+            Table::open_or_create(b.root.clone(), "bucket", "", &Default::default()).await?,
+        );
         Ok(TableSink {
             group: GroupCommit::spawn(table.clone()),
             table,
             root: TABLE_DIR.to_string(),
             topic: TOPIC.into(),
             counted: Default::default(),
+            replaced: Default::default(),
+            maintainer: None,
         })
     }
 

@@ -16,6 +16,11 @@ pub struct CompactArgs {
     #[arg(long, env = "COMPACT_OLDER_THAN_HOURS", default_value_t = 2)]
     pub older_than_hours: u64,
 
+    /// A partition-hour's files are made one, or files of about this size when they add up
+    /// to more (the processors' background compaction uses the same setting).
+    #[arg(long, env = "COMPACT_TARGET_MB", default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
+    pub target_mb: u64,
+
     /// Then delete files that no snapshot of the last this many hours needs: files replaced
     /// by a compaction, and files no commit refers to (a writer killed before its commit).
     /// Keep it longer than any S3 outage a processor may sit out before committing, and than
@@ -49,12 +54,15 @@ pub async fn compact(args: &CompactArgs) -> anyhow::Result<()> {
     };
     let before = chrono::Utc::now() - chrono::Duration::hours(args.older_than_hours as i64);
     let done = table
-        .compact(before)
+        .compact(before, args.target_mb.saturating_mul(1024 * 1024))
         .await
         .context("compacting the Delta table")?;
     println!(
-        "compacted {} partition-hours: {} files into {} ({} skipped: compacted by another run meanwhile)",
-        done.hours, done.files_before, done.files_after, done.skipped
+        "compacted {} files into {} ({} MiB written; {} skipped: compacted by another run meanwhile)",
+        done.files_before,
+        done.files_after,
+        done.bytes >> 20,
+        done.skipped
     );
     if !args.no_vacuum {
         let deleted = table

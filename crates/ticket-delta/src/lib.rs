@@ -17,6 +17,8 @@
 //!
 //! Everything Delta is in this crate, behind `ticket-output`'s `delta` feature (on by default):
 //! - [`table`]: the log, the group commit, compaction and vacuum; no Kafka, no batches;
+//! - [`maintain`]: a processor's background compaction of its partitions' closed hours, and
+//!   the deletion of the files compactions replaced; [`metrics`]: its figures;
 //! - [`committer`]: a partition's [`Committer`](ticket_commit::Committer), which turns
 //!   batches into [`Part`]s, and the check that judges its failures;
 //! - [`totals`]: the counts, a GROUP BY over the snapshot's files;
@@ -27,6 +29,8 @@
 pub mod backfill;
 pub mod committer;
 pub mod compact;
+pub mod maintain;
+pub mod metrics;
 pub mod read;
 pub mod table;
 pub mod totals;
@@ -41,6 +45,7 @@ use ticket_core::keys::Layout;
 use ticket_s3::store::SharedStore;
 
 pub use committer::{TableCheck, TableCommitter, TableSink};
+pub use maintain::{Maintainer, MaintenanceArgs, Replaced};
 pub use table::*;
 
 /// The Delta table as an output: what it gives the stream (committers, totals, the check that
@@ -60,16 +65,28 @@ impl Delta {
         s3: &ticket_s3::S3Args,
         layout: &Layout,
         store: SharedStore,
+        creation: &Creation,
+        maintenance: &MaintenanceArgs,
     ) -> anyhow::Result<Delta> {
         let table = Table::open_or_create(
             ticket_s3::object_store(s3, ticket_s3::Retries::Caller).await?,
             &s3.bucket,
             layout.prefix(),
+            creation,
         )
         .await
         .context("opening the Delta table (OUTPUT_FORMAT=delta)")?;
         tracing::info!(table = %table.location(), version = table.version().await, "Writing to the Delta table.");
         let table = Arc::new(table);
+        let replaced = Replaced::default();
+        let maintainer = maintenance.table_maintenance.then(|| {
+            Maintainer::spawn(
+                table.clone(),
+                layout.topic().to_string(),
+                maintenance,
+                replaced.clone(),
+            )
+        });
         Ok(Delta {
             sink: TableSink {
                 group: GroupCommit::spawn(table.clone()),
@@ -77,6 +94,8 @@ impl Delta {
                 root: format!("{}{TABLE_DIR}", layout.prefix()),
                 topic: layout.topic().to_string(),
                 counted: Default::default(),
+                replaced,
+                maintainer,
             },
             store,
             prefix: layout.prefix().to_string(),
@@ -101,6 +120,11 @@ impl Destination for Delta {
             self.sink.clone(),
             self.store.clone(),
         ))
+    }
+
+    /// The table's maintenance figures.
+    fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.sink.table.metrics.register(registry);
     }
 
     /// The bucket, then the table read again from its log.

@@ -3,9 +3,9 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use datafusion::arrow::datatypes::DataType as ArrowType;
-use deltalake_core::DeltaTableError;
 /// The `object_store` interface the table is read and written through.
 pub use deltalake_core::ObjectStore;
 use deltalake_core::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
@@ -15,6 +15,7 @@ use deltalake_core::operations::create::CreateBuilder;
 use deltalake_core::protocol::{DeltaOperation, SaveMode};
 use deltalake_core::table::config::TablePropertiesExt as _;
 use deltalake_core::table::state::DeltaTableState;
+use deltalake_core::{DeltaTableError, TableProperty};
 use object_store::ObjectStoreExt as _;
 use object_store::prefix::PrefixStore;
 use ticket_core::keys::Hour;
@@ -22,6 +23,7 @@ use ticket_engine::output::ticket_schema;
 use ticket_s3::store::StoreError;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
+use crate::metrics::TableMetrics;
 use crate::upkeep::Upkeep;
 
 /// Where the table lives under `S3_PREFIX`.
@@ -130,6 +132,43 @@ pub struct Table {
     /// A writer's log upkeep (checkpoints, expired entries), told of each commit; `None` for
     /// a reader.
     upkeep: Option<Upkeep>,
+    /// Files [`Table::vacuum_removed`] deleted whose removals are still in the log.
+    vacuumed: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The maintenance's figures, for the processor's /metrics.
+    pub metrics: TableMetrics,
+}
+
+/// The table properties a processor or a backfill sets when it creates the table. A table that
+/// exists keeps its own: change them with any Delta tool (`ALTER TABLE ... SET TBLPROPERTIES`);
+/// the processors read them at start.
+#[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Delta table (OUTPUT_FORMAT=delta)")]
+pub struct Creation {
+    /// When this creates the Delta table: how long its log keeps its entries
+    /// (delta.logRetentionDuration), so how far back time travel reaches. Older entries are
+    /// removed after each log checkpoint. E.g. 30days, 12h.
+    #[arg(long, env = "DELTA_LOG_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
+    pub log_retention: Duration,
+
+    /// When this creates the Delta table: how long a data file a compaction replaced stays
+    /// for readers of older snapshots (delta.deletedFileRetentionDuration); then the
+    /// processors' maintenance deletes it.
+    #[arg(long, env = "DELTA_DELETED_FILE_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub deleted_file_retention: Duration,
+}
+
+impl Default for Creation {
+    fn default() -> Self {
+        Creation {
+            log_retention: Duration::from_secs(30 * 24 * 3600),
+            deleted_file_retention: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// A duration as a Delta table property's interval.
+fn interval(d: Duration) -> String {
+    format!("interval {} seconds", d.as_secs())
 }
 
 /// The snapshot this process read last, and the partitions' versions looked up in it (a
@@ -156,6 +195,7 @@ impl Table {
         root: Arc<dyn ObjectStore>,
         bucket: &str,
         prefix: &str,
+        creation: &Creation,
     ) -> Result<Table, StoreError> {
         let (log, location) = log_store(root, bucket, prefix)?;
         let state = match DeltaTableState::try_new(log.as_ref(), None).await {
@@ -166,6 +206,14 @@ impl Table {
                     .with_table_name("tickets_with_team")
                     .with_columns(columns())
                     .with_partition_columns(PARTITION_COLUMNS)
+                    .with_configuration_property(
+                        TableProperty::LogRetentionDuration,
+                        Some(interval(creation.log_retention)),
+                    )
+                    .with_configuration_property(
+                        TableProperty::DeletedFileRetentionDuration,
+                        Some(interval(creation.deleted_file_retention)),
+                    )
                     .with_save_mode(SaveMode::Ignore)
                     .await;
                 match created {
@@ -181,6 +229,7 @@ impl Table {
             Err(e) => return Err(store_error("read", &location, e)),
         };
         let config = state.table_config();
+        let metrics = TableMetrics::default();
         let upkeep = Upkeep::spawn(
             log.clone(),
             state.version(),
@@ -188,12 +237,15 @@ impl Table {
             config
                 .enable_expired_log_cleanup()
                 .then(|| config.log_retention_duration()),
+            metrics.log_entries.clone(),
         );
         Ok(Table {
             log,
             location,
             state: Mutex::new(Known::new(state)),
             upkeep: Some(upkeep),
+            vacuumed: Default::default(),
+            metrics,
         })
     }
 
@@ -210,6 +262,8 @@ impl Table {
                 location,
                 state: Mutex::new(Known::new(state)),
                 upkeep: None,
+                vacuumed: Default::default(),
+                metrics: TableMetrics::default(),
             })),
             Err(DeltaTableError::NotATable(_)) => Ok(None),
             Err(e) => Err(store_error("read", &location, e)),
@@ -574,190 +628,317 @@ impl GroupCommit {
     }
 }
 
-/// What [`Table::compact`] did.
+/// What [`Table::compact`] (or a processor's maintenance round) did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Compacted {
-    /// Partition-hours rewritten, each in a commit of its own.
-    pub hours: usize,
+    /// Rewrites made, each in a commit of its own (one per partition-hour, or per target-size
+    /// file of a large one).
+    pub rewrites: usize,
     /// Data files replaced, and the files that replaced them.
     pub files_before: usize,
     pub files_after: usize,
-    /// Partition-hours skipped because another compaction changed their files first.
+    /// Bytes written by the rewrites.
+    pub bytes: u64,
+    /// Rewrites given up because another compaction changed their files first.
     pub skipped: usize,
 }
 
-/// The data files of one Kafka partition's hour.
-type HourKey = (
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-);
-
-impl Table {
-    /// Rewrites every partition-hour whose hour ended before `before` and that has more than
-    /// one data file into one file: one commit per partition-hour that removes the old files
-    /// and adds the new one, without changing the data. Late Kafka timestamps mean no hour is
-    /// ever closed, so this is a normal transaction beside the writers: an append to the same
-    /// hour meanwhile does not conflict with it (its new file is simply not part of this
-    /// rewrite); a concurrent compaction that removed one of the files first makes this one
-    /// give that partition-hour up. The old files stay for readers of older snapshots until
-    /// [`Table::vacuum`].
-    pub async fn compact(
-        &self,
-        before: chrono::DateTime<chrono::Utc>,
-    ) -> Result<Compacted, StoreError> {
-        let mut done = Compacted::default();
-        let files = self.files().await?;
-        let mut hours: std::collections::BTreeMap<HourKey, Vec<SnapshotFile>> = Default::default();
-        for f in files {
-            let v = |k: &str| f.partition_values.get(k).cloned().flatten();
-            let key = (v("topic"), v("date"), v("hour"), v("partition"));
-            hours.entry(key).or_default().push(f);
-        }
-        let store = self.log.object_store(None);
-        for ((topic, date, hour, partition), files) in hours {
-            let ended = date.as_deref().zip(hour.as_deref()).and_then(|(d, h)| {
-                let start = chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").ok()?;
-                let h: u32 = h.parse().ok()?;
-                Some(start.and_hms_opt(h, 0, 0)?.and_utc() + chrono::Duration::hours(1))
-            });
-            if files.len() < 2 || ended.is_none_or(|end| end > before) {
-                continue;
+impl Compacted {
+    fn add(&mut self, done: Option<Rewritten>, files: usize) {
+        match done {
+            Some(r) => {
+                self.rewrites += 1;
+                self.files_before += files;
+                self.files_after += 1;
+                self.bytes += r.size;
             }
-            let (path, size, rows) = self.rewrite(&store, &files).await?;
-            let now = chrono::Utc::now().timestamp_millis();
-            let values = files[0].partition_values.clone();
-            let mut actions: Vec<Action> = files
-                .iter()
-                .map(|f| {
-                    Action::Remove(Remove {
-                        path: f.path.clone(),
-                        data_change: false,
-                        deletion_timestamp: Some(now),
-                        extended_file_metadata: Some(true),
-                        partition_values: Some(f.partition_values.clone()),
-                        size: Some(f.size as i64),
-                        ..Default::default()
-                    })
-                })
-                .collect();
-            actions.push(Action::Add(Add {
-                path: path.clone(),
-                partition_values: values,
-                size: size as i64,
-                modification_time: now,
-                data_change: false,
-                stats: Some(format!("{{\"numRecords\":{rows}}}")),
-                ..Default::default()
-            }));
-            let gone: Vec<String> = files.iter().map(|f| f.path.clone()).collect();
-            let operation = DeltaOperation::Optimize {
-                predicate: None,
-                target_size: size as i64,
-            };
-            let committed = self
-                .commit_when(actions, operation, |live| {
-                    gone.iter().all(|p| live.contains(p.as_str()))
-                })
-                .await?;
-            tracing::info!(
-                ?topic,
-                ?date,
-                ?hour,
-                ?partition,
-                files = files.len(),
-                committed,
-                "Compacted a partition-hour."
-            );
-            if committed {
-                done.hours += 1;
-                done.files_before += files.len();
-                done.files_after += 1;
-            } else {
-                done.skipped += 1;
-            }
+            None => self.skipped += 1,
         }
-        Ok(done)
     }
 }
 
+/// One Kafka partition's hour of the table: where its data files are.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PartitionHour {
+    pub topic: String,
+    pub partition: i32,
+    pub hour: Hour,
+}
+
+impl PartitionHour {
+    /// The partition-hour a data file is in, from its partition values; `None` for values this
+    /// processor does not write.
+    pub fn of(file: &SnapshotFile) -> Option<PartitionHour> {
+        let v = |k: &str| file.partition_values.get(k).cloned().flatten();
+        let date = chrono::NaiveDate::parse_from_str(&v("date")?, "%Y-%m-%d").ok()?;
+        let hour: u32 = v("hour")?.parse().ok()?;
+        let start = date.and_hms_opt(hour, 0, 0)?.and_utc();
+        Some(PartitionHour {
+            topic: v("topic")?,
+            partition: v("partition")?.parse().ok()?,
+            hour: Hour::of(&start),
+        })
+    }
+
+    /// The end of its hour.
+    pub fn end(&self) -> chrono::DateTime<chrono::Utc> {
+        self.hour.start() + chrono::Duration::hours(1)
+    }
+}
+
+/// Files of one partition-hour to be made one.
+#[derive(Debug, Clone)]
+pub struct Rewrite {
+    pub at: PartitionHour,
+    pub files: Vec<SnapshotFile>,
+}
+
+/// The file a rewrite made.
+#[derive(Debug, Clone)]
+pub struct Rewritten {
+    /// Relative to the table's root.
+    pub path: String,
+    pub size: u64,
+    pub rows: u64,
+}
+
+/// Pure: the rewrites that leave each partition-hour that `closed` accepts in one file, or, when its files add up to more than `target` bytes, in files of about `target`
+/// (a file of `target` or more is left as it is). Files are taken in the order of their names
+/// (the order they were written), so that each new file holds a run of offsets.
+pub fn plan(
+    files: impl IntoIterator<Item = SnapshotFile>,
+    closed: impl Fn(&PartitionHour) -> bool,
+    target: u64,
+) -> Vec<Rewrite> {
+    let mut hours: std::collections::BTreeMap<PartitionHour, Vec<SnapshotFile>> =
+        Default::default();
+    for f in files {
+        if let Some(at) = PartitionHour::of(&f).filter(|at| closed(at)) {
+            hours.entry(at).or_default().push(f);
+        }
+    }
+    let mut rewrites = Vec::new();
+    for (at, mut files) in hours {
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        let mut bin: Vec<SnapshotFile> = Vec::new();
+        let mut bytes = 0;
+        let mut close = |bin: &mut Vec<SnapshotFile>| {
+            if bin.len() > 1 {
+                rewrites.push(Rewrite {
+                    at: at.clone(),
+                    files: std::mem::take(bin),
+                });
+            }
+            bin.clear();
+        };
+        for f in files.into_iter().filter(|f| f.size < target) {
+            if !bin.is_empty() && bytes + f.size > target {
+                close(&mut bin);
+                bytes = 0;
+            }
+            bytes += f.size;
+            bin.push(f);
+        }
+        close(&mut bin);
+    }
+    rewrites
+}
+
+/// The part size of a rewrite's multipart upload (S3's minimum is 5 MiB).
+const PART_BYTES: usize = 8 * 1024 * 1024;
+
 impl Table {
-    /// Reads a partition-hour's files and writes their rows as one new file; returns its path,
-    /// size and row count.
-    async fn rewrite(
+    /// Rewrites every partition-hour whose hour ended before `before` and that has
+    /// more than one data file into one file (or files of about `target` bytes): one commit per
+    /// rewrite, that removes the old files and adds the new one, without changing the data.
+    /// Late Kafka timestamps mean no hour is ever closed, so this is a normal transaction
+    /// beside the writers: an append to the same hour meanwhile does not conflict with it (its
+    /// new file is simply not part of this rewrite); a concurrent compaction that removed one
+    /// of the files first makes this one give that rewrite up. The old files stay for readers
+    /// of older snapshots until a vacuum.
+    pub async fn compact(
+        &self,
+        before: chrono::DateTime<chrono::Utc>,
+        target: u64,
+    ) -> Result<Compacted, StoreError> {
+        let mut done = Compacted::default();
+        let files = self.files().await?;
+        for rewrite in plan(files, |at| at.end() <= before, target) {
+            let made = self.rewrite(&rewrite).await?;
+            done.add(made, rewrite.files.len());
+        }
+        Ok(done)
+    }
+
+    /// Makes a rewrite's files one: their rows streamed into a new file (a multipart upload,
+    /// a row group in memory at a time), then one commit that removes them and adds it, made
+    /// only if every one of them is still in the table (checked again on a conflict). `None`
+    /// if another compaction got there first (the new file is then deleted).
+    pub async fn rewrite(&self, rewrite: &Rewrite) -> Result<Option<Rewritten>, StoreError> {
+        self.rewrite_then(rewrite, |_| {}).await
+    }
+
+    /// [`Table::rewrite`], calling `before_commit` with the new file once it is written.
+    pub async fn rewrite_then(
+        &self,
+        rewrite: &Rewrite,
+        before_commit: impl FnOnce(&Rewritten),
+    ) -> Result<Option<Rewritten>, StoreError> {
+        let files = &rewrite.files;
+        let Some(first) = files.first() else {
+            return Ok(None);
+        };
+        let store = self.log.object_store(None);
+        let dir = first.path.rsplit_once('/').map_or("", |(d, _)| d);
+        let path = format!("{dir}/{}.parquet", uuid::Uuid::now_v7().simple());
+        let (size, rows) = self.stream_into(&store, files, &path).await?;
+        let made = Rewritten { path, size, rows };
+        before_commit(&made);
+        let Rewritten { path, .. } = &made;
+        let now = chrono::Utc::now().timestamp_millis();
+        let mut actions: Vec<Action> = files
+            .iter()
+            .map(|f| {
+                Action::Remove(Remove {
+                    path: f.path.clone(),
+                    data_change: false,
+                    deletion_timestamp: Some(now),
+                    extended_file_metadata: Some(true),
+                    partition_values: Some(f.partition_values.clone()),
+                    size: Some(f.size as i64),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        actions.push(Action::Add(Add {
+            path: path.clone(),
+            partition_values: first.partition_values.clone(),
+            size: size as i64,
+            modification_time: now,
+            data_change: false,
+            stats: Some(format!("{{\"numRecords\":{rows}}}")),
+            ..Default::default()
+        }));
+        let gone: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
+        let operation = DeltaOperation::Optimize {
+            predicate: None,
+            target_size: size as i64,
+        };
+        let committed = self
+            .commit_when(actions, operation, |live| {
+                gone.iter().all(|p| live.contains(*p))
+            })
+            .await?;
+        tracing::info!(
+            topic = rewrite.at.topic,
+            partition = rewrite.at.partition,
+            hour = %rewrite.at.hour.path(),
+            files = files.len(),
+            bytes = size,
+            committed,
+            "Compacted a partition-hour."
+        );
+        if !committed {
+            // Never referred to by a commit: no reader can need it.
+            let _ = store
+                .delete(&object_store::path::Path::from(path.as_str()))
+                .await;
+            return Ok(None);
+        }
+        Ok(Some(made))
+    }
+
+    /// Streams the rows of `files` into a new file at `path`; returns its size and row count.
+    async fn stream_into(
         &self,
         store: &Arc<dyn ObjectStore>,
         files: &[SnapshotFile],
-    ) -> Result<(String, u64, usize), StoreError> {
-        use deltalake_core::parquet::arrow::ArrowWriter;
-        use deltalake_core::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-        use deltalake_core::parquet::basic::{Compression, ZstdLevel};
-        use deltalake_core::parquet::file::properties::WriterProperties;
-        let io = |op: &'static str, path: &str, e: &dyn std::fmt::Display| StoreError::Transient {
-            op,
-            location: format!("{}{path}", self.location),
-            message: e.to_string(),
+        path: &str,
+    ) -> Result<(u64, u64), StoreError> {
+        use deltalake_core::parquet::arrow::ParquetRecordBatchStreamBuilder;
+        // Deprecated in parquet 59 in favour of a reader of one's own; this one still reads
+        // by ranges through object_store, a row group at a time.
+        #[allow(deprecated)]
+        use deltalake_core::parquet::arrow::async_reader::ParquetObjectReader;
+        use deltalake_core::parquet::arrow::async_writer::AsyncArrowWriter;
+        use deltalake_core::parquet::errors::ParquetError;
+        use futures::StreamExt as _;
+        use object_store::buffered::BufWriter;
+        // A failed request is worth another try; anything else is a file this processor
+        // cannot read or write.
+        let failed = |p: &str, e: ParquetError| match e {
+            ParquetError::External(e) => StoreError::Transient {
+                op: "compact",
+                location: format!("{}{p}", self.location),
+                message: e.to_string(),
+            },
+            e => StoreError::Permanent {
+                op: "compact",
+                location: format!("{}{p}", self.location),
+                message: e.to_string(),
+                hint: "a data file of the table is not the Parquet this processor writes".into(),
+            },
         };
-        let bad = |path: &str, e: &dyn std::fmt::Display| StoreError::Permanent {
-            op: "compact",
-            location: format!("{}{path}", self.location),
-            message: e.to_string(),
-            hint: "a data file of the table is not the Parquet this processor writes".into(),
-        };
-        let mut writer: Option<ArrowWriter<Vec<u8>>> = None;
-        let mut rows = 0;
+        let mut upload = Some(
+            BufWriter::with_capacity(
+                store.clone(),
+                object_store::path::Path::from(path),
+                PART_BYTES,
+            )
+            .with_max_concurrency(2),
+        );
+        let mut writer: Option<AsyncArrowWriter<BufWriter>> = None;
         for f in files {
-            let path = object_store::path::Path::from(f.path.as_str());
-            let body = store
-                .get(&path)
+            #[allow(deprecated)]
+            let reader = ParquetObjectReader::new(
+                store.clone(),
+                object_store::path::Path::from(f.path.as_str()),
+            )
+            .with_file_size(f.size);
+            let builder = ParquetRecordBatchStreamBuilder::new(reader)
                 .await
-                .map_err(|e| io("GET", &f.path, &e))?
-                .bytes()
-                .await
-                .map_err(|e| io("GET", &f.path, &e))?;
-            let reader = ParquetRecordBatchReaderBuilder::try_new(body)
-                .and_then(|b| b.build())
-                .map_err(|e| bad(&f.path, &e))?;
-            for batch in reader {
-                let batch = batch.map_err(|e| bad(&f.path, &e))?;
-                if writer.is_none() {
-                    let props = WriterProperties::builder()
-                        .set_compression(Compression::ZSTD(ZstdLevel::default()))
-                        .build();
-                    writer = Some(
-                        ArrowWriter::try_new(Vec::new(), batch.schema(), Some(props))
-                            .map_err(|e| bad(&f.path, &e))?,
-                    );
-                }
-                rows += batch.num_rows();
-                if let Some(w) = writer.as_mut() {
-                    w.write(&batch).map_err(|e| bad(&f.path, &e))?;
-                }
+                .map_err(|e| failed(&f.path, e))?;
+            let w = match (writer.as_mut(), upload.take()) {
+                (Some(w), _) => w,
+                (None, Some(upload)) => writer.insert(
+                    AsyncArrowWriter::try_new(
+                        upload,
+                        builder.schema().clone(),
+                        Some(ticket_engine::output::parquet_properties()),
+                    )
+                    .map_err(|e| failed(path, e))?,
+                ),
+                (None, None) => unreachable!("the writer is made with the one upload"),
+            };
+            let mut batches = builder.build().map_err(|e| failed(&f.path, e))?;
+            while let Some(batch) = batches.next().await {
+                let batch = batch.map_err(|e| failed(&f.path, e))?;
+                w.write(&batch).await.map_err(|e| failed(path, e))?;
             }
         }
-        let first = &files[0];
-        let body = match writer {
-            Some(w) => w.into_inner().map_err(|e| bad(&first.path, &e))?,
-            None => Vec::new(),
+        let Some(mut w) = writer else {
+            return Err(StoreError::Permanent {
+                op: "compact",
+                location: format!("{}{path}", self.location),
+                message: "no file to rewrite".into(),
+                hint: "a rewrite has files".into(),
+            });
         };
-        let dir = first.path.rsplit_once('/').map_or("", |(d, _)| d);
-        let path = format!("{dir}/{}.parquet", uuid::Uuid::now_v7().simple());
-        let size = body.len() as u64;
-        store
-            .put(&object_store::path::Path::from(path.as_str()), body.into())
-            .await
-            .map_err(|e| io("PUT", &path, &e))?;
-        Ok((path, size, rows))
+        let meta = w.finish().await.map_err(|e| failed(path, e))?;
+        Ok((
+            w.bytes_written() as u64,
+            meta.file_metadata().num_rows().max(0) as u64,
+        ))
     }
 
     /// Commits `actions` on the latest snapshot if `still` holds for the snapshot's file paths
-    /// (checked again after every conflict); false if it no longer does.
+    /// (checked again after every conflict); false if it no longer does. Holds the snapshot,
+    /// which the stream's commits wait for, only for the read of the log and the commit.
     async fn commit_when(
         &self,
         actions: Vec<Action>,
         operation: DeltaOperation,
-        still: impl Fn(&std::collections::HashSet<String>) -> bool,
+        still: impl Fn(&std::collections::HashSet<&str>) -> bool,
     ) -> Result<bool, StoreError> {
         let mut known = self.state.lock().await;
         loop {
@@ -769,7 +950,7 @@ impl Table {
                 .iter()
                 .map(|f| f.path().to_string())
                 .collect();
-            if !still(&live) {
+            if !still(&live.iter().map(String::as_str).collect()) {
                 return Ok(false);
             }
             if self
@@ -779,6 +960,71 @@ impl Table {
                 return Ok(true);
             }
         }
+    }
+}
+
+impl Table {
+    /// How long a file a commit removed stays for readers of older snapshots: the table's
+    /// `delta.deletedFileRetentionDuration`.
+    pub async fn deleted_file_retention(&self) -> std::time::Duration {
+        let known = self.state.lock().await;
+        known
+            .snapshot
+            .table_config()
+            .deleted_file_retention_duration()
+    }
+
+    /// Deletes the data files that a commit removed (a compaction's) longer than `retain` ago,
+    /// and nothing else: never a file no commit referred to, which may be one a writer is
+    /// about to commit (written before an outage, committed after it). No listing of the
+    /// table's directories and no commit: the removals are read from the log. Returns the
+    /// number of files deleted.
+    pub async fn vacuum_removed(&self, retain: std::time::Duration) -> Result<usize, StoreError> {
+        use futures::TryStreamExt as _;
+        let mut snapshot = self.state.lock().await.snapshot.clone();
+        snapshot
+            .update(self.log.as_ref(), None)
+            .await
+            .map_err(|e| store_error("read", &self.location, e))?;
+        let live: std::collections::HashSet<String> = snapshot
+            .snapshot()
+            .log_data()
+            .iter()
+            .map(|f| f.path().to_string())
+            .collect();
+        let cutoff = chrono::Utc::now().timestamp_millis() - retain.as_millis() as i64;
+        let expired: Vec<String> = snapshot
+            .all_tombstones(self.log.as_ref())
+            .try_filter_map(|t| {
+                let path = t.path().to_string();
+                let gone = t.deletion_timestamp().unwrap_or(0) < cutoff && !live.contains(&path);
+                futures::future::ready(Ok(gone.then_some(path)))
+            })
+            .try_collect()
+            .await
+            .map_err(|e| store_error("read", &self.location, e))?;
+        // Deleted by an earlier round (S3 answers a DELETE of a missing key as done, so this
+        // process remembers them until a checkpoint drops their removals from the log).
+        let before = std::mem::take(&mut *self.vacuumed.lock().expect("vacuumed"));
+        let store = self.log.object_store(None);
+        let mut deleted = 0;
+        for path in expired.iter().filter(|p| !before.contains(*p)) {
+            let at = object_store::path::Path::parse(&path)
+                .unwrap_or_else(|_| object_store::path::Path::from(path.as_str()));
+            match store.delete(&at).await {
+                Ok(()) => deleted += 1,
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => {
+                    return Err(StoreError::Transient {
+                        op: "vacuum",
+                        location: format!("{}{path}", self.location),
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+        *self.vacuumed.lock().expect("vacuumed") = expired.into_iter().collect();
+        Ok(deleted)
     }
 }
 
@@ -835,8 +1081,54 @@ pub(crate) mod tests {
         }
     }
 
+    fn file(path: &str, size: u64) -> SnapshotFile {
+        SnapshotFile {
+            path: path.into(),
+            size,
+            partition_values: HashMap::from([
+                ("topic".to_string(), Some("tickets".to_string())),
+                ("date".to_string(), Some("2026-12-07".to_string())),
+                ("hour".to_string(), Some("9".to_string())),
+                ("partition".to_string(), Some("0".to_string())),
+            ]),
+        }
+    }
+
+    #[test]
+    fn a_closed_hour_becomes_one_file_or_files_of_the_target_size() {
+        let files = || {
+            [
+                ("a", 50),
+                ("b", 50),
+                ("c", 50),
+                ("d", 200),
+                ("e", 10),
+                ("f", 10),
+            ]
+            .map(|(p, n)| file(p, n))
+        };
+        let paths = |rewrites: Vec<Rewrite>| -> Vec<Vec<String>> {
+            rewrites
+                .into_iter()
+                .map(|r| r.files.into_iter().map(|f| f.path).collect())
+                .collect()
+        };
+        // Under the target, in the order written; a file of the target or more stays.
+        assert_eq!(
+            paths(plan(files(), |_| true, 120)),
+            vec![vec!["a", "b"], vec!["c", "e", "f"]]
+        );
+        assert_eq!(
+            paths(plan(files(), |_| true, 1000)),
+            vec![vec!["a", "b", "c", "d", "e", "f"]]
+        );
+        let at = PartitionHour::of(&file("a", 1)).expect("ours");
+        assert_eq!(at.end().to_rfc3339(), "2026-12-07T10:00:00+00:00");
+        assert!(plan(files(), |_| false, 120).is_empty(), "an open hour");
+    }
+
     pub(crate) async fn table(root: &Arc<dyn ObjectStore>) -> Table {
-        Table::open_or_create(root.clone(), "bucket", "p/")
+        Table::open_or_create(root.clone(), "bucket", "p/", &Creation::default())
             .await
             .expect("table")
     }

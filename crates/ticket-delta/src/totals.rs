@@ -36,19 +36,40 @@ impl TableTotals {
         let (table, store) = (&self.sink.table, &self.store);
         let files = retry.run("read the Delta table", || table.files()).await?;
         let live: HashSet<&String> = files.iter().map(|f| &f.path).collect();
-        // A compaction or vacuum takes files out of the snapshot.
-        self.per_file.retain(|path, _| live.contains(path));
-        // Committed by this process: counted when it was written. Taken for every live file,
-        // even one read back already (its commit's answer came after that refresh), so that
-        // nothing is left behind.
         {
             let mut counted = self.sink.counted.lock().expect("counted");
-            for path in files.iter().map(|f| &f.path) {
+            let mut replaced = self.sink.replaced.lock().expect("replaced");
+            // Committed by this process: counted when it was written. Taken for every live
+            // file, even one read back already (its commit's answer came after that refresh),
+            // so that nothing is left behind; and for the files a compaction replaced.
+            let olds = replaced.values().flatten();
+            for path in live.iter().copied().chain(olds) {
                 if let Some(counts) = counted.remove(path) {
                     self.per_file.insert(path.clone(), counts);
                 }
             }
+            // A file this process's compaction made holds what the files it replaced held:
+            // their counts added up, when all are known (a compacted hour is not read back).
+            for (new, olds) in replaced.iter() {
+                if !live.contains(new) || self.per_file.contains_key(new) {
+                    continue;
+                }
+                let mut sum = Counts::default();
+                let known = olds.iter().all(|o| match self.per_file.get(o) {
+                    Some(c) => {
+                        sum.merge(c);
+                        true
+                    }
+                    None => false,
+                });
+                if known {
+                    self.per_file.insert(new.clone(), sum);
+                }
+            }
+            replaced.retain(|new, _| !live.contains(new));
         }
+        // A compaction or vacuum takes files out of the snapshot.
+        self.per_file.retain(|path, _| live.contains(path));
         for path in files.iter().map(|f| &f.path) {
             if self.per_file.contains_key(path) {
                 continue;
@@ -84,7 +105,7 @@ impl Totals for TableTotals {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! The totals of the Delta table (a GROUP BY over its data files) refreshed through a
     //! crash at every request and an outage from every request, the log and the data files in
     //! one in-memory store with one fault: never a fatal error, and the totals a refresh after
@@ -107,6 +128,11 @@ mod tests {
 
     /// A batch of valid tickets `first..=last` in one hour, their types in turn, as Parquet.
     fn batch(routing: &Routing, first: i64, last: i64) -> Batch {
+        batch_at(routing, first, last, Hour::from_millis(first * 3_600_000))
+    }
+
+    /// The same in `hour`.
+    pub(crate) fn batch_at(routing: &Routing, first: i64, last: i64, hour: Hour) -> Batch {
         let mut rows = Rows::new(OutputFormat::Parquet);
         let mut counts = Counts::default();
         for o in first..=last {
@@ -128,7 +154,7 @@ mod tests {
             first,
             last,
             objects: vec![Object {
-                hour: Hour::from_millis(first * 3_600_000),
+                hour,
                 first,
                 last,
                 tickets: (last - first + 1) as u64,

@@ -22,6 +22,7 @@ use deltalake_core::logstore::LogStoreRef;
 use deltalake_core::{DeltaTable, DeltaTableError, ObjectMeta};
 use futures::StreamExt;
 use object_store::ObjectStoreExt as _;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 
 /// The handle a [`crate::Table`] that writes keeps: told of each version it commits.
@@ -38,6 +39,7 @@ impl Upkeep {
         version: u64,
         interval: u64,
         retention: Option<Duration>,
+        entries: Gauge,
     ) -> Upkeep {
         let (committed, mut wanted) = watch::channel(version);
         let (done, handled) = watch::channel(version);
@@ -79,6 +81,8 @@ impl Upkeep {
                     }
                 }
                 last = last.max(v);
+                // The log's commit entries: from the oldest the cleanup kept to this one.
+                entries.set((v + 1).saturating_sub(cleaned_below) as i64);
                 let _ = done.send(v);
             }
         });

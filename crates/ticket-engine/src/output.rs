@@ -191,6 +191,16 @@ impl TicketColumns {
     }
 }
 
+/// How every Parquet file of ours is written: the objects, the table's data files and their
+/// compactions.
+pub fn parquet_properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        // Bounds what a writer holds before it encodes a row group.
+        .set_max_row_group_row_count(Some(128 * 1024))
+        .build()
+}
+
 /// Writes rows, added in pieces, as one object or file in its format.
 pub enum ObjectWriter<W: Write + Send> {
     Jsonl(W),
@@ -202,12 +212,7 @@ impl<W: Write + Send> ObjectWriter<W> {
         Ok(match format {
             OutputFormat::Jsonl => ObjectWriter::Jsonl(out),
             OutputFormat::Parquet => {
-                let props = WriterProperties::builder()
-                    .set_compression(Compression::ZSTD(ZstdLevel::default()))
-                    // Bounds what a writer holds before it encodes a row group.
-                    .set_max_row_group_row_count(Some(128 * 1024))
-                    .build();
-                let w = ArrowWriter::try_new(out, ticket_schema(false), Some(props))
+                let w = ArrowWriter::try_new(out, ticket_schema(false), Some(parquet_properties()))
                     .context("starting a Parquet file")?;
                 ObjectWriter::Parquet(Box::new(w))
             }

@@ -39,4 +39,6 @@ pub struct FileArgs {
     pub routing: RoutingArgs,
     #[command(flatten)]
     pub s3: S3Args,
+    #[command(flatten)]
+    pub table: ticket_output::TableCreation,
 }

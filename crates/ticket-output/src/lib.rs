@@ -49,6 +49,19 @@ impl OutputSetting {
 /// `compact`: the table's maintenance command.
 #[cfg(feature = "delta")]
 pub use ticket_delta::compact;
+/// The table's properties at creation, and the processors' upkeep of it.
+#[cfg(feature = "delta")]
+pub use ticket_delta::{Creation as TableCreation, MaintenanceArgs as TableMaintenance};
+
+/// Without the table, nothing to set.
+#[cfg(not(feature = "delta"))]
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TableCreation {}
+
+/// Without the table, nothing to set.
+#[cfg(not(feature = "delta"))]
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TableMaintenance {}
 
 /// The output the processor writes to, opened at start: the stream sees only its
 /// [`Destination`] (committers, totals, check).
@@ -63,6 +76,9 @@ pub struct Opening<'a> {
     pub store: SharedStore,
     /// [`ticket_core::Routing::digest`] of the routing table in use.
     pub routing: String,
+    /// The table's properties if it is created, and its upkeep.
+    pub creation: &'a TableCreation,
+    pub maintenance: &'a TableMaintenance,
 }
 
 impl Output {
@@ -86,9 +102,10 @@ impl Output {
                 },
             }),
             #[cfg(feature = "delta")]
-            OutputSetting::Delta => {
-                Arc::new(ticket_delta::Delta::open(o.s3, o.layout, o.store).await?)
-            }
+            OutputSetting::Delta => Arc::new(
+                ticket_delta::Delta::open(o.s3, o.layout, o.store, o.creation, o.maintenance)
+                    .await?,
+            ),
         };
         Ok(Output(destination))
     }
@@ -134,15 +151,16 @@ pub async fn backfill(
     input: &std::path::Path,
     files: impl FnOnce() -> anyhow::Result<Vec<(std::path::PathBuf, ticket_core::keys::Hour)>>,
     s3: &ticket_s3::S3Args,
+    creation: &TableCreation,
 ) -> anyhow::Result<Option<String>> {
     match setting {
         OutputSetting::Jsonl | OutputSetting::Parquet => {
-            let _ = (input, files, s3);
+            let _ = (input, files, s3, creation);
             Ok(None)
         }
         #[cfg(feature = "delta")]
         OutputSetting::Delta => {
-            let t = ticket_delta::backfill::into_table(input, files()?, s3).await?;
+            let t = ticket_delta::backfill::into_table(input, files()?, s3, creation).await?;
             Ok(Some(if t.parts == 0 {
                 "no valid ticket: nothing to append to the Delta table".to_string()
             } else if t.already() {

@@ -121,8 +121,14 @@ async fn process_file(args: ticket_processor::FileArgs) -> anyhow::Result<()> {
         start.elapsed().as_secs_f64()
     );
     let files = || ticket_lake::file::hour_files(&args.output_dir.join("tickets_with_team"));
-    if let Some(said) =
-        ticket_output::backfill(args.output_format, &args.input, files, &args.s3).await?
+    if let Some(said) = ticket_output::backfill(
+        args.output_format,
+        &args.input,
+        files,
+        &args.s3,
+        &args.table,
+    )
+    .await?
     {
         println!("{said}");
     }

@@ -76,6 +76,12 @@ pub struct RunArgs {
     /// them to the next run; the process exits 5 s later whatever it still waits on.
     #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS", default_value_t = 20)]
     pub shutdown_timeout_secs: u64,
+
+    #[command(flatten)]
+    pub table: ticket_output::TableCreation,
+
+    #[command(flatten)]
+    pub maintenance: ticket_output::TableMaintenance,
 }
 
 /// How a stop reaches the streaming processor from `main`, which owns the signals and the
@@ -134,8 +140,11 @@ pub async fn run(args: RunArgs, observed: Observed, shutdown: Shutdown) -> anyho
         layout: &layout,
         store: store.clone(),
         routing: routing.digest(),
+        creation: &args.table,
+        maintenance: &args.maintenance,
     })
     .await?;
+    metrics.add_output(|registry| output.register_metrics(registry));
 
     let settings = stream::Settings {
         kafka: args.kafka,

@@ -31,6 +31,8 @@ pub struct Metrics {
     /// answers): set and cleared by the retries ([`ticket_commit::retry`]).
     pub retry: RetryMetrics,
     registry: Arc<Registry>,
+    /// The output's own figures, added once it is open ([`Metrics::add_output`]).
+    output: Arc<std::sync::OnceLock<Registry>>,
 }
 
 impl Default for Metrics {
@@ -55,6 +57,7 @@ impl Metrics {
             retry: RetryMetrics::default(),
             stages: Stages::default(),
             registry: Arc::new(Registry::default()),
+            output: Default::default(),
         };
         registry.register(
             "messages_in",
@@ -122,10 +125,24 @@ impl Metrics {
         }
     }
 
+    /// Adds the output's figures (once; a second call is ignored).
+    pub fn add_output(&self, register: impl FnOnce(&mut Registry)) {
+        let mut registry = Registry::with_prefix("ticket_processor");
+        register(&mut registry);
+        let _ = self.output.set(registry);
+    }
+
     /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+        let written = encode_registry(&mut out, &self.registry)
+            .and_then(|()| match self.output.get() {
+                Some(output) => encode_registry(&mut out, output),
+                None => Ok(()),
+            })
+            .and_then(|()| encode_eof(&mut out));
+        if written.is_err() {
             out.clear();
         }
         out
