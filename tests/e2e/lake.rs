@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Duration;
 
 use crate::common::*;
 use rand::SeedableRng;
@@ -676,7 +677,7 @@ async fn delta_output_holds_every_ticket_once_through_a_kill_and_reruns_as_delta
     run_ok("ticket-processor", &env, &["--drain"]).await;
     run_ok("ticket-processor", &env, &["--drain"]).await;
 
-    let DeltaRead { rows, versions } = fx.read_delta(3);
+    let DeltaRead { rows, versions, .. } = fx.read_delta(3);
     let records = fx.broker.read_all(&fx.topic);
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     let routing = ticket_core::Routing::default();
@@ -951,4 +952,111 @@ async fn compact_makes_one_file_per_partition_hour_and_vacuum_removes_what_no_sn
     .await;
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "n\n300");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_processor_compacts_its_closed_hours_in_the_background() {
+    let fx = Fixture::start().await;
+    fx.create_topic(2).await;
+    // Five hours, 04:00 to 08:59, a ticket a minute, in batches of 10: several files per
+    // partition-hour.
+    let four = BEFORE_NINE + 500 - 5 * 3_600_000;
+    let input = stamped(&tickets(300, 11), |i| four + i * 60_000);
+    fx.broker.publish_at(&fx.topic, &input).await;
+    let env = fx
+        .env()
+        .set("OUTPUT_FORMAT", "delta")
+        .set("BATCH_MAX_RECORDS", "10")
+        .set("COMPACT_CLOSED_AFTER", "1h")
+        .set("DELTA_LOG_RETENTION", "12h")
+        .set("DELTA_DELETED_FILE_RETENTION", "3h");
+    let mut p = fx.spawn("ticket-processor", &env, &[], "maintained");
+    let addr = p.http_addr().await;
+    // Closed: the hours that ended at least 1 h before 08:00 (04, 05, 06), in each of the two
+    // partitions; each becomes one file while the processor runs, with no command.
+    let closed = r#"ticket_processor_table_files{hours="closed"}"#;
+    let hours = r#"ticket_processor_table_partition_hours{hours="closed"}"#;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let written = metric(addr, "ticket_processor_tickets_written_total").await;
+        let files = metric(addr, closed).await;
+        let n = metric(addr, hours).await;
+        if written == Some(300.0) && files == Some(6.0) && n == Some(6.0) {
+            break;
+        }
+        assert!(
+            p.is_running() && std::time::Instant::now() < deadline,
+            "closed hours not compacted (written {written:?}, closed files {files:?} in {n:?} partition-hours); log:\n{}",
+            p.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let compactions = metric(addr, "ticket_processor_table_compactions_total").await;
+    assert!(compactions.is_some_and(|n| n >= 6.0), "{compactions:?}");
+    p.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(p.wait(Duration::from_secs(30)).await, "{}", p.log());
+
+    let DeltaRead {
+        rows,
+        files,
+        configuration,
+        ..
+    } = fx.read_delta(2);
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in &rows {
+        *seen
+            .entry(r["ticket_id"].as_str().expect("id"))
+            .or_default() += 1;
+    }
+    assert_eq!(seen.len(), 300, "every ticket");
+    assert!(seen.values().all(|n| *n == 1), "a ticket twice");
+    let mut per_hour: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for f in &files {
+        let part = |k: &str| {
+            f.split('/')
+                .find_map(|s| s.strip_prefix(k))
+                .unwrap_or_default()
+                .to_string()
+        };
+        *per_hour
+            .entry((part("partition="), part("hour=")))
+            .or_default() += 1;
+    }
+    for p in ["0", "1"] {
+        for h in ["04", "05", "06"] {
+            assert_eq!(
+                per_hour.get(&(p.into(), h.into())),
+                Some(&1),
+                "{per_hour:?}"
+            );
+        }
+        for h in ["07", "08"] {
+            let n = per_hour.get(&(p.into(), h.into())).copied().unwrap_or(0);
+            assert!(n > 1, "an open hour is left as written: {per_hour:?}");
+        }
+    }
+    // The retentions were set when the processor made the table.
+    assert_eq!(
+        configuration.get("delta.logRetentionDuration"),
+        Some(&Some("interval 43200 seconds".to_string()))
+    );
+    assert_eq!(
+        configuration.get("delta.deletedFileRetentionDuration"),
+        Some(&Some("interval 10800 seconds".to_string()))
+    );
+    // The running totals still count every ticket once.
+    let counts = fx
+        .s3
+        .get("counts_by_request_type/latest.jsonl")
+        .await
+        .expect("counts");
+    let total: u64 = String::from_utf8_lossy(&counts)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).expect("json")["count"]
+                .as_u64()
+                .expect("count")
+        })
+        .sum();
+    assert_eq!(total, 300);
 }

@@ -246,7 +246,7 @@ impl Round {
                     .is_some_and(|n| at.end() + self.closed_after <= n.start())
         };
         let metrics = &self.table.metrics;
-        for rewrite in plan(files, &closed, self.target) {
+        for rewrite in plan(files, closed, self.target) {
             if !shared.still_owns(rewrite.at.partition) {
                 continue;
             }

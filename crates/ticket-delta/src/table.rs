@@ -1009,7 +1009,7 @@ impl Table {
         let store = self.log.object_store(None);
         let mut deleted = 0;
         for path in expired.iter().filter(|p| !before.contains(*p)) {
-            let at = object_store::path::Path::parse(&path)
+            let at = object_store::path::Path::parse(path)
                 .unwrap_or_else(|_| object_store::path::Path::from(path.as_str()));
             match store.delete(&at).await {
                 Ok(()) => deleted += 1,

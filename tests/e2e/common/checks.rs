@@ -15,6 +15,10 @@ pub struct DeltaRead {
     pub rows: Vec<Value>,
     /// Each Kafka partition's transaction version (`<topic>-<partition>`).
     pub versions: BTreeMap<i32, Option<i64>>,
+    /// The snapshot's data files, as URIs.
+    pub files: Vec<String>,
+    /// The table's properties.
+    pub configuration: BTreeMap<String, Option<String>>,
 }
 
 /// Polls `check` until it returns `Some`, or fails after `timeout` with `what`.
@@ -207,6 +211,8 @@ dt = DeltaTable(uri, storage_options={
     "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"})
 versions = {p: dt.transaction_version(f"{topic}-{p}") for p in range(int(partitions))}
 print(json.dumps(versions))
+print(json.dumps(dt.file_uris()))
+print(json.dumps(dt.metadata().configuration))
 columns = ["ticket_id", "request_type", "support_team", "topic", "partition", "date", "hour"]
 for row in dt.to_pyarrow_table(columns=columns).to_pylist():
     row["date"] = row["date"].isoformat()
@@ -235,7 +241,12 @@ os._exit(0)
         let mut lines = lines.iter();
         let versions: BTreeMap<String, Option<i64>> =
             serde_json::from_slice(lines.next().expect("versions")).expect("json");
+        let files = serde_json::from_slice(lines.next().expect("files")).expect("json");
+        let configuration =
+            serde_json::from_slice(lines.next().expect("configuration")).expect("json");
         DeltaRead {
+            files,
+            configuration,
             versions: versions
                 .into_iter()
                 .map(|(p, v)| (p.parse().expect("partition"), v))
