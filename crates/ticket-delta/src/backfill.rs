@@ -78,7 +78,7 @@ pub async fn into_table(
         .with_check(Arc::new(BucketCheck::new(store.clone(), &prefix)));
     let table = bucket
         .run("open the Delta table", || {
-            Table::open_or_create(root.clone(), &s3.bucket, &prefix, creation)
+            Table::open_or_create(root.clone(), &s3.bucket, &prefix, creation, true)
         })
         .await
         .map_err(anyhow::Error::from)?;

@@ -301,9 +301,16 @@ pub(crate) mod testing {
 
     /// A process's view of the table: its own snapshot and group commit.
     pub async fn open(b: &Bucket) -> Result<TableSink, StoreError> {
-        let table = Arc::new(
-            Table::open_or_create(b.root.clone(), "bucket", "", &Default::default()).await?,
-        );
+        open_with(b, &Default::default()).await
+    }
+
+    /// The same, the table created with `creation`'s properties if it is new.
+    pub async fn open_with(
+        b: &Bucket,
+        creation: &crate::Creation,
+    ) -> Result<TableSink, StoreError> {
+        let table =
+            Arc::new(Table::open_or_create(b.root.clone(), "bucket", "", creation, true).await?);
         Ok(TableSink {
             group: GroupCommit::spawn(table.clone()),
             table,

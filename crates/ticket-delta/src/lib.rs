@@ -73,6 +73,7 @@ impl Delta {
             &s3.bucket,
             layout.prefix(),
             creation,
+            maintenance.table_maintenance,
         )
         .await
         .context("opening the Delta table (OUTPUT_FORMAT=delta)")?;
@@ -116,10 +117,7 @@ impl Destination for Delta {
 
     /// A GROUP BY over the snapshot's files.
     fn totals(&self) -> Box<dyn Totals> {
-        Box::new(totals::TableTotals::new(
-            self.sink.clone(),
-            self.store.clone(),
-        ))
+        Box::new(totals::TableTotals::new(self.sink.clone()))
     }
 
     /// The table's maintenance figures.

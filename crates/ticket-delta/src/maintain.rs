@@ -1,6 +1,5 @@
 //! The table's upkeep of its data, with no scheduler: the processor that owns a Kafka
-//! partition compacts that partition's closed hours in the background, and deletes the files
-//! its compactions replaced once the table's retention for them has passed.
+//! partition compacts that partition's closed hours in the background.
 //!
 //! - Closed: a partition-hour whose end is at least `COMPACT_CLOSED_AFTER` before the newest
 //!   hour of the partition in the table (Kafka timestamps, so a backlog's hours close as the
@@ -11,9 +10,11 @@
 //!   commit; a rewrite whose files another compaction took first is given up.
 //! - A round runs when a partition is taken over and when one of its commits reaches a newer
 //!   hour; a failed round is tried again a minute later.
-//! - Vacuum here deletes only files a commit removed ([`Table::vacuum_removed`]), never one
-//!   no commit refers to yet: a processor that wrote a file before an outage commits it after.
-//!   The full vacuum (orphans of killed writers) stays the `compact` command's.
+//! - The files a compaction replaced are deleted by the log's upkeep (crate::upkeep), before
+//!   the log checkpoint that drops their removal, once `delta.deletedFileRetentionDuration`
+//!   has passed: only files a commit removed, never one no commit refers to yet (a processor
+//!   that wrote a file before an outage commits it after). The full vacuum (orphans of killed
+//!   writers) stays the `compact` command's.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -85,9 +86,6 @@ struct Owned {
 /// A failed round is tried again after this.
 const AGAIN: Duration = Duration::from_secs(60);
 
-/// Removals are looked for at most this often.
-const VACUUM_EVERY: Duration = Duration::from_secs(60);
-
 impl Maintainer {
     /// Starts the upkeep of `topic`'s partitions in `table`.
     pub fn spawn(
@@ -115,7 +113,6 @@ impl Maintainer {
         };
         tokio::spawn(async move {
             let mut again: Option<Instant> = None;
-            let mut vacuumed: Option<Instant> = None;
             loop {
                 match again {
                     Some(at) => tokio::select! {
@@ -127,22 +124,14 @@ impl Maintainer {
                 let asked = shared.asked.load(std::sync::atomic::Ordering::SeqCst);
                 let owned = shared.owned();
                 let ran = round.run(&owned, &shared).await;
-                if ran.is_ok() && vacuumed.is_none_or(|at| at.elapsed() >= VACUUM_EVERY) {
-                    match round.vacuum().await {
-                        Ok(()) => vacuumed = Some(Instant::now()),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "Cannot delete the files compactions replaced now; trying again later.");
-                        }
-                    }
-                }
                 shared.answered.send_replace(asked);
-                match ran {
-                    Ok(()) => again = None,
+                again = match ran {
+                    Ok(()) => None,
                     Err(e) => {
                         tracing::warn!(error = %e, "Cannot compact the Delta table now; trying again in a minute.");
-                        again = Some(Instant::now() + AGAIN);
+                        Some(Instant::now() + AGAIN)
                     }
-                }
+                };
             }
         });
         m
@@ -226,6 +215,9 @@ impl Round {
         owned: &HashMap<i32, Option<Hour>>,
         shared: &Shared,
     ) -> Result<(), ticket_s3::store::StoreError> {
+        if owned.is_empty() {
+            return Ok(());
+        }
         let files = self.table.files().await?;
         // The newest hour of each owned partition: what its commits reached, or the table has.
         let mut newest: HashMap<i32, Hour> = owned
@@ -311,17 +303,6 @@ impl Round {
                 .set(count[i]);
         }
     }
-
-    /// Deletes the files compactions replaced longer ago than the table's retention for them.
-    async fn vacuum(&self) -> Result<(), ticket_s3::store::StoreError> {
-        let retain = self.table.deleted_file_retention().await;
-        let deleted = self.table.vacuum_removed(retain).await?;
-        if deleted > 0 {
-            self.table.metrics.files_vacuumed.inc_by(deleted as u64);
-            tracing::info!(deleted, "Deleted data files that compactions replaced.");
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
@@ -333,7 +314,7 @@ mod tests {
 
     use super::*;
     use crate::TableCommitter;
-    use crate::committer::testing::{bucket, open, retrier};
+    use crate::committer::testing::{bucket, open, open_with, retrier};
     use crate::table::SnapshotFile;
     use crate::totals::TableTotals;
     use crate::totals::tests::batch_at;
@@ -422,10 +403,7 @@ mod tests {
         // Every ticket still there once: another process's totals read every file.
         let fresh = open(&b).await.expect("open");
         let retry = retrier(&b, &fresh, false);
-        let all = TableTotals::new(fresh, b.store.clone())
-            .total(&retry)
-            .await
-            .expect("totals");
+        let all = TableTotals::new(fresh).total(&retry).await.expect("totals");
         assert_eq!(all.total(), 18 * 10 + 2 * 10);
         // The replaced files stay for older snapshots (delta.deletedFileRetentionDuration).
         let keys = b.mem.keys("");
@@ -440,7 +418,7 @@ mod tests {
             b.store.delete(key).await.expect("delete");
         }
         let retry = retrier(&b, &sink, false);
-        let mut totals = TableTotals::new(sink.clone(), b.store.clone());
+        let mut totals = TableTotals::new(sink.clone());
         assert_eq!(totals.total(&retry).await.expect("totals"), all);
         assert!(sink.replaced.lock().expect("replaced").is_empty());
     }
@@ -499,13 +477,50 @@ mod tests {
             .collect();
         assert_eq!(data.len(), 2, "the new file and the pending one: {data:?}");
         assert!(keys.contains(&pending));
-        assert_eq!(
-            sink.table
-                .vacuum_removed(Duration::ZERO)
-                .await
-                .expect("vacuum"),
-            0,
-            "done once"
-        );
+    }
+
+    #[tokio::test]
+    async fn replaced_files_are_deleted_before_the_checkpoint_that_drops_their_removal() {
+        let routing = Routing::default();
+        let b = bucket();
+        let creation = crate::Creation {
+            deleted_file_retention: Duration::ZERO,
+            ..Default::default()
+        };
+        let sink = open_with(&b, &creation).await.expect("create");
+        let mut p0 =
+            TableCommitter::new(sink.clone(), b.store.clone(), 0, retrier(&b, &sink, false));
+        p0.recover().await.expect("recover");
+        let mut offset = 0;
+        let mut commit = async |hour: i64| {
+            let batch = batch_at(&routing, offset, offset + 9, Hour::from_millis(hour));
+            Committer::commit(&mut p0, batch).await.expect("commit");
+            offset += 10;
+        };
+        for _ in 0..3 {
+            commit(0).await;
+        }
+        let done = sink
+            .table
+            .compact(chrono::Utc::now(), 128 << 20)
+            .await
+            .expect("compact");
+        assert_eq!(done.files_before, 3);
+        let data = || {
+            b.mem
+                .keys("")
+                .into_iter()
+                .filter(|k| k.ends_with(".parquet") && !k.contains("_delta_log"))
+                .count()
+        };
+        assert_eq!(data(), 4, "no checkpoint yet: the replaced files stay");
+        // Version 99 is checkpointed (the crate's interval, 100).
+        while sink.table.version().await < 99 {
+            commit(3_600_000).await;
+        }
+        sink.table.settled().await;
+        assert_eq!(sink.table.metrics.files_vacuumed.get(), 3);
+        let live = sink.table.files().await.expect("files").len();
+        assert_eq!(data(), live, "only the live files are left");
     }
 }

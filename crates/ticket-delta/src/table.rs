@@ -132,8 +132,6 @@ pub struct Table {
     /// A writer's log upkeep (checkpoints, expired entries), told of each commit; `None` for
     /// a reader.
     upkeep: Option<Upkeep>,
-    /// Files [`Table::vacuum_removed`] deleted whose removals are still in the log.
-    vacuumed: std::sync::Mutex<std::collections::HashSet<String>>,
     /// The maintenance's figures, for the processor's /metrics.
     pub metrics: TableMetrics,
 }
@@ -196,6 +194,7 @@ impl Table {
         bucket: &str,
         prefix: &str,
         creation: &Creation,
+        vacuum: bool,
     ) -> Result<Table, StoreError> {
         let (log, location) = log_store(root, bucket, prefix)?;
         let state = match DeltaTableState::try_new(log.as_ref(), None).await {
@@ -238,13 +237,13 @@ impl Table {
                 .enable_expired_log_cleanup()
                 .then(|| config.log_retention_duration()),
             metrics.log_entries.clone(),
+            vacuum.then(|| metrics.files_vacuumed.clone()),
         );
         Ok(Table {
             log,
             location,
             state: Mutex::new(Known::new(state)),
             upkeep: Some(upkeep),
-            vacuumed: Default::default(),
             metrics,
         })
     }
@@ -262,7 +261,6 @@ impl Table {
                 location,
                 state: Mutex::new(Known::new(state)),
                 upkeep: None,
-                vacuumed: Default::default(),
                 metrics: TableMetrics::default(),
             })),
             Err(DeltaTableError::NotATable(_)) => Ok(None),
@@ -931,6 +929,74 @@ impl Table {
         ))
     }
 
+    /// The counts of a data file, read a row group at a time and only the three columns
+    /// counted (a compacted hour's file may be large); `None` if the file is not there.
+    pub async fn count_file(
+        &self,
+        file: &SnapshotFile,
+        aggregator: &ticket_engine::aggregate::Aggregator,
+    ) -> Result<Option<ticket_core::counts::Counts>, StoreError> {
+        #[allow(deprecated)]
+        use deltalake_core::parquet::arrow::async_reader::ParquetObjectReader;
+        use deltalake_core::parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask};
+        use deltalake_core::parquet::errors::ParquetError;
+        use futures::StreamExt as _;
+        let location = || format!("{}{}", self.location, file.path);
+        let failed = |e: ParquetError| match e {
+            ParquetError::External(e) => StoreError::Transient {
+                op: "read",
+                location: location(),
+                message: e.to_string(),
+            },
+            e => StoreError::Permanent {
+                op: "read",
+                location: location(),
+                message: e.to_string(),
+                hint: "a data file of the table is not the Parquet this processor writes".into(),
+            },
+        };
+        let store = self.log.object_store(None);
+        let at = object_store::path::Path::from(file.path.as_str());
+        // Asked first: a file that is gone must not read as an outage to wait out.
+        match store.head(&at).await {
+            Ok(_) => {}
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => {
+                return Err(StoreError::Transient {
+                    op: "read",
+                    location: location(),
+                    message: e.to_string(),
+                });
+            }
+        }
+        #[allow(deprecated)]
+        let reader = ParquetObjectReader::new(store, at).with_file_size(file.size);
+        let builder = ParquetRecordBatchStreamBuilder::new(reader)
+            .await
+            .map_err(failed)?;
+        let mask = ProjectionMask::columns(
+            builder.parquet_schema(),
+            ["request_type", "priority", "support_team"],
+        );
+        let mut batches = builder.with_projection(mask).build().map_err(failed)?;
+        let mut counts = ticket_core::counts::Counts::default();
+        while let Some(batch) = batches.next().await {
+            let batch = batch.map_err(failed)?;
+            let some = aggregator
+                .count(vec![batch])
+                .await
+                .map_err(|e| StoreError::Permanent {
+                    op: "read",
+                    location: location(),
+                    message: format!("{e:#}"),
+                    hint: "a data file of the table is not the Parquet this processor writes"
+                        .into(),
+                })?;
+            counts.merge(&some);
+        }
+        Ok(Some(counts))
+    }
+
     /// Commits `actions` on the latest snapshot if `still` holds for the snapshot's file paths
     /// (checked again after every conflict); false if it no longer does. Holds the snapshot,
     /// which the stream's commits wait for, only for the read of the log and the commit.
@@ -964,67 +1030,21 @@ impl Table {
 }
 
 impl Table {
-    /// How long a file a commit removed stays for readers of older snapshots: the table's
-    /// `delta.deletedFileRetentionDuration`.
-    pub async fn deleted_file_retention(&self) -> std::time::Duration {
-        let known = self.state.lock().await;
-        known
-            .snapshot
-            .table_config()
-            .deleted_file_retention_duration()
-    }
-
     /// Deletes the data files that a commit removed (a compaction's) longer than `retain` ago,
     /// and nothing else: never a file no commit referred to, which may be one a writer is
     /// about to commit (written before an outage, committed after it). No listing of the
     /// table's directories and no commit: the removals are read from the log. Returns the
-    /// number of files deleted.
-    pub async fn vacuum_removed(&self, retain: std::time::Duration) -> Result<usize, StoreError> {
-        use futures::TryStreamExt as _;
+    /// number of files deleted. (A writing processor does this before each log checkpoint:
+    /// crate::upkeep.)
+    pub async fn vacuum_removed(&self, retain: Duration) -> Result<usize, StoreError> {
         let mut snapshot = self.state.lock().await.snapshot.clone();
         snapshot
             .update(self.log.as_ref(), None)
             .await
             .map_err(|e| store_error("read", &self.location, e))?;
-        let live: std::collections::HashSet<String> = snapshot
-            .snapshot()
-            .log_data()
-            .iter()
-            .map(|f| f.path().to_string())
-            .collect();
-        let cutoff = chrono::Utc::now().timestamp_millis() - retain.as_millis() as i64;
-        let expired: Vec<String> = snapshot
-            .all_tombstones(self.log.as_ref())
-            .try_filter_map(|t| {
-                let path = t.path().to_string();
-                let gone = t.deletion_timestamp().unwrap_or(0) < cutoff && !live.contains(&path);
-                futures::future::ready(Ok(gone.then_some(path)))
-            })
-            .try_collect()
+        crate::upkeep::delete_removed(&self.log, &snapshot, retain)
             .await
-            .map_err(|e| store_error("read", &self.location, e))?;
-        // Deleted by an earlier round (S3 answers a DELETE of a missing key as done, so this
-        // process remembers them until a checkpoint drops their removals from the log).
-        let before = std::mem::take(&mut *self.vacuumed.lock().expect("vacuumed"));
-        let store = self.log.object_store(None);
-        let mut deleted = 0;
-        for path in expired.iter().filter(|p| !before.contains(*p)) {
-            let at = object_store::path::Path::parse(path)
-                .unwrap_or_else(|_| object_store::path::Path::from(path.as_str()));
-            match store.delete(&at).await {
-                Ok(()) => deleted += 1,
-                Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => {
-                    return Err(StoreError::Transient {
-                        op: "vacuum",
-                        location: format!("{}{path}", self.location),
-                        message: e.to_string(),
-                    });
-                }
-            }
-        }
-        *self.vacuumed.lock().expect("vacuumed") = expired.into_iter().collect();
-        Ok(deleted)
+            .map_err(|e| store_error("vacuum", &self.location, e))
     }
 }
 
@@ -1128,7 +1148,7 @@ pub(crate) mod tests {
     }
 
     pub(crate) async fn table(root: &Arc<dyn ObjectStore>) -> Table {
-        Table::open_or_create(root.clone(), "bucket", "p/", &Creation::default())
+        Table::open_or_create(root.clone(), "bucket", "p/", &Creation::default(), true)
             .await
             .expect("table")
     }

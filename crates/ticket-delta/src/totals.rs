@@ -5,35 +5,31 @@
 use std::collections::{HashMap, HashSet};
 
 use anyhow::anyhow;
-use bytes::Bytes;
 use futures::future::BoxFuture;
 use ticket_commit::{Failure, Retrier, Totals};
 use ticket_core::counts::Counts;
 use ticket_engine::aggregate::Aggregator;
-use ticket_s3::store::SharedStore;
 
 use crate::committer::TableSink;
 
 /// [`Totals`] of the Delta table.
 pub struct TableTotals {
     sink: TableSink,
-    store: SharedStore,
     per_file: HashMap<String, Counts>,
     aggregator: Aggregator,
 }
 
 impl TableTotals {
-    pub fn new(sink: TableSink, store: SharedStore) -> TableTotals {
+    pub fn new(sink: TableSink) -> TableTotals {
         TableTotals {
             sink,
-            store,
             per_file: HashMap::new(),
             aggregator: Aggregator::default(),
         }
     }
 
     async fn sum(&mut self, retry: &Retrier) -> Result<Counts, Failure> {
-        let (table, store) = (&self.sink.table, &self.store);
+        let table = &self.sink.table;
         let files = retry.run("read the Delta table", || table.files()).await?;
         let live: HashSet<&String> = files.iter().map(|f| &f.path).collect();
         {
@@ -70,25 +66,24 @@ impl TableTotals {
         }
         // A compaction or vacuum takes files out of the snapshot.
         self.per_file.retain(|path, _| live.contains(path));
-        for path in files.iter().map(|f| &f.path) {
-            if self.per_file.contains_key(path) {
+        for file in &files {
+            if self.per_file.contains_key(&file.path) {
                 continue;
             }
-            let key = format!("{}{path}", self.sink.root);
-            let Some(object) = retry
-                .run("read a Delta data file", || store.get(&key))
-                .await?
-            else {
+            let aggregator = &self.aggregator;
+            let counted = retry
+                .run("read a Delta data file", || {
+                    table.count_file(file, aggregator)
+                })
+                .await?;
+            let Some(counts) = counted else {
                 return Err(Failure::Fatal(anyhow!(
-                    "the Delta table's snapshot refers to {key}, which is not in the bucket"
+                    "the Delta table's snapshot refers to {}{}, which is not in the bucket",
+                    self.sink.root,
+                    file.path
                 )));
             };
-            let counts = self
-                .aggregator
-                .count_parquet(Bytes::from(object.0))
-                .await
-                .map_err(|e| Failure::Fatal(e.context(format!("counting {key}"))))?;
-            self.per_file.insert(path.clone(), counts);
+            self.per_file.insert(file.path.clone(), counts);
         }
         let mut total = Counts::default();
         for counts in self.per_file.values() {
@@ -111,6 +106,7 @@ pub(crate) mod tests {
     //! one in-memory store with one fault: never a fatal error, and the totals a refresh after
     //! the fault finds are those a refresh without it finds.
 
+    use bytes::Bytes;
     use ticket_core::counts::{CountRow, Counts};
     use ticket_core::keys::Hour;
     use ticket_core::validate::decode_ref;
@@ -187,7 +183,7 @@ pub(crate) mod tests {
     async fn total_once(b: &Bucket) -> Result<Counts, Failure> {
         let sink = open(b).await.map_err(|e| Failure::Fatal(e.into()))?;
         let retry = retrier(b, &sink, false);
-        TableTotals::new(sink, b.store.clone()).total(&retry).await
+        TableTotals::new(sink).total(&retry).await
     }
 
     #[tokio::test]
@@ -209,7 +205,7 @@ pub(crate) mod tests {
             let key = format!("{}{}", sink.root, f.path);
             b.store.delete(&key).await.expect("delete");
         }
-        let mut totals = TableTotals::new(sink.clone(), b.store.clone());
+        let mut totals = TableTotals::new(sink.clone());
         assert_eq!(totals.total(&retry).await.expect("totals"), expected);
         assert!(
             sink.counted.lock().expect("counted").is_empty(),
@@ -245,7 +241,7 @@ pub(crate) mod tests {
                 let sink = open(&b).await.expect("open");
                 let dying = matches!(fault, Fault::CrashAt(_));
                 let retry = retrier(&b, &sink, dying);
-                let mut totals = TableTotals::new(sink, b.store.clone());
+                let mut totals = TableTotals::new(sink);
                 b.mem.inject(Some(fault));
                 match (fault, totals.total(&retry).await) {
                     (_, Ok(got)) => assert_eq!(got, expected, "{fault:?}: the totals"),

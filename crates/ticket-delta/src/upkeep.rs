@@ -19,9 +19,12 @@ use std::time::Duration;
 
 use deltalake_core::checkpoints::create_checkpoint;
 use deltalake_core::logstore::LogStoreRef;
+use deltalake_core::table::config::TablePropertiesExt as _;
+use deltalake_core::table::state::DeltaTableState;
 use deltalake_core::{DeltaTable, DeltaTableError, ObjectMeta};
 use futures::StreamExt;
 use object_store::ObjectStoreExt as _;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 
@@ -40,6 +43,7 @@ impl Upkeep {
         interval: u64,
         retention: Option<Duration>,
         entries: Gauge,
+        vacuum: Option<Counter>,
     ) -> Upkeep {
         let (committed, mut wanted) = watch::channel(version);
         let (done, handled) = watch::channel(version);
@@ -51,7 +55,7 @@ impl Upkeep {
             while wanted.changed().await.is_ok() {
                 let v = *wanted.borrow_and_update();
                 if (v + 1) / interval > (last + 1) / interval {
-                    match checkpoint(&log, v).await {
+                    match checkpoint(&log, v, vacuum.as_ref()).await {
                         Ok(()) if retention.is_none() => {
                             tracing::debug!(version = v, "Checkpointed the table's log.");
                         }
@@ -106,11 +110,71 @@ impl Upkeep {
     }
 }
 
-/// Writes the checkpoint of `version`.
-async fn checkpoint(log: &LogStoreRef, version: u64) -> Result<(), DeltaTableError> {
+/// Writes the checkpoint of `version`; with `vacuum`, first deletes the files whose removal
+/// the checkpoint is about to drop (counted there).
+///
+/// A checkpoint keeps a removal only while `delta.deletedFileRetentionDuration` has not passed
+/// since it: the expired ones are dropped from the log's state for good, and a file no
+/// removal names any more can only be found by listing the table (a full vacuum). So the
+/// removals are acted on here, at the one place every one of them passes once expired: the
+/// files they name are deleted (unless a later commit added them back), then the checkpoint
+/// drops them. If the deletion fails, no checkpoint is written (the next interval tries both).
+async fn checkpoint(
+    log: &LogStoreRef,
+    version: u64,
+    vacuum: Option<&Counter>,
+) -> Result<(), DeltaTableError> {
     let mut table = DeltaTable::new(log.clone());
     table.load_version(version).await?;
+    if let Some(vacuumed) = vacuum {
+        let state = table.snapshot()?;
+        let retain = state.table_config().deleted_file_retention_duration();
+        let deleted = delete_removed(log, state, retain).await?;
+        if deleted > 0 {
+            vacuumed.inc_by(deleted as u64);
+            tracing::info!(
+                deleted,
+                version,
+                "Deleted data files whose removal passed delta.deletedFileRetentionDuration."
+            );
+        }
+    }
     create_checkpoint(&table, None).await
+}
+
+/// Deletes the files that a commit removed (a compaction's) longer than `retain` ago as of
+/// `state`, unless they are live again; nothing else, and no listing. Returns how many.
+pub(crate) async fn delete_removed(
+    log: &LogStoreRef,
+    state: &DeltaTableState,
+    retain: Duration,
+) -> Result<usize, DeltaTableError> {
+    use futures::TryStreamExt as _;
+    let live: std::collections::HashSet<String> = state
+        .log_data()
+        .iter()
+        .map(|f| f.path().to_string())
+        .collect();
+    let cutoff = chrono::Utc::now().timestamp_millis() - retain.as_millis() as i64;
+    let expired: Vec<String> = state
+        .all_tombstones(log.as_ref())
+        .try_filter_map(|t| {
+            let path = t.path().to_string();
+            let gone = t.deletion_timestamp().unwrap_or(0) < cutoff && !live.contains(&path);
+            futures::future::ready(Ok(gone.then_some(path)))
+        })
+        .try_collect()
+        .await?;
+    let store = log.object_store(None);
+    for path in &expired {
+        let at = object_store::path::Path::parse(path)
+            .unwrap_or_else(|_| object_store::path::Path::from(path.as_str()));
+        match store.delete(&at).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(expired.len())
 }
 
 /// A log entry's version, and whether it is a checkpoint (`None`: not a commit or checkpoint
