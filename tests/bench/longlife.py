@@ -237,8 +237,8 @@ def main():
                           f"dt = DeltaTable(\"s3://{b}/tables/tickets_with_team/\", storage_options={{\"AWS_ENDPOINT_URL\": \"{env['S3_ENDPOINT']}\", "
                           f"\"AWS_ACCESS_KEY_ID\": \"test-access-key\", \"AWS_SECRET_ACCESS_KEY\": \"test-secret-key\", \"AWS_REGION\": \"us-east-1\", "
                           f"\"AWS_ALLOW_HTTP\": \"true\"}}); print(len(dt.file_uris()), flush=True); import os; os._exit(0)'",
-                "query": f"env {e} exec {REL}/ticket-processor query --format csv 'SELECT count(*) AS n FROM tickets_delta'",
-                "restart": f"env {e} exec {REL}/ticket-processor --drain",
+                "query": f"exec env {e} {REL}/ticket-processor query --format csv 'SELECT count(*) AS n FROM tickets_delta'",
+                "restart": f"exec env {e} {REL}/ticket-processor --drain",
             }
             for what, cmd in scripts.items():
                 path = os.path.join(WORK, f"{b}-{what}.sh")
